@@ -1,0 +1,203 @@
+"""Checkpoints that never lose work and never run foreign code.
+
+* :func:`atomic_torch_save` / :func:`atomic_write_text` write to a temporary file in the target
+  folder, flush it to disk, then ``os.replace`` it over the target: a crash or ``kill -9`` leaves
+  either the old file or the new one, never half of one.
+* :func:`safe_torch_load` always uses ``torch.load(..., weights_only=True)``: a checkpoint that
+  needs arbitrary code to unpickle is refused with :class:`CheckpointError` before anything runs.
+* A **ReCoKD model file** (``.pt``) holds ``{"format": "recokd-model", "format_version": 1,
+  "card": <JSON text>, "state_dict": {...}}``; the card (:class:`ModelCard`) says how to rebuild
+  the network and how to feed it. A copy of the card is written beside it as ``<name>.json`` for
+  people and for the Slicer panel, which can read it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_FORMAT = "recokd-model"
+MODEL_FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe, or not what was expected."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file + rename)."""
+    return _atomic_write(Path(path), lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically."""
+    import torch
+
+    return _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """Load a torch file with ``weights_only=True``; refuse anything that needs code to unpickle.
+
+    Raises:
+        CheckpointError: the file is missing, truncated/corrupt, or holds objects other than
+            tensors and plain containers (a possibly malicious pickle; nothing of it was run).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects that only arbitrary code could rebuild"
+            f"{' (' + culprit + ')' if culprit else ''}. Nothing of it was run. ReCoKD loads tensors and "
+            f"plain containers only; re-save the weights as a state dict (torch.save(model.state_dict(), ...))."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a torch file ({exc})") from None
+
+
+@dataclass
+class ModelCard:
+    """How to rebuild a network and how to feed it. JSON-serialisable.
+
+    Attributes:
+        architecture: ``{"kind": "dynunet", "config": UNetConfig.to_dict()}`` or
+            ``{"kind": "entry_point", "factory": "package.module:callable", "kwargs": {...}}``.
+        classes: class names, index = label value, ``classes[0]`` the background.
+        spacing: target voxel spacing in mm, array axis order ``(D, H, W)`` = ``(z, y, x)``.
+        normalization: ``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}`` or
+            ``{"scheme": "zscore"}`` (per volume, over non-zero voxels) or ``{"scheme": "none"}``.
+        patch_size: sliding-window / training patch ``(D, H, W)`` in voxels.
+        in_channels: image channels.
+        role: ``"teacher"`` or ``"student"``.
+        tap_names: module names of the distilled feature levels.
+        metrics, kd, provenance: free-form records (validation Dice, KD configuration, hashes,
+            library versions, dataset).
+    """
+
+    architecture: dict[str, Any]
+    classes: list[str]
+    spacing: list[float]
+    normalization: dict[str, Any]
+    patch_size: list[int]
+    in_channels: int = 1
+    role: str = "teacher"
+    tap_names: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    kd: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        required = ("architecture", "classes", "spacing", "normalization", "patch_size")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise CheckpointError(f"model card lacks {missing}; it needs {list(required)}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def card_path_for(model_path: str | os.PathLike) -> Path:
+    """The sidecar JSON of a model file: ``student.pt`` -> ``student.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def save_model(path: str | os.PathLike, state_dict: dict[str, Any], card: ModelCard) -> Path:
+    """Write a ReCoKD model file and its sidecar card, both atomically. Returns the model path."""
+    path = Path(path)
+    payload = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "card": card.to_json(),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+    }
+    atomic_torch_save(payload, path)
+    atomic_write_text(card_path_for(path), card.to_json() + "\n")
+    return path
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[ModelCard, dict[str, Any]]:
+    """Read a ReCoKD model file safely. Returns ``(card, state_dict)``.
+
+    Raises:
+        CheckpointError: not a ReCoKD model file, a newer format, or unsafe/corrupt (see
+            :func:`safe_torch_load`).
+    """
+    payload = safe_torch_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a ReCoKD model file (no 'format': '{MODEL_FORMAT}' entry); for a bare state dict "
+            f"give the architecture as an entry point, or use a TorchScript file"
+        )
+    if int(payload.get("format_version", 0)) > MODEL_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has model format version {payload['format_version']}, newer than this ReCoKD "
+            f"understands ({MODEL_FORMAT_VERSION}); update ReCoKD"
+        )
+    try:
+        card = ModelCard.from_dict(json.loads(payload["card"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has an unreadable model card: {exc}") from None
+    return card, payload["state_dict"]
+
+
+def read_model_card(path: str | os.PathLike) -> ModelCard:
+    """The card of a model file: from the sidecar JSON when present (no torch needed), else from the file."""
+    sidecar = card_path_for(path)
+    if sidecar.is_file():
+        return ModelCard.from_dict(json.loads(sidecar.read_text()))
+    return load_model_file(path)[0]

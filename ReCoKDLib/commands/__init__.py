@@ -1,0 +1,1 @@
+"""The ``recokd`` subcommands: thin argparse wrappers over importable functions (see ReCoKDLib.cli)."""

@@ -1,0 +1,241 @@
+"""Teacher and student networks: an nnU-Net-like 3D U-Net (MONAI ``DynUNet``) and its thin copies.
+
+The student is derived from any teacher configuration by dividing every stage width by ``2**t``
+with a floor ``min_channels`` ("no custom student design", ReCo-KD §2.2): depth, strides, kernel
+sizes and deep supervision are kept, so the student sees the same patches at the same scales.
+
+Shapes: input ``(B, in_channels, D, H, W)`` with each spatial size divisible by the product of the
+strides along that axis; output ``(B, K, D, H, W)`` logits in eval mode, and in training mode with
+deep supervision MONAI's stacked ``(B, 1 + S, K, D, H, W)`` (see :func:`split_deep_supervision`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Triple = tuple[int, int, int]
+
+
+class NetworkConfigError(ValueError):
+    """A network configuration is inconsistent (lengths, strides, widths)."""
+
+
+def _triple(value: int | Sequence[int], what: str) -> Triple:
+    if isinstance(value, int):
+        return (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3:
+        raise NetworkConfigError(f"{what} must be an int or 3 ints, got {value}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a 3D U-Net (MONAI ``DynUNet``), serialisable to JSON for model cards.
+
+    Attributes:
+        in_channels: image channels (1 for CT or a single MR sequence).
+        num_classes: output channels ``K``, background included.
+        filters: width of each stage, from full resolution to the bottleneck.
+        strides: per stage, the downsampling stride (the first is normally ``(1, 1, 1)``),
+            axis order ``(D, H, W)``.
+        kernel_sizes: per stage, the convolution kernel size.
+        deep_supervision: add auxiliary heads on the decoder (training only).
+        deep_supr_num: how many auxiliary heads (at most ``len(filters) - 2``).
+        res_block: residual blocks instead of plain conv blocks.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 2
+    filters: tuple[int, ...] = (32, 64, 128, 256, 320)
+    strides: tuple[Triple, ...] = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+    kernel_sizes: tuple[Triple, ...] = field(default=())
+    deep_supervision: bool = True
+    deep_supr_num: int = 2
+    res_block: bool = False
+
+    def __post_init__(self) -> None:
+        n = len(self.filters)
+        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))
+        object.__setattr__(self, "strides", tuple(_triple(s, "stride") for s in self.strides))
+        kernels = self.kernel_sizes or tuple((3, 3, 3) for _ in range(n))
+        object.__setattr__(self, "kernel_sizes", tuple(_triple(k, "kernel size") for k in kernels))
+        if n < 3:
+            raise NetworkConfigError(f"a U-Net needs at least 3 stages, got filters={self.filters}")
+        if len(self.strides) != n or len(self.kernel_sizes) != n:
+            raise NetworkConfigError(
+                f"filters, strides and kernel_sizes need one entry per stage: "
+                f"{n} filters, {len(self.strides)} strides, {len(self.kernel_sizes)} kernel sizes"
+            )
+        if any(f < 1 for f in self.filters):
+            raise NetworkConfigError(f"every stage needs at least one channel, got filters={self.filters}")
+        if self.in_channels < 1 or self.num_classes < 2:
+            raise NetworkConfigError(
+                f"in_channels must be >= 1 and num_classes (background included) >= 2, "
+                f"got {self.in_channels} and {self.num_classes}"
+            )
+        if self.deep_supervision and not 1 <= self.deep_supr_num <= n - 2:
+            raise NetworkConfigError(f"deep_supr_num must be in [1, {n - 2}] for {n} stages, got {self.deep_supr_num}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.filters)
+
+    @property
+    def divisor(self) -> Triple:
+        """Each spatial size of an input patch must be a multiple of this, axis order (D, H, W)."""
+        return tuple(math.prod(s[a] for s in self.strides) for a in range(3))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["strides"] = [list(s) for s in self.strides]
+        d["kernel_sizes"] = [list(k) for k in self.kernel_sizes]
+        d["filters"] = list(self.filters)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "UNetConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise NetworkConfigError(f"unknown U-Net config keys {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        for key in ("filters", "strides", "kernel_sizes"):
+            if key in data:
+                data[key] = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in data[key])
+        return cls(**data)
+
+
+#: Named architectures. ``nnunet`` is the reference teacher of environment.md (16.5 M parameters);
+#: ``ct_demo`` is the anisotropic CT teacher that trains on 2 CPU cores (16x96x96 patches at 3 mm);
+#: ``tiny`` is for tests.
+PRESETS: dict[str, UNetConfig] = {
+    "nnunet": UNetConfig(),
+    "ct_demo": UNetConfig(
+        filters=(16, 32, 64, 128, 160),
+        strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
+        kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+        deep_supr_num=2,
+    ),
+    "tiny": UNetConfig(
+        filters=(8, 16, 32),
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+        deep_supr_num=1,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> UNetConfig:
+    """Return a named architecture, with fields replaced by ``overrides`` (e.g. ``num_classes=5``)."""
+    if name not in PRESETS:
+        raise NetworkConfigError(f"unknown network preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def derive_student_config(teacher: UNetConfig, reduction: int = 4, min_channels: int = 8) -> UNetConfig:
+    """The student of ReCo-KD: every stage width divided by ``reduction`` (= 2**t), floored at ``min_channels``.
+
+    ``C'_i = max(C_i // reduction, min_channels)``, as in the authors' code release. Everything
+    else (stages, strides, kernels, deep supervision) is the teacher's.
+
+    Example:
+        >>> derive_student_config(preset("nnunet"), reduction=4).filters
+        (8, 16, 32, 64, 80)
+    """
+    if reduction < 1 or reduction & (reduction - 1):
+        raise NetworkConfigError(f"reduction must be a power of two (1, 2, 4, 8, ...), got {reduction}")
+    if min_channels < 1:
+        raise NetworkConfigError(f"min_channels must be >= 1, got {min_channels}")
+    filters = tuple(max(c // reduction, min(min_channels, c)) for c in teacher.filters)
+    return replace(teacher, filters=filters)
+
+
+def build_unet(config: UNetConfig) -> nn.Module:
+    """Build a MONAI ``DynUNet`` (instance norm, leaky ReLU, transposed-conv upsampling) from ``config``."""
+    from monai.networks.nets import DynUNet
+
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=config.in_channels,
+        out_channels=config.num_classes,
+        kernel_size=[list(k) for k in config.kernel_sizes],
+        strides=[list(s) for s in config.strides],
+        upsample_kernel_size=[list(s) for s in config.strides[1:]],
+        filters=list(config.filters),
+        norm_name=("INSTANCE", {"affine": True}),
+        act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+        deep_supervision=config.deep_supervision,
+        deep_supr_num=config.deep_supr_num if config.deep_supervision else 1,
+        res_block=config.res_block,
+    )
+
+
+def encoder_tap_names(config: UNetConfig, drop_deepest: bool = True) -> list[str]:
+    """Module names of the encoder stage outputs of a ``DynUNet`` built from ``config``.
+
+    Stage 0 is ``input_block``, stages 1..n-2 are ``downsamples.i``, the last is ``bottleneck``.
+    ReCo-KD distils the encoder stages with the deepest one dropped (its scale has no matching
+    deep-supervision target), so by default the bottleneck is left out.
+    """
+    names = ["input_block"] + [f"downsamples.{i}" for i in range(config.num_stages - 2)] + ["bottleneck"]
+    return names[:-1] if drop_deepest else names
+
+
+def split_deep_supervision(output: Tensor) -> list[Tensor]:
+    """Split a ``DynUNet`` output into a list of logits, full resolution first.
+
+    Args:
+        output: ``(B, K, D, H, W)`` (eval, or no deep supervision) or MONAI's stacked training
+            output ``(B, 1 + S, K, D, H, W)``, where every head is upsampled to full resolution.
+
+    Returns:
+        ``[(B, K, D, H, W), ...]``, one per head; a single element for a plain output.
+    """
+    if output.dim() == 6:
+        return list(torch.unbind(output, dim=1))
+    if output.dim() == 5:
+        return [output]
+    raise NetworkConfigError(f"expected network output of 5 or 6 dims, got shape {tuple(output.shape)}")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``model`` (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_flops(model: nn.Module, patch_size: Sequence[int], in_channels: int = 1) -> int:
+    """Floating-point operations of one eval-mode forward pass on a ``(1, in_channels, *patch_size)`` input.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as 2 FLOPs),
+    on the meta device where possible so nothing is allocated.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        x = torch.zeros((1, in_channels, *patch_size), device=device)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(x)
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was_training)
+
+
+def summarize(model: nn.Module, config: UNetConfig | None = None, patch_size: Sequence[int] | None = None) -> str:
+    """One line: parameters, widths and (if a patch is given) GFLOPs per forward pass."""
+    parts = [f"{count_parameters(model) / 1e6:.2f} M params"]
+    if config is not None:
+        parts.append("widths " + "-".join(str(f) for f in config.filters))
+    if patch_size is not None:
+        in_ch = config.in_channels if config is not None else 1
+        gflops = count_flops(model, patch_size, in_ch) / 1e9
+        parts.append(f"{gflops:.2f} GFLOPs @ {'x'.join(str(p) for p in patch_size)}")
+    return ", ".join(parts)

@@ -1,0 +1,234 @@
+"""Feature taps: multi-scale features of any ``torch.nn.Module``, paired between teacher and student.
+
+* :class:`FeatureTaps` records the outputs of named submodules with forward hooks and removes
+  the hooks cleanly (context manager or :meth:`FeatureTaps.remove`).
+* :class:`FeatureAdapter` maps one student level onto the teacher's: a trainable 1x1x1
+  ``Conv3d`` from student to teacher channels (identity when they agree), then trilinear
+  resizing when the spatial sizes differ.
+* :class:`DistillationPair` runs a frozen teacher (eval mode, ``torch.no_grad``) and a student on
+  the same input and returns the student's output plus a :class:`~ReCoKDLib.losses.base.KDBatch`
+  with the adapted features and both logits: the one object the engine, the inspection maps and
+  the tests use, so that what researchers see is what is optimised.
+
+Shapes: features ``(B, C, D, H, W)``; logits ``(B, K, D, H, W)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ReCoKDLib.losses.base import KDBatch
+
+
+class TapError(ValueError):
+    """A tap names a module that does not exist, or a tapped module did not run."""
+
+
+def _first_tensor(output) -> Tensor:
+    """The tensor of a module output (first element of a tuple/list/dict output)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return _first_tensor(output[0])
+    if isinstance(output, dict) and output:
+        return _first_tensor(next(iter(output.values())))
+    raise TapError(f"cannot take a feature tensor from a module output of type {type(output).__name__}")
+
+
+class FeatureTaps:
+    """Capture the outputs of ``names`` (dotted module names, as in ``model.named_modules()``).
+
+    Example:
+        >>> with FeatureTaps(model, ["input_block", "downsamples.0"]) as taps:  # doctest: +SKIP
+        ...     model(x)
+        ...     f0, f1 = taps.collect()
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        if not names:
+            raise TapError("at least one module name is needed to tap features")
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            available = [n for n in modules if n][:40]
+            raise TapError(f"no module named {missing} in {type(model).__name__}; some available names: {available}")
+        self.names = list(names)
+        self._features: dict[str, Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def record(_module, _inputs, output):
+            self._features[name] = _first_tensor(output)
+
+        return record
+
+    def collect(self) -> list[Tensor]:
+        """Features of the last forward pass, in the order of ``names``; then forget them."""
+        absent = [n for n in self.names if n not in self._features]
+        if absent:
+            raise TapError(f"tapped modules {absent} did not run in the last forward pass")
+        feats = [self._features[n] for n in self.names]
+        self._features.clear()
+        return feats
+
+    def clear(self) -> None:
+        self._features.clear()
+
+    def remove(self) -> None:
+        """Remove every hook; the model behaves as if never tapped."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._features.clear()
+
+    def __enter__(self) -> "FeatureTaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@torch.no_grad()
+def probe_feature_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> list[torch.Size]:
+    """Shapes ``(1, C, D, H, W)`` of the tapped features for one zero input of ``input_shape`` ``(C_in, D, H, W)``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with FeatureTaps(model, names) as taps:
+            model(torch.zeros((1, *input_shape), device=device))
+            return [f.shape for f in taps.collect()]
+    finally:
+        model.train(was_training)
+
+
+class FeatureAdapter(nn.Module):
+    """Map student features ``(B, C_s, d, h, w)`` to the teacher's ``(B, C_t, D, H, W)``.
+
+    A 1x1x1 ``Conv3d`` with bias when ``C_s != C_t`` (or ``always_project``), identity otherwise;
+    trilinear resizing (after the projection, which is cheaper at the student's size) when the
+    spatial sizes differ.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, always_project: bool = False) -> None:
+        super().__init__()
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        if student_channels != teacher_channels or always_project:
+            self.proj: nn.Module = nn.Conv3d(student_channels, teacher_channels, kernel_size=1, bias=True)
+        else:
+            self.proj = nn.Identity()
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        if x.shape[1] != self.student_channels:
+            raise TapError(f"adapter expects {self.student_channels} student channels, got {tuple(x.shape)}")
+        x = self.proj(x)
+        if size is not None and tuple(x.shape[2:]) != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+        return x
+
+
+class DistillationPair(nn.Module):
+    """A frozen teacher and a trainable student, tapped at matching levels.
+
+    Args:
+        teacher: any module mapping ``(B, C_in, D, H, W)`` to logits ``(B, K, D, H, W)`` (or a
+            tuple/list whose first element is that). Frozen here: ``requires_grad=False``, eval mode.
+        student: any module with the same input and output convention (MONAI's stacked
+            deep-supervision output is accepted; its full-resolution head is used for the logits).
+        teacher_taps / student_taps: module names, one per distilled level, paired in order.
+        input_shape: ``(C_in, D, H, W)`` of a valid input, used once to probe channel counts.
+        always_project: use a 1x1x1 adapter even where the channel counts agree.
+
+    Attributes:
+        adapters: ``nn.ModuleList`` of :class:`FeatureAdapter`, trainable; give their parameters
+            (and the KD loss's) to the optimiser.
+        teacher_channels / student_channels: channels per level.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        teacher_taps: Sequence[str],
+        student_taps: Sequence[str],
+        input_shape: Sequence[int],
+        always_project: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(teacher_taps) != len(student_taps):
+            raise TapError(
+                f"teacher and student need the same number of tapped levels, got {len(teacher_taps)} and {len(student_taps)}"
+            )
+        self.teacher = teacher
+        self.student = student
+        self.teacher_taps = list(teacher_taps)
+        self.student_taps = list(student_taps)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        t_shapes = probe_feature_shapes(teacher, teacher_taps, input_shape)
+        s_shapes = probe_feature_shapes(student, student_taps, input_shape)
+        self.teacher_channels = [int(s[1]) for s in t_shapes]
+        self.student_channels = [int(s[1]) for s in s_shapes]
+        self.adapters = nn.ModuleList(
+            FeatureAdapter(cs, ct, always_project) for cs, ct in zip(self.student_channels, self.teacher_channels)
+        )
+        self._t_taps = FeatureTaps(teacher, teacher_taps)
+        self._s_taps = FeatureTaps(student, student_taps)
+
+    def train(self, mode: bool = True) -> "DistillationPair":
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays in eval mode whatever the pair does
+        return self
+
+    def remove_taps(self) -> None:
+        """Remove the forward hooks from both networks (they keep working as plain models)."""
+        self._t_taps.remove()
+        self._s_taps.remove()
+
+    @torch.no_grad()
+    def teacher_forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Teacher logits ``(B, K, D, H, W)`` and tapped features, without gradients."""
+        self.teacher.eval()
+        out = self.teacher(images)
+        logits = _first_tensor(out)
+        if logits.dim() == 6:  # stacked deep supervision: full-resolution head first
+            logits = logits[:, 0]
+        return logits, self._t_taps.collect()
+
+    def forward(
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        num_classes: int | None = None,
+        regions: bool = False,
+    ) -> tuple[Tensor, KDBatch]:
+        """Run both networks on ``images`` ``(B, C_in, D, H, W)``.
+
+        Returns:
+            the student's raw output (what the segmentation loss reads: possibly MONAI's stacked
+            deep-supervision tensor) and a :class:`KDBatch` for the KD losses.
+        """
+        t_logits, t_feats = self.teacher_forward(images)
+        s_out = self.student(images)
+        s_feats = self._s_taps.collect()
+        s_logits = _first_tensor(s_out)
+        if s_logits.dim() == 6:
+            s_logits = s_logits[:, 0]
+        adapted = [a(f, t.shape[2:]) for a, f, t in zip(self.adapters, s_feats, t_feats)]
+        batch = KDBatch(
+            teacher_features=[t.detach() for t in t_feats],
+            student_features=adapted,
+            teacher_logits=t_logits.detach(),
+            student_logits=s_logits,
+            labels=labels,
+            num_classes=int(num_classes if num_classes is not None else t_logits.shape[1]),
+            raw_student_features=s_feats,
+            regions=regions,
+        )
+        return s_out, batch
