@@ -20,7 +20,15 @@ key              meaning
 ``message``      human-readable text (log, warning, error; optional elsewhere)
 ``time``         seconds since the reporter started
 ``v``            schema version (1)
+``best_path``    ``done`` of training stages: the best-validation model file (or null)
+``cancelled``    ``done`` of training stages: true when stopped by SIGTERM or ``<out>/STOP``
+                 (checkpoint written; exit code 0; continue with ``--resume``)
 ===============  ========================================================================
+
+The ``done`` event of training stages also carries ``stopped_early`` (true when early stopping
+ended the run), ``step`` and the final ``metrics``. Training ``losses`` also carry ``kd_lambda``
+(the KD weight of that step) and each KD method's weighted value under its name plus its own
+terms as ``"<method>/<term>"``.
 
 An ``error`` event is always followed by a non-zero exit code; ``done`` by exit code 0.
 """

@@ -1,0 +1,141 @@
+"""``recokd distill``: distill a compact student from a frozen teacher.
+
+Example::
+
+    recokd distill runs/teacher/model_best.pt --data Dataset001_Organs --reduction 4 \\
+        --kd recokd --kd-weight 0.01 --steps 1000 --out runs/student --progress json
+    recokd distill teacher.pt --pairs ct.nii.gz:seg.nii.gz --classes background,liver \\
+        --kd recokd:1,logit:0.5 --kd-option recokd.stage_alpha=0.5 --out runs/s2 --resume
+
+The student is the teacher's architecture with every width divided by ``--reduction`` (ReCo-KD's
+``2**t``), or ``--student-json``. Cases are preprocessed on the teacher's spacing and
+normalisation (from its model card). Exit codes as ``recokd train-teacher``: 0 done (or cancelled),
+1 error, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ReCoKDLib.commands.train_teacher import (
+    add_data_arguments,
+    add_training_arguments,
+    open_dataset,
+    prepare_case_set,
+    run_job,
+    training_config_fields,
+)
+
+STAGE = "distill"
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def kd_spec_from_args(kd: str, options: list[str]) -> dict[str, dict[str, Any]]:
+    """``--kd`` and repeated ``--kd-option [METHOD.]KEY=VALUE`` -> ``{method: {"weight": w, KEY: VALUE}}``.
+
+    A KEY without ``METHOD.`` applies to the only method (an error when several are given).
+    VALUE is read as JSON when it parses (numbers, true/false, lists), else as a string.
+    """
+    from ReCoKDLib.losses.registry import parse_kd_spec
+
+    spec = parse_kd_spec(kd)
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--kd-option {item!r} is not KEY=VALUE (or METHOD.KEY=VALUE)")
+        method, dot, name = key.partition(".")
+        if not dot:
+            if len(spec) != 1:
+                raise ValueError(f"--kd-option {item!r}: several KD methods {list(spec)}; write METHOD.{key}={value}")
+            method, name = next(iter(spec)), key
+        if method not in spec:
+            raise ValueError(f"--kd-option {item!r} names method {method!r}, which is not in --kd ({list(spec)})")
+        spec[method][name] = _value(value)
+    return spec
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Writes OUT/model_best.pt and OUT/model_last.pt (the student, with JSON cards holding the KD "
+                     "configuration and the teacher's SHA-256). Cancel with SIGTERM or OUT/STOP; continue with --resume.")
+    parser.add_argument("teacher", help="teacher model: a ReCoKD model file (.pt), a TorchScript file, or a state dict "
+                                        "with --teacher-entry-point")
+    t = parser.add_argument_group("teacher and student")
+    t.add_argument("--teacher-entry-point", metavar="PKG.MODULE:FACTORY",
+                   help="build the teacher architecture with this factory and load TEACHER as its state dict")
+    t.add_argument("--teacher-card", metavar="JSON",
+                   help="model card of a TorchScript / entry-point teacher (classes, spacing, normalisation, patch)")
+    t.add_argument("--reduction", type=int, choices=(1, 2, 4, 8), default=4,
+                   help="student widths = teacher widths / REDUCTION, at least --min-channels (default 4)")
+    t.add_argument("--min-channels", type=int, default=8, help="floor of the student's widths (default 8)")
+    t.add_argument("--student-json", metavar="JSON",
+                   help="explicit student architecture (UNetConfig fields) as a file or a JSON object")
+    t.add_argument("--teacher-taps", metavar="NAMES", help="comma-separated teacher module names to distil "
+                                                           "(default: the card's tap names / encoder stages)")
+    t.add_argument("--student-taps", metavar="NAMES", help="comma-separated student module names, one per teacher tap")
+    k = parser.add_argument_group("distillation")
+    k.add_argument("--kd", default="recokd",
+                   help="KD method(s) and their relative weights: 'recokd', 'recokd:1,logit:0.5' (default recokd)")
+    k.add_argument("--kd-weight", type=float, default=0.01, help="lambda of the KD loss after warm-up (default 0.01)")
+    k.add_argument("--kd-warmup", type=int, metavar="STEPS",
+                   help="steps of linear lambda warm-up from 0 (default: 60%% of --steps; 0 = none)")
+    k.add_argument("--kd-option", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="an option of a KD method (repeatable), e.g. stage_alpha=0.5 or logit.temperature=4")
+    k.add_argument("--frozen-aux", action="store_true",
+                   help="keep adapters and KD-loss modules frozen at initialisation (the authors' release behaviour)")
+    add_data_arguments(parser)
+    add_training_arguments(parser)
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    path = Path(text)
+    data = json.loads(path.read_text()) if path.is_file() else json.loads(text)
+    if isinstance(data, dict) and data.get("kind") == "dynunet":
+        data = data["config"]
+    return data
+
+
+def _load_teacher(args: argparse.Namespace):
+    from types import SimpleNamespace
+
+    from ReCoKDLib.checkpoint import sha256_file
+    from ReCoKDLib.teachers import load_model
+
+    loaded = load_model(args.teacher, "cpu", entry_point=args.teacher_entry_point, card=args.teacher_card)
+    return SimpleNamespace(network=loaded.network, card=loaded.card, sha256=sha256_file(args.teacher))
+
+
+def run(args: argparse.Namespace) -> int:
+    def job(reporter):
+        from ReCoKDLib.engine import TrainConfig, distill
+
+        out = Path(args.out)
+        spec = kd_spec_from_args(args.kd, args.kd_option)
+        teacher = _load_teacher(args)
+        raw = open_dataset(args)
+        if raw.num_classes != teacher.card.num_classes:
+            raise ValueError(f"the dataset has {raw.num_classes} classes {raw.class_names}, the teacher "
+                             f"{teacher.card.num_classes} {teacher.card.classes}: label maps must use the teacher's classes")
+        fields = training_config_fields(args)
+        fields.setdefault("patch_size", tuple(teacher.card.patch_size))
+        config = TrainConfig(
+            kd=spec, kd_weight=args.kd_weight, kd_warmup_steps=args.kd_warmup, frozen_aux=args.frozen_aux,
+            student_reduction=args.reduction, min_channels=args.min_channels,
+            student_config=_json_arg(args.student_json) if args.student_json else None,
+            teacher_taps=args.teacher_taps.split(",") if args.teacher_taps else None,
+            student_taps=args.student_taps.split(",") if args.student_taps else None,
+            **fields,
+        )
+        case_set = prepare_case_set(raw, teacher.card.classes, teacher.card.spacing, teacher.card.normalization,
+                                    Path(args.cache_dir) if args.cache_dir else out / "preprocessed", reporter)
+        distill(config, teacher, case_set, out, reporter, resume=args.resume)
+
+    return run_job(args, STAGE, job)

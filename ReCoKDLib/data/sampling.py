@@ -1,0 +1,545 @@
+"""Training patches: checked and cached preprocessed cases, class-balanced sampling, augmentation.
+
+The pipeline of one training batch, each step a small function:
+
+1. :func:`load_raw_case` reads a case's image channel(s) and label and checks them
+   (:func:`check_image_label`): 3D volumes, one voxel grid, integer label values within the
+   classes, a label that is not empty. Any problem raises :class:`SamplingError` (or the I/O
+   module's ``GeometryError`` / ``ImageDimensionError``, which are ``ValueError`` too) naming the
+   case and saying what to change.
+2. :class:`CaseCache` preprocesses a case once (resampling, normalisation, cropping: any function
+   with the signature of ``ReCoKDLib.data.preprocess.preprocess_case``) and stores the result as
+   ``.npy`` arrays plus a JSON card, under a key hashed from the SHA-256 of the source files and
+   the preprocessing parameters: later epochs and runs read it back (memory-mapped).
+3. :class:`PatchSampler` draws patches ``(C, *patch)``/``(1, *patch)`` from the cases with
+   nnU-Net's foreground oversampling (a share ``oversample_foreground`` of the patches is centred
+   on a voxel of a random class present in the case; the rest is uniform), padding volumes
+   smaller than the patch, then augments them with a MONAI dictionary pipeline
+   (:func:`build_augmentation`). All randomness comes from one ``numpy.random.Generator`` the
+   sampler owns; :meth:`PatchSampler.state_dict` / :meth:`PatchSampler.load_state_dict` make a
+   resumed run draw exactly the batches an uninterrupted one would have drawn.
+
+Shapes: images ``(C, D, H, W)`` float32, labels ``(1, D, H, W)`` integer class ids; batches
+``(B, C, *patch)`` float32 and ``(B, 1, *patch)`` int64. Axis order ``(D, H, W)`` = ``(z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SamplingError",
+    "CaseArrays",
+    "CaseSet",
+    "CaseCache",
+    "PatchSampler",
+    "AugmentationConfig",
+    "build_augmentation",
+    "check_image_label",
+    "check_label_values",
+    "load_raw_case",
+    "prepare_cases",
+    "class_locations",
+    "crop_with_padding",
+    "cache_key",
+]
+
+#: CACHE_VERSION changes whenever the stored layout changes, so stale entries are never read.
+CACHE_VERSION = 1
+
+
+class SamplingError(ValueError):
+    """A training case cannot be used as given (labels, shapes, patch size, cache)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases in memory
+
+
+@dataclass
+class CaseArrays:
+    """One preprocessed training case.
+
+    Attributes:
+        case_id: name of the case (for messages and the cache).
+        image: ``(C, D, H, W)`` float32, normalised, on the model's spacing.
+        label: ``(1, D, H, W)`` integer class ids in ``[0, K)``.
+        locations: per foreground class present, ``(N, 3)`` int voxel indices (at most
+            ``max_locations`` per class, drawn once with a fixed seed) used for oversampling.
+        meta: JSON-able record of the preprocessing (spacing, crop box, normalisation...).
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    locations: dict[int, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 4:
+            raise SamplingError(f"case {self.case_id}: image must be (C, D, H, W), got shape {self.image.shape}")
+        if self.label.ndim == 3:
+            self.label = self.label[None]
+        if self.label.ndim != 4 or self.label.shape[0] != 1 or self.label.shape[1:] != self.image.shape[1:]:
+            raise SamplingError(
+                f"case {self.case_id}: label must be (1, D, H, W) with the image's spatial size "
+                f"{self.image.shape[1:]}, got {self.label.shape}"
+            )
+        if not self.locations:
+            self.locations = class_locations(self.label)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass
+class CaseSet:
+    """Preprocessed cases plus what a model card needs to know about them.
+
+    Attributes:
+        cases: the preprocessed cases.
+        class_names: index = label value, ``class_names[0]`` the background.
+        spacing: voxel spacing in mm, ``(D, H, W)`` order.
+        normalization: the normalisation record (see ``checkpoint.ModelCard``).
+        source_hashes: optional ``{case_id: sha256 of its files}`` for provenance.
+    """
+
+    cases: list[CaseArrays]
+    class_names: list[str]
+    spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    normalization: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
+    source_hashes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.cases:
+            raise SamplingError("a case set needs at least one case")
+        channels = {c.image.shape[0] for c in self.cases}
+        if len(channels) != 1:
+            raise SamplingError(f"all cases need the same number of image channels, found {sorted(channels)}")
+        if len(self.class_names) < 2:
+            raise SamplingError(f"class_names must hold the background and >= 1 class, got {self.class_names}")
+        for case in self.cases:
+            check_label_values(case.label, len(self.class_names), case.case_id)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.cases[0].image.shape[0])
+
+    def split(self, num_val: int) -> tuple["CaseSet", "CaseSet | None"]:
+        """The first ``len - num_val`` cases for training, the last ``num_val`` held out.
+
+        Deterministic (no shuffling): the held-out cases are the same in every run and resume.
+        ``num_val = 0`` (or a single case) returns ``(self, None)``.
+        """
+        if num_val <= 0 or len(self.cases) < 2:
+            return self, None
+        if num_val >= len(self.cases):
+            raise SamplingError(f"cannot hold out {num_val} of {len(self.cases)} cases; keep at least one for training")
+        keep = dict(class_names=self.class_names, spacing=self.spacing, normalization=self.normalization,
+                    source_hashes=self.source_hashes)
+        return CaseSet(self.cases[:-num_val], **keep), CaseSet(self.cases[-num_val:], **keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_label_values(label: np.ndarray, num_classes: int, case_id: str = "case", allow_empty: bool = False) -> None:
+    """Raise :class:`SamplingError` unless ``label`` holds integer ids in ``[0, num_classes)`` and some foreground."""
+    values = np.unique(np.asarray(label))
+    if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
+        raise SamplingError(
+            f"{case_id}: the label map holds non-integer values {values[np.mod(values, 1) != 0][:5].tolist()}; "
+            "give a label map of integer class ids (not probabilities or an interpolated label)"
+        )
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise SamplingError(
+            f"{case_id}: label values {bad[:10].astype(int).tolist()} are outside the {num_classes} classes "
+            f"(0..{num_classes - 1}); the label map must use the teacher's class ids (check the class list / dataset.json)"
+        )
+    if not allow_empty and not np.any(values > 0):
+        raise SamplingError(
+            f"{case_id}: the label map is empty (background only); remove the case from training or fix its label file"
+        )
+
+
+def check_image_label(image: np.ndarray, image_geometry, label: np.ndarray, label_geometry, num_classes: int,
+                      case_id: str = "case") -> None:
+    """Check one raw case before preprocessing.
+
+    Args:
+        image: ``(D, H, W)`` or ``(C, D, H, W)``.
+        image_geometry / label_geometry: ``ReCoKDLib.data.io.Geometry`` of each.
+        label: ``(D, H, W)`` class ids.
+        num_classes: ``K`` background included.
+
+    Raises:
+        ImageDimensionError: an input is 2D, or 4D where 3D is expected.
+        GeometryError: image and label are not on the same voxel grid.
+        SamplingError: label values outside the classes, or an empty label.
+    """
+    from ReCoKDLib.data.io import check_same_grid, require_3d
+
+    require_3d(image, f"{case_id} image", allow_channels=True)
+    require_3d(label, f"{case_id} label")
+    check_same_grid(image_geometry, label_geometry, np.shape(image)[-3:], np.shape(label),
+                    name_a=f"{case_id} image", name_b=f"{case_id} label")
+    check_label_values(label, num_classes, case_id)
+
+
+def load_raw_case(case, num_classes: int) -> tuple[np.ndarray, Any, np.ndarray]:
+    """Read and check a ``layout.Case`` (``case_id``, ``image_paths``, ``label_path``).
+
+    Returns:
+        ``(image (C, D, H, W) float32, geometry, label (D, H, W) int16)``.
+    """
+    from ReCoKDLib.data.io import check_same_grid, read_image, require_3d
+
+    channels, geometry = [], None
+    for i, path in enumerate(case.image_paths):
+        array, geom = read_image(path)
+        require_3d(array, f"{case.case_id} image channel {i} ({Path(path).name})")
+        if geometry is None:
+            geometry = geom
+        else:
+            check_same_grid(geometry, geom, channels[0].shape, array.shape,
+                            name_a=f"{case.case_id} channel 0", name_b=f"{case.case_id} channel {i}")
+        channels.append(np.asarray(array, dtype=np.float32))
+    if not channels:
+        raise SamplingError(f"{case.case_id}: the case lists no image file")
+    if case.label_path is None:
+        raise SamplingError(f"{case.case_id}: the case has no label file; training needs labelled cases")
+    label, label_geometry = read_image(case.label_path)
+    image = np.stack(channels)
+    check_image_label(image, geometry, label, label_geometry, num_classes, case.case_id)
+    return image, geometry, np.asarray(label).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 64 else None
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    return str(value)
+
+
+def cache_key(file_hashes: Sequence[str], params: Mapping[str, Any]) -> str:
+    """Hex key (24 chars) of the source files' SHA-256 and the preprocessing parameters."""
+    text = json.dumps({"v": CACHE_VERSION, "files": list(file_hashes), "params": _jsonable(params)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class CaseCache:
+    """Preprocessed cases on disk: ``<root>/<key>/{image.npy, label.npy, meta.json}``.
+
+    An entry is written into a temporary folder and renamed into place, so an interrupted run
+    never leaves half an entry; an unreadable entry is rebuilt.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str) -> CaseArrays | None:
+        folder = self.path(key)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            image = np.load(folder / "image.npy", mmap_mode="r")
+            label = np.load(folder / "label.npy", mmap_mode="r")
+            with np.load(folder / "locations.npz") as npz:
+                locations = {int(k): npz[k] for k in npz.files}
+        except (OSError, ValueError, json.JSONDecodeError):
+            return None
+        return CaseArrays(meta["case_id"], image, label, locations, meta)
+
+    def store(self, key: str, case: CaseArrays) -> CaseArrays:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            np.save(tmp / "image.npy", np.ascontiguousarray(case.image, dtype=np.float32))
+            np.save(tmp / "label.npy", np.ascontiguousarray(case.label, dtype=np.int16))
+            np.savez(tmp / "locations.npz", **{str(k): v for k, v in case.locations.items()})
+            meta = dict(case.meta, case_id=case.case_id, cache_version=CACHE_VERSION)
+            (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True))
+            target = self.path(key)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.load(key) or case
+
+
+def _preprocessed_arrays(result: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(image, label, meta)`` of a ``PreprocessedCase`` (or any object/dict with image and label)."""
+    get = result.get if isinstance(result, Mapping) else (lambda k, d=None: getattr(result, k, d))
+    image, label = get("image"), get("label")
+    if image is None or label is None:
+        raise SamplingError("the preprocessing function must return an object with .image and .label arrays")
+    names = result.keys() if isinstance(result, Mapping) else (
+        [f.name for f in fields(result)] if is_dataclass(result) else vars(result).keys())
+    meta = {k: _jsonable(get(k)) for k in names if k not in ("image", "label")}
+    return np.asarray(image, dtype=np.float32), np.asarray(label), meta
+
+
+def prepare_cases(
+    cases: Sequence[Any],
+    class_names: Sequence[str],
+    preprocess: Callable[..., Any],
+    params: Mapping[str, Any],
+    cache_dir: str | os.PathLike | None = None,
+    on_case: Callable[[int, int, str, bool], None] | None = None,
+) -> CaseSet:
+    """Read, check, preprocess (once, cached) every training case.
+
+    Args:
+        cases: ``layout.Case`` objects (``case_id``, ``image_paths``, ``label_path``).
+        class_names: the classes, background first.
+        preprocess: ``preprocess(image, geometry, target_spacing, normalization, label=...)``
+            returning an object with ``image (C, D, H, W)`` and ``label (1, D, H, W)``.
+        params: ``{"spacing": [...], "normalization": {...}}`` (and anything else that changes
+            the result: it is part of the cache key).
+        cache_dir: folder of the cache; ``None`` keeps everything in memory only.
+        on_case: called ``(index, total, case_id, from_cache)`` after each case (progress).
+    """
+    from ReCoKDLib.checkpoint import sha256_file
+
+    cache = CaseCache(cache_dir) if cache_dir is not None else None
+    out, hashes = [], {}
+    for index, case in enumerate(cases):
+        files = [*case.image_paths, case.label_path]
+        file_hashes = [sha256_file(p) for p in files if p is not None]
+        hashes[case.case_id] = hashlib.sha256("".join(file_hashes).encode()).hexdigest()
+        key = cache_key(file_hashes, params)
+        loaded = cache.load(key) if cache is not None else None
+        if loaded is None:
+            image, geometry, label = load_raw_case(case, len(class_names))
+            result = preprocess(image, geometry, params["spacing"], params["normalization"], label=label)
+            p_image, p_label, meta = _preprocessed_arrays(result)
+            check_label_values(p_label, len(class_names), f"{case.case_id} (after preprocessing)")
+            loaded = CaseArrays(case.case_id, p_image, p_label.astype(np.int16), meta=meta)
+            if cache is not None:
+                loaded = cache.store(key, loaded)
+            from_cache = False
+        else:
+            from_cache = True
+        out.append(loaded)
+        if on_case is not None:
+            on_case(index + 1, len(cases), case.case_id, from_cache)
+    return CaseSet(out, list(class_names), list(params["spacing"]), dict(params["normalization"]), hashes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def class_locations(label: np.ndarray, max_per_class: int = 10000, seed: int = 1234) -> dict[int, np.ndarray]:
+    """Voxel indices ``(N, 3)`` (D, H, W) of every foreground class in ``label`` ``(1, D, H, W)``.
+
+    At most ``max_per_class`` per class, subsampled with a fixed ``seed`` so the result depends on
+    the label only (as nnU-Net's ``class_locations``).
+    """
+    lab = np.asarray(label)[0]
+    rng = np.random.default_rng(seed)
+    out: dict[int, np.ndarray] = {}
+    for value in np.unique(lab):
+        if value <= 0:
+            continue
+        coords = np.argwhere(lab == value)
+        if len(coords) > max_per_class:
+            coords = coords[np.sort(rng.choice(len(coords), max_per_class, replace=False))]
+        out[int(value)] = coords.astype(np.int32)
+    return out
+
+
+def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value: float = 0) -> np.ndarray:
+    """Crop ``array`` ``(C, D, H, W)`` at spatial ``start`` (may be negative or run past the end) to ``size``.
+
+    The part outside the volume is filled with ``pad_value``.
+    """
+    spatial = array.shape[1:]
+    lo = [max(0, s) for s in start]
+    hi = [min(n, s + z) for n, s, z in zip(spatial, start, size)]
+    crop = np.asarray(array[(slice(None), *(slice(a, b) for a, b in zip(lo, hi)))])
+    pad = [(0, 0)] + [(a - s, s + z - b) for s, a, b, z in zip(start, lo, hi, size)]
+    if any(p != (0, 0) for p in pad):
+        crop = np.pad(crop, pad, mode="constant", constant_values=pad_value)
+    return crop
+
+
+@dataclass
+class AugmentationConfig:
+    """nnU-Net-like augmentation (probabilities per patch). ``enabled=False`` turns all off."""
+
+    enabled: bool = True
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.25)
+    p_affine: float = 0.2
+    flip_axes: tuple[int, ...] = ()
+    p_noise: float = 0.1
+    noise_std: float = 0.1
+    p_brightness: float = 0.15
+    brightness: float = 0.25
+    p_gamma: float = 0.3
+    gamma: tuple[float, float] = (0.7, 1.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AugmentationConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SamplingError(f"unknown augmentation options {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        data = dict(data)
+        for key in ("scale", "flip_axes", "gamma"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def build_augmentation(config: AugmentationConfig):
+    """A MONAI dict pipeline over ``{"image": (C, D, H, W), "label": (1, D, H, W)}``, or ``None``.
+
+    Spatial (image bilinear, label nearest): affine rotation ±``rotate_deg`` about each axis and
+    isotropic-ish scaling, optional flips. Intensity (image only): Gaussian noise, multiplicative
+    brightness, gamma (contrast). Seed it with ``set_random_state`` before each patch.
+    """
+    if not config.enabled:
+        return None
+    from monai import transforms as T
+
+    rad = float(np.deg2rad(config.rotate_deg))
+    keys = ["image", "label"]
+    steps = [
+        T.RandAffined(
+            keys=keys, prob=config.p_affine, rotate_range=(rad, rad, rad),
+            scale_range=tuple((config.scale[0] - 1.0, config.scale[1] - 1.0) for _ in range(3)),
+            mode=("bilinear", "nearest"), padding_mode="zeros",
+        ),
+        *(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in config.flip_axes),
+        T.RandGaussianNoised(keys=["image"], prob=config.p_noise, std=config.noise_std),
+        T.RandScaleIntensityd(keys=["image"], factors=config.brightness, prob=config.p_brightness),
+        T.RandAdjustContrastd(keys=["image"], prob=config.p_gamma, gamma=config.gamma),
+    ]
+    return T.Compose(steps)
+
+
+def _as_plain_tensor(x) -> torch.Tensor:
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return x
+
+
+class PatchSampler:
+    """Draws augmented training batches from a :class:`CaseSet`, deterministically from ``seed``.
+
+    Args:
+        case_set: the training cases.
+        patch_size: ``(D, H, W)`` in voxels.
+        oversample_foreground: share of patches centred on a foreground voxel (nnU-Net: 0.33).
+        augmentation: an :class:`AugmentationConfig` (``None`` = none).
+        seed: seed of the sampler's own ``numpy.random.Generator``.
+
+    Example:
+        >>> sampler = PatchSampler(cases, (32, 32, 32), seed=0)       # doctest: +SKIP
+        >>> images, labels = sampler.batch(2)  # (2, C, 32, 32, 32) float32, (2, 1, 32, 32, 32) int64
+    """
+
+    def __init__(
+        self,
+        case_set: CaseSet,
+        patch_size: Sequence[int],
+        oversample_foreground: float = 0.33,
+        augmentation: AugmentationConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        patch = tuple(int(p) for p in patch_size)
+        if len(patch) != 3 or min(patch) < 1:
+            raise SamplingError(f"patch_size must be 3 positive ints (D, H, W), got {patch_size}")
+        if not 0.0 <= oversample_foreground <= 1.0:
+            raise SamplingError(f"oversample_foreground must be in [0, 1], got {oversample_foreground}")
+        self.cases = case_set.cases
+        self.patch_size = patch
+        self.oversample_foreground = float(oversample_foreground)
+        self.rng = np.random.default_rng(seed)
+        self.augment = build_augmentation(augmentation) if augmentation is not None else None
+
+    # state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state (plain ints and strings: safe for ``weights_only`` loading)."""
+        return {"bit_generator": json.dumps(self.rng.bit_generator.state)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rng.bit_generator.state = json.loads(state["bit_generator"])
+
+    # sampling -------------------------------------------------------------------------------
+    def _start(self, case: CaseArrays, force_foreground: bool) -> list[int]:
+        """Patch start per axis; may be negative or run past the end (then padded)."""
+        shape = case.shape
+        need = [max(p - s, 0) for p, s in zip(self.patch_size, shape)]
+        lows = [-(n // 2) for n in need]
+        highs = [s + n // 2 + n % 2 - p for s, n, p in zip(shape, need, self.patch_size)]
+        classes = sorted(case.locations)
+        if force_foreground and classes:
+            cls = classes[int(self.rng.integers(len(classes)))]
+            coords = case.locations[cls]
+            centre = coords[int(self.rng.integers(len(coords)))]
+            return [int(min(max(c - p // 2, lo), hi)) for c, p, lo, hi in zip(centre, self.patch_size, lows, highs)]
+        return [int(self.rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+
+    def sample(self, case: CaseArrays | None = None, force_foreground: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One un-augmented patch: ``(C, *patch)`` float32 image and ``(1, *patch)`` int16 label."""
+        if case is None:
+            case = self.cases[int(self.rng.integers(len(self.cases)))]
+        if force_foreground is None:
+            force_foreground = bool(self.rng.random() < self.oversample_foreground)
+        start = self._start(case, force_foreground)
+        image = np.array(crop_with_padding(case.image, start, self.patch_size, 0.0), dtype=np.float32)  # a copy
+        label = np.array(crop_with_padding(case.label, start, self.patch_size, 0))
+        return image, label
+
+    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, *patch)`` float32 images and ``(B, 1, *patch)`` int64 labels, augmented."""
+        images, labels = [], []
+        for _ in range(batch_size):
+            image, label = self.sample()
+            if self.augment is not None:
+                self.augment.set_random_state(seed=int(self.rng.integers(2**31 - 1)))
+                out = self.augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.float32))})
+                image_t, label_t = _as_plain_tensor(out["image"]), _as_plain_tensor(out["label"])
+            else:
+                image_t, label_t = torch.from_numpy(image), torch.from_numpy(label.astype(np.float32))
+            images.append(image_t.float())
+            labels.append(label_t.round().long())
+        return torch.stack(images), torch.stack(labels)

@@ -1,0 +1,233 @@
+"""The training engine in-process: schedules, distillation, teacher training, NaN handling, cancel."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ReCoKDLib import engine
+from ReCoKDLib.checkpoint import ModelCard, load_model_file, safe_torch_load, save_model, sha256_file
+from ReCoKDLib.data.sampling import CaseArrays, CaseSet, prepare_cases
+from ReCoKDLib.engine import (
+    TrainConfig,
+    TrainingDivergedError,
+    TrainingError,
+    deep_supervision_weights,
+    distill,
+    kd_lambda,
+    poly_lr,
+    train_teacher,
+)
+from ReCoKDLib.losses.base import KDOutput
+from ReCoKDLib.networks import build_unet, encoder_tap_names, preset
+from ReCoKDLib.progress import Reporter
+
+CT_NORMALIZATION = {"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 60.0}
+
+
+@pytest.fixture(scope="module")
+def ct_cases(tiny_ct_case, ct_dataset, tmp_path_factory) -> CaseSet:
+    """The real 32x64x64 CT crop, preprocessed at 3 mm (classes of the CT dataset)."""
+    from ReCoKDLib.data.preprocess import preprocess_case
+
+    params = {"spacing": [3.0, 3.0, 3.0], "normalization": CT_NORMALIZATION}
+    return prepare_cases([tiny_ct_case], ct_dataset.class_names, preprocess_case, params,
+                         tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(ct_cases, tmp_path_factory):
+    """A randomly initialised tiny teacher saved as a ReCoKD model file."""
+    torch.manual_seed(0)
+    config = preset("tiny", num_classes=ct_cases.num_classes)
+    card = ModelCard({"kind": "dynunet", "config": config.to_dict()}, ct_cases.class_names, [3.0, 3.0, 3.0],
+                     CT_NORMALIZATION, [16, 32, 32], tap_names=encoder_tap_names(config))
+    return save_model(tmp_path_factory.mktemp("teacher") / "teacher.pt", build_unet(config).state_dict(), card)
+
+
+def _config(**changes) -> TrainConfig:
+    base = dict(patch_size=(16, 32, 32), batch_size=2, steps=6, num_val_cases=0, checkpoint_every=2, val_every=100,
+                optimizer="adamw", lr=3e-3, kd={"logit": {"weight": 1.0}, "fitnet": {"weight": 1.0}}, kd_weight=1.0,
+                kd_warmup_steps=0, student_reduction=2, deterministic=True, seed=1,
+                augmentation={"enabled": False})
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+class _Events(Reporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict] = []
+        self.callback = self.events.append
+
+    def of(self, event: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == event]
+
+
+def test_pure_schedules():
+    assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 100, 100) == 0.0
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+    assert kd_lambda(0, 0.01, 600) == 0.0 and kd_lambda(300, 0.01, 600) == pytest.approx(0.005)
+    assert kd_lambda(900, 0.01, 600) == pytest.approx(0.01) and kd_lambda(0, 0.01, 0) == pytest.approx(0.01)
+    assert deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+
+
+def test_train_config_round_trip_and_errors():
+    config = _config(kd={"recokd": {"weight": 1.0, "stage_alpha": 0.5}})
+    again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(TrainingError, match="unknown training options"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(TrainingError, match="optimizer must be"):
+        TrainConfig(optimizer="lion")
+
+
+def test_distill_lowers_the_loss_and_writes_a_student_card(ct_cases, teacher_file, tmp_path):
+    events = _Events()
+    result = distill(_config(steps=12, oversample_foreground=1.0), teacher_file, ct_cases, tmp_path / "s", events)
+    totals = [e["losses"]["total"] for e in events.of("progress")]
+    assert len(totals) == 12 and all(math.isfinite(t) for t in totals)
+    assert np.mean(totals[-3:]) < np.mean(totals[:3])
+    assert {"seg", "kd", "logit", "fitnet", "kd_lambda"} <= set(events.of("progress")[0]["losses"])
+    card, state = load_model_file(result.last_model)
+    assert card.role == "student" and card.classes == ct_cases.class_names
+    assert card.architecture["config"]["filters"] == [8, 8, 16]  # tiny (8, 16, 32) halved, floor 8
+    assert card.provenance["teacher_sha256"] == sha256_file(teacher_file)
+    assert card.kd["methods"] == {"logit": {"weight": 1.0}, "fitnet": {"weight": 1.0}}
+    assert card.spacing == [3.0, 3.0, 3.0] and card.normalization == CT_NORMALIZATION
+    student = build_unet(preset("tiny", num_classes=12, filters=(8, 8, 16)))
+    student.load_state_dict(state)  # the file rebuilds the student
+    assert events.of("done")[-1]["path"] == str(result.last_model) and result.step == 12
+
+
+def test_recokd_modules_are_trained_unless_frozen_aux(ct_cases, teacher_file, tmp_path):
+    runs = {}
+    for frozen in (False, True):
+        result = distill(_config(steps=2, kd={"recokd": {"weight": 1.0}}, frozen_aux=frozen, student_reduction=4),
+                         teacher_file, ct_cases, tmp_path / str(frozen))
+        runs[frozen] = safe_torch_load(result.checkpoint)["aux"]
+    for part in ("adapters", "kd_loss"):  # 1x1x1 adapters and ReCo-KD's context blocks
+        trained, frozen = runs[False][part], runs[True][part]
+        assert trained and any(not torch.equal(trained[k], frozen[k]) for k in trained), part
+
+
+def test_train_teacher_validates_and_keeps_best(ct_cases, tmp_path):
+    twin = CaseArrays("twin", np.array(ct_cases.cases[0].image), np.array(ct_cases.cases[0].label))
+    cases = CaseSet([ct_cases.cases[0], twin], ct_cases.class_names, [3.0, 3.0, 3.0], CT_NORMALIZATION)
+    events = _Events()
+    config = _config(steps=4, num_val_cases=1, val_every=2, network=preset("tiny").to_dict(), kd={})
+    result = train_teacher(config, cases, tmp_path / "t", events)
+    metrics = events.of("metrics")
+    assert [m["step"] for m in metrics] == [2, 4] and all(m["stage"] == "validate" for m in metrics)
+    assert set(metrics[0]["metrics"]["dice"]) == set(ct_cases.class_names[1:])
+    assert result.best_model is not None and result.best_model.exists()
+    card, _ = load_model_file(result.best_model)
+    assert card.role == "teacher" and card.architecture["config"]["num_classes"] == 12
+    assert card.metrics["validation"]["mean_dice"] == pytest.approx(result.metrics["best_mean_dice"])
+    history = json.loads((tmp_path / "t" / "history.json").read_text())
+    assert len(history["train"]) == 4 and len(history["val"]) == 2
+
+
+class _NaNInjector(nn.Module):
+    """A KD loss stand-in: logit KD, but NaN on the calls listed in ``nan_calls`` (1-based)."""
+
+    def __init__(self, nan_calls, after=None, on_call=None):
+        super().__init__()
+        self.calls = 0
+        self.nan_calls, self.after, self.on_call = set(nan_calls), after, on_call
+
+    def forward(self, batch, return_maps=False):
+        self.calls += 1
+        if self.on_call is not None:
+            self.on_call(self.calls)
+        loss = torch.nn.functional.mse_loss(batch.student_logits, batch.teacher_logits)
+        if self.calls in self.nan_calls or (self.after is not None and self.calls > self.after):
+            loss = loss * float("nan")
+        return KDOutput(loss=loss, terms={"mse": loss.detach()})
+
+
+def _patch_kd(monkeypatch, module):
+    monkeypatch.setattr(engine, "build_kd_module", lambda *a, **k: module)
+
+
+def test_a_nan_loss_skips_the_step_with_a_warning(ct_cases, teacher_file, tmp_path, monkeypatch):
+    _patch_kd(monkeypatch, _NaNInjector({2}))
+    events = _Events()
+    result = distill(_config(steps=4), teacher_file, ct_cases, tmp_path / "n", events)
+    warnings = events.of("warning")
+    assert len(warnings) == 1 and "non-finite loss at step 2" in warnings[0]["message"]
+    assert result.step == 4 and [e["step"] for e in events.of("progress")] == [1, 3, 4]
+    assert all(torch.isfinite(p).all() for p in result.network.parameters())
+
+
+def test_repeated_nan_stops_with_the_last_checkpoint_intact(ct_cases, teacher_file, tmp_path, monkeypatch):
+    _patch_kd(monkeypatch, _NaNInjector((), after=3))
+    events = _Events()
+    with pytest.raises(TrainingDivergedError, match="3 consecutive steps"):
+        distill(_config(steps=10, max_nonfinite=3), teacher_file, ct_cases, tmp_path / "d", events)
+    assert "NaN/Inf" in events.of("error")[-1]["message"]
+    state = safe_torch_load(tmp_path / "d" / "checkpoint.pt")
+    assert state["step"] == 4  # written at step 2 and 4 (steps 4..6 were NaN: not saved)
+    assert all(torch.isfinite(v).all() for v in state["network"].values() if v.is_floating_point())
+
+
+def test_stop_file_cancels_cleanly_and_resume_finishes(ct_cases, teacher_file, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+
+    def stop_after_three(call):
+        if call == 3:
+            (out / "STOP").write_text("")
+
+    _patch_kd(monkeypatch, _NaNInjector((), on_call=stop_after_three))
+    events = _Events()
+    result = distill(_config(steps=8), teacher_file, ct_cases, out, events)
+    assert result.cancelled and result.step == 3 and not (out / "STOP").exists()
+    assert events.of("done")[-1]["cancelled"] is True
+    assert safe_torch_load(out / "checkpoint.pt")["step"] == 3 and result.last_model.exists()
+
+    with pytest.raises(TrainingError, match="pass resume"):
+        distill(_config(steps=8), teacher_file, ct_cases, out)
+    _patch_kd(monkeypatch, _NaNInjector(()))
+    resumed = distill(_config(steps=8), teacher_file, ct_cases, out, _Events(), resume=True)
+    assert not resumed.cancelled and resumed.step == 8
+
+
+def test_patch_not_multiple_of_strides_is_refused(ct_cases, teacher_file, tmp_path):
+    events = _Events()
+    with pytest.raises(TrainingError, match=r"multiple of \(4, 4, 4\)"):
+        distill(_config(patch_size=(15, 32, 32)), teacher_file, ct_cases, tmp_path / "p", events)
+    assert events.of("error")
+
+
+def test_sigterm_cancels_with_a_final_checkpoint(ct_cases, teacher_file, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    def terminate(call):
+        if call == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the engine: finish the step, save, return
+
+    _patch_kd(monkeypatch, _NaNInjector((), on_call=terminate))
+    previous = signal.getsignal(signal.SIGTERM)
+    result = distill(_config(steps=6), teacher_file, ct_cases, tmp_path / "t", _Events())
+    assert result.cancelled and result.step == 2
+    assert safe_torch_load(result.checkpoint)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored
+
+
+def test_early_stopping_keeps_the_best_model(ct_cases, tmp_path, monkeypatch):
+    scores = iter([0.5, 0.4, 0.3])
+    monkeypatch.setattr(engine, "validate",
+                        lambda *a, **k: {"mean_dice": next(scores), "dice": {}, "cases": 1})
+    twin = CaseArrays("twin", np.array(ct_cases.cases[0].image), np.array(ct_cases.cases[0].label))
+    cases = CaseSet([ct_cases.cases[0], twin], ct_cases.class_names, [3.0, 3.0, 3.0], CT_NORMALIZATION)
+    config = _config(steps=10, num_val_cases=1, val_every=1, patience=1, network=preset("tiny").to_dict(), kd={})
+    result = train_teacher(config, cases, tmp_path / "e", _Events())
+    assert result.stopped_early and result.step == 2
+    assert result.metrics["best_mean_dice"] == 0.5 and result.metrics["best_step"] == 1
+    assert load_model_file(result.best_model)[0].metrics["step"] == 1
