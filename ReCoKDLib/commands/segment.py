@@ -1,0 +1,120 @@
+"""``recokd segment MODEL IMAGE OUT``: segment a volume on its exact grid.
+
+Examples::
+
+    recokd segment runs/student/model_best.pt ct.nii.gz ct_seg.nii.gz
+    recokd segment student.pt ct.nrrd seg.nrrd --roi 100 120 10 300 320 60 --mirror --probabilities probs.nrrd
+    recokd segment student.pt ct.mha seg.mha --roi -80 -60 -400 40 60 -300 --roi-space ras --device cuda
+    recokd segment unet_weights.pt t1.nii.gz seg.nii.gz --entry-point monai.networks.nets:UNet \\
+        --kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [16, 32, 64], "strides": [2, 2]}' \\
+        --card card.json
+
+The label map (and the optional ``(K, D, H, W)`` probability image) has the input's exact size,
+spacing, origin and direction. Exit codes: 0 done, 1 error while running (disk, interrupted),
+2 bad input (missing or unsafe model, unreadable image, bad ROI or options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ReCoKDLib.progress import add_progress_argument, make_reporter
+
+STAGE = "segment"
+
+
+def run_command(args: argparse.Namespace, stage: str, job: Callable[[Any], None]) -> int:
+    """Run ``job(reporter)``: exit 0 when done, 2 for bad input (``ValueError``), 1 for other
+    failures (``OSError``), 130 when interrupted; every error is reported once, clearly."""
+    reporter = make_reporter(getattr(args, "progress", "auto"))
+    code, message = 0, None
+    try:
+        job(reporter)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    except ValueError as exc:
+        code, message = 2, str(exc)
+    except OSError as exc:
+        code, message = 1, str(exc)
+    finally:
+        if message is not None:
+            reporter.error(stage, message)
+            if getattr(args, "progress", "auto") == "none":  # the bar reporter prints errors itself
+                print(f"recokd {stage}: error: {message}", file=sys.stderr)
+        reporter.close()
+    return code
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options for models that are not ReCoKD model files (TorchScript, entry point + state dict)."""
+    group = parser.add_argument_group("foreign models")
+    group.add_argument("--entry-point", metavar="PKG.MODULE:FACTORY",
+                       help="build the architecture with this factory and read MODEL as its state dict")
+    group.add_argument("--kwargs", metavar="JSON", default=None, help="keyword arguments of --entry-point (JSON object)")
+    group.add_argument("--card", metavar="JSON",
+                       help="model card (classes, spacing, normalization, patch_size) of a TorchScript or entry-point model "
+                            "(default: MODEL's sidecar .json)")
+
+
+def load_from_args(path: str, args: argparse.Namespace, device: str = "cpu"):
+    from ReCoKDLib.teachers import load_model
+
+    kwargs = None
+    if getattr(args, "kwargs", None):
+        try:
+            kwargs = json.loads(args.kwargs)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--kwargs is not a JSON object: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--kwargs must be a JSON object; got {args.kwargs!r}")
+    return load_model(path, device=device, entry_point=getattr(args, "entry_point", None), kwargs=kwargs,
+                      card=getattr(args, "card", None))
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "The output lies on the input's exact voxel grid. Exit codes: 0 done, 1 run error, 2 bad input."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("model", help="model: a ReCoKD model file (.pt), a TorchScript file, or a state dict with --entry-point")
+    parser.add_argument("image", help="image: NIfTI, NRRD, MHA file or a DICOM folder")
+    parser.add_argument("out", help="label map to write (.nii.gz, .nii, .nrrd, .mha)")
+    parser.add_argument("--channel", action="append", default=[], metavar="IMAGE",
+                        help="a further input channel on the same grid (repeatable, in channel order)")
+    parser.add_argument("--roi", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                        help="only segment this box: voxel indices i j k (stop excluded) or world mm (see --roi-space); "
+                             "background outside")
+    parser.add_argument("--roi-space", choices=("ijk", "ras", "lps"), default="ijk",
+                        help="coordinates of --roi: voxel indices, RAS mm (Slicer) or LPS mm (DICOM/ITK) (default ijk)")
+    parser.add_argument("--mirror", action="store_true", help="test-time mirroring on all three axes (8 passes)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16/bf16 on CUDA)")
+    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--probabilities", metavar="PATH", help="also write the (K, D, H, W) class probabilities here")
+    add_model_arguments(parser)
+    add_progress_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    def job(reporter) -> None:
+        from ReCoKDLib.infer import ROI, resolve_device, segment_file
+
+        if not 0 <= args.overlap < 1:
+            raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
+        if args.sw_batch_size < 1:
+            raise ValueError(f"--sw-batch-size must be at least 1; got {args.sw_batch_size}")
+        device = resolve_device(args.device)
+        roi = ROI.parse(args.roi, args.roi_space) if args.roi else None
+        model = load_from_args(args.model, args, "cpu")
+        images = [args.image] + list(args.channel)
+        result = segment_file(model, images if len(images) > 1 else args.image, args.out, roi=roi, mirror=args.mirror,
+                              overlap=args.overlap, device=device, probabilities_path=args.probabilities,
+                              reporter=reporter, amp=args.amp, sw_batch_size=args.sw_batch_size)
+        counts = {name: int((result.labels == i).sum()) for i, name in enumerate(result.class_names) if i}
+        reporter.done(STAGE, path=str(Path(args.out)), seconds=round(result.seconds, 3), voxels=counts,
+                      message=f"wrote {args.out} ({result.seconds:.1f} s on {result.device})")
+
+    return run_command(args, STAGE, job)

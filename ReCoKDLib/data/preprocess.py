@@ -1,0 +1,412 @@
+"""nnU-Net-like preprocessing that can be undone exactly.
+
+The steps, in nnU-Net v2's order (``DefaultPreprocessor``):
+
+1. **Crop to the non-zero region** (:func:`nonzero_bbox`): the bounding box of voxels that are
+   non-zero in any channel, holes filled (``scipy.ndimage.binary_fill_holes``). CT volumes,
+   where air is -1000, are usually not cropped at all; skull-stripped MR volumes shrink a lot.
+2. **Normalise** (:func:`normalize_image`) with the scheme of the model card
+   (:func:`compute_normalization` makes it from training data):
+
+   * ``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}``: clip to the 0.5 / 99.5
+     percentiles of the foreground (label > 0) intensities of the training set, then subtract the
+     foreground mean and divide by the foreground standard deviation (nnU-Net's
+     ``CTNormalization``);
+   * ``{"scheme": "zscore"}``: per volume and channel, ``(x - mean) / std`` with mean and std over
+     the non-zero voxels (all voxels when none is zero);
+   * ``{"scheme": "none"}``: the intensities as they are, in float32.
+3. **Resample** to the target spacing with SimpleITK: images with 3rd-order B-splines (linear on
+   request), labels with nearest neighbour. The resampled grid covers exactly the field of view
+   of the cropped grid (its corners coincide), so its voxel size is the target spacing rounded to a
+   whole number of voxels, as in nnU-Net's ``compute_new_shape``. Axes whose spacing already
+   matches (within 1e-3 relative) are not resampled at all; when all match, nothing is.
+
+:class:`PreprocessedCase` keeps what is needed to go back: :func:`restore_to_original` resamples a
+label map (nearest) or class probabilities (linear) from the preprocessed grid onto the cropped
+part of the original grid and pads the rest, giving an array of exactly the original shape whose
+voxels are those of the original geometry.
+
+Axis order: arrays are ``(D, H, W)`` = ``(z, y, x)`` or channel-first ``(C, D, H, W)``; the target
+spacing is given in the same ``(D, H, W)`` order (mm), while :class:`~ReCoKDLib.data.io.Geometry`
+stores spacing/origin in SimpleITK's ``(x, y, z)`` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ReCoKDLib.data.io import Geometry, check_same_grid, require_3d
+
+__all__ = [
+    "PreprocessingError",
+    "PreprocessedCase",
+    "NORMALIZATION_SCHEMES",
+    "compute_normalization",
+    "normalize_image",
+    "nonzero_bbox",
+    "check_label_values",
+    "resampled_shape",
+    "preprocess_case",
+    "restore_to_original",
+    "as_channels",
+]
+
+NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
+
+#: per-case cap of foreground voxels sampled for the CT statistics (nnU-Net samples 10 000)
+_FOREGROUND_SAMPLES_PER_CASE = 10_000
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+class PreprocessingError(ValueError):
+    """Input that preprocessing cannot handle: bad normalisation, labels or target spacing."""
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def as_channels(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """``(D, H, W)`` -> ``(1, D, H, W)``; ``(C, D, H, W)`` unchanged; anything else is an error."""
+    image = np.asarray(image)
+    require_3d(image, name, allow_channels=True)
+    return image[None] if image.ndim == 3 else image
+
+
+def compute_normalization(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray] | None = None,
+    scheme: str = "ct",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Normalisation parameters for a model card (``ModelCard.normalization``).
+
+    Args:
+        images: training volumes ``(D, H, W)`` (or ``(C, D, H, W)``; CT statistics use channel 0).
+        labels: their label maps ``(D, H, W)``, same shapes; needed for ``"ct"``.
+        scheme: ``"ct"`` (dataset-wide foreground percentiles), ``"zscore"`` (per volume) or ``"none"``.
+        seed: seed of the foreground voxel subsampling (at most 10 000 voxels per case).
+
+    Returns:
+        ``{"scheme": "ct", "clip": [p0.5, p99.5], "mean": m, "std": s}``, ``{"scheme": "zscore"}``
+        or ``{"scheme": "none"}``.
+
+    Raises:
+        PreprocessingError: unknown scheme, missing/mismatched labels, or no foreground voxel at all.
+    """
+    if scheme not in NORMALIZATION_SCHEMES:
+        raise PreprocessingError(f"unknown normalization scheme {scheme!r}; choose one of {NORMALIZATION_SCHEMES}")
+    if scheme != "ct":
+        return {"scheme": scheme}
+    if labels is None or len(labels) != len(images) or not images:
+        raise PreprocessingError(
+            "CT normalisation needs one label map per image (foreground intensities); got "
+            f"{len(images)} images and {0 if labels is None else len(labels)} labels")
+    rng = np.random.default_rng(seed)
+    samples = []
+    for n, (image, label) in enumerate(zip(images, labels)):
+        image = as_channels(image, f"image {n}")[0]
+        label = np.asarray(label)
+        if label.shape != image.shape:
+            raise PreprocessingError(f"image {n} has shape {image.shape} but its label {label.shape}")
+        values = image[label > 0]
+        if values.size > _FOREGROUND_SAMPLES_PER_CASE:
+            values = rng.choice(values, _FOREGROUND_SAMPLES_PER_CASE, replace=False)
+        samples.append(values.astype(np.float64))
+    foreground = np.concatenate(samples)
+    if foreground.size == 0:
+        raise PreprocessingError("no foreground voxel (label > 0) in any case: cannot compute CT normalisation")
+    lo, hi = np.percentile(foreground, [0.5, 99.5])
+    return {
+        "scheme": "ct",
+        "clip": [float(lo), float(hi)],
+        "mean": float(foreground.mean()),
+        "std": float(max(foreground.std(), 1e-8)),
+    }
+
+
+def normalize_image(image: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
+    """Normalise a ``(C, D, H, W)`` image with a card's normalisation dict; returns float32."""
+    scheme = normalization.get("scheme") if isinstance(normalization, dict) else None
+    image = as_channels(image).astype(np.float32, copy=True)
+    if scheme == "none":
+        return image
+    if scheme == "ct":
+        try:
+            lo, hi = (float(v) for v in normalization["clip"])
+            mean, std = float(normalization["mean"]), float(normalization["std"])
+        except (KeyError, TypeError, ValueError):
+            raise PreprocessingError(
+                f"CT normalisation needs 'clip' [lo, hi], 'mean' and 'std'; got {normalization}") from None
+        np.clip(image, lo, hi, out=image)
+        image -= mean
+        image /= max(std, 1e-8)
+        return image
+    if scheme == "zscore":
+        for channel in image:
+            mask = channel != 0
+            values = channel[mask] if mask.any() else channel
+            channel -= values.mean()
+            channel /= max(float(values.std()), 1e-8)
+        return image
+    raise PreprocessingError(f"unknown normalization {normalization!r}; 'scheme' must be one of {NORMALIZATION_SCHEMES}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cropping and label checks
+
+
+def nonzero_bbox(image: np.ndarray) -> Box:
+    """Bounding box ``((d0, d1), (h0, h1), (w0, w1))`` (half-open) of the non-zero region of a
+    ``(C, D, H, W)`` or ``(D, H, W)`` image; the whole volume when it is all zero."""
+    from scipy import ndimage
+
+    image = as_channels(image)
+    mask = ndimage.binary_fill_holes(np.any(image != 0, axis=0))
+    found = ndimage.find_objects(mask.astype(np.uint8))
+    if not found or found[0] is None:
+        return tuple((0, s) for s in image.shape[1:])  # type: ignore[return-value]
+    return tuple((int(s.start), int(s.stop)) for s in found[0])  # type: ignore[return-value]
+
+
+def check_label_values(label: np.ndarray, num_classes: int | None, name: str = "label", allow_empty: bool = True) -> None:
+    """Raise :class:`PreprocessingError` if ``label`` holds values outside ``0..num_classes-1``
+    (not checked when ``num_classes`` is ``None``), or, with ``allow_empty=False``, no foreground."""
+    label = np.asarray(label)
+    if not allow_empty and not np.any(label > 0):
+        raise PreprocessingError(
+            f"{name} is empty (no voxel above 0): a training case needs labelled foreground; drop it or fix its label")
+    if num_classes is None:
+        return
+    if not np.issubdtype(label.dtype, np.integer) and not np.all(np.equal(np.mod(label, 1), 0)):
+        raise PreprocessingError(f"{name} holds non-integer values; a label map must hold class indices")
+    values = np.unique(label)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise PreprocessingError(
+            f"{name} holds label values {bad.tolist()[:10]} outside the model's classes 0..{num_classes - 1}; "
+            f"map them to known classes or train with more classes")
+
+
+# --------------------------------------------------------------------------------------------
+# Resampling (SimpleITK)
+
+
+def _spacing_dhw(geometry: Geometry) -> tuple[float, float, float]:
+    return tuple(reversed(geometry.spacing))  # type: ignore[return-value]
+
+
+def _same_spacing(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-3 * max(a, b)
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, int, int]:
+    """nnU-Net's new shape: ``round(shape * spacing / target_spacing)`` per axis, at least 1;
+    unchanged where the spacings already agree. All in ``(D, H, W)`` order."""
+    return tuple(  # type: ignore[return-value]
+        int(n) if _same_spacing(s, t) else max(1, int(round(n * s / t)))
+        for n, s, t in zip(shape, spacing, target_spacing)
+    )
+
+
+def _subgrid(geometry: Geometry, start_dhw: Sequence[int]) -> Geometry:
+    """Geometry of the grid that starts at voxel ``start_dhw`` of ``geometry`` (same spacing)."""
+    origin = geometry.index_to_physical(np.asarray(list(reversed(start_dhw)), float))[0]
+    return Geometry(geometry.spacing, tuple(origin), geometry.direction)
+
+
+def _resampled_geometry(geometry: Geometry, shape: Sequence[int], new_shape: Sequence[int]) -> Geometry:
+    """The grid of ``new_shape`` voxels covering the same field of view as ``geometry``/``shape``."""
+    old = np.asarray(geometry.spacing)
+    new = old * np.asarray(list(reversed(shape)), float) / np.asarray(list(reversed(new_shape)), float)
+    origin = np.asarray(geometry.origin) + geometry.direction_matrix @ ((new - old) / 2.0)
+    return Geometry(tuple(new), tuple(origin), geometry.direction)
+
+
+def _resample(array: np.ndarray, geometry: Geometry, ref: Geometry, ref_shape: Sequence[int], order: str) -> np.ndarray:
+    """Resample ``(D, H, W)`` ``array`` from ``geometry`` onto ``ref``/``ref_shape`` (world coordinates).
+
+    ``order``: ``"nearest"`` (dtype kept), ``"linear"`` or ``"bspline"`` (float32).
+    """
+    import SimpleITK as sitk
+
+    from ReCoKDLib.data.io import to_sitk
+
+    interp = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}[order]
+    source = to_sitk(array if order == "nearest" else np.asarray(array, np.float32), geometry)
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(s) for s in reversed(tuple(ref_shape))])
+    f.SetOutputSpacing(ref.spacing)
+    f.SetOutputOrigin(ref.origin)
+    f.SetOutputDirection(ref.direction)
+    f.SetInterpolator(interp)
+    f.SetDefaultPixelValue(0.0)
+    f.SetOutputPixelType(source.GetPixelID())
+    return sitk.GetArrayFromImage(f.Execute(source))
+
+
+# --------------------------------------------------------------------------------------------
+# The case
+
+
+@dataclass
+class PreprocessedCase:
+    """A case on the network's grid, with what is needed to go back to the original grid.
+
+    Attributes:
+        image: ``(C, D', H', W')`` float32, normalised, on the preprocessed grid.
+        label: ``(D', H', W')`` label map on the same grid (or ``None``).
+        geometry: world placement of the preprocessed grid (its spacing is the effective one).
+        original_shape: ``(D, H, W)`` of the input.
+        original_geometry: geometry of the input.
+        crop_box: ``((d0, d1), (h0, h1), (w0, w1))`` half-open box of the input that was kept.
+        resampled: whether any axis was resampled (``False``: the grid is the cropped input grid).
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    geometry: Geometry
+    original_shape: tuple[int, int, int]
+    original_geometry: Geometry
+    crop_box: Box
+    resampled: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(D', H', W')`` of the preprocessed grid."""
+        return tuple(self.image.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Effective voxel spacing of the preprocessed grid, ``(D, H, W)`` order, mm."""
+        return _spacing_dhw(self.geometry)
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in self.crop_box)  # type: ignore[return-value]
+
+    @property
+    def crop_geometry(self) -> Geometry:
+        """Geometry of the cropped part of the original grid."""
+        return _subgrid(self.original_geometry, [a for a, _ in self.crop_box])
+
+
+def preprocess_case(
+    image: np.ndarray,
+    geometry: Geometry,
+    target_spacing: Sequence[float] | None,
+    normalization: dict[str, Any],
+    label: np.ndarray | None = None,
+    crop_nonzero: bool = True,
+    *,
+    label_geometry: Geometry | None = None,
+    num_classes: int | None = None,
+    image_order: str = "bspline",
+    allow_empty_label: bool = True,
+) -> PreprocessedCase:
+    """Crop, normalise and resample one case (nnU-Net order); see the module docstring.
+
+    Args:
+        image: ``(D, H, W)`` or ``(C, D, H, W)``.
+        geometry: the image's geometry.
+        target_spacing: ``(D, H, W)`` mm (the model card's ``spacing``); ``None`` keeps the grid.
+        normalization: the model card's normalisation dict.
+        label: optional ``(D, H, W)`` label map on the image grid.
+        crop_nonzero: crop to the non-zero bounding box first.
+        label_geometry: the label's own geometry, checked against the image's when given.
+        num_classes: when given, label values must lie in ``0..num_classes-1``.
+        image_order: image interpolation, ``"bspline"`` (3rd order, default) or ``"linear"``.
+        allow_empty_label: ``False`` refuses a label without foreground (training cases).
+
+    Raises:
+        ImageDimensionError: 2D/4D input where 3D is expected. GeometryError: label grid differs.
+        PreprocessingError: bad spacing, normalisation or label values.
+    """
+    image = as_channels(image)
+    spatial = tuple(image.shape[1:])
+    if label is not None:
+        label = np.asarray(label)
+        require_3d(label, "label")
+        if label_geometry is not None:
+            check_same_grid(geometry, label_geometry, image.shape, label.shape)
+        elif label.shape != spatial:
+            raise PreprocessingError(
+                f"label shape {label.shape} differs from image shape (D, H, W) {spatial}; "
+                f"they must share one voxel grid")
+        check_label_values(label, num_classes, allow_empty=allow_empty_label)
+    if image_order not in ("bspline", "linear"):
+        raise PreprocessingError(f"image_order must be 'bspline' or 'linear'; got {image_order!r}")
+    if target_spacing is None:
+        target = _spacing_dhw(geometry)
+    else:
+        target = tuple(float(s) for s in target_spacing)
+        if len(target) != 3 or not all(np.isfinite(target)) or min(target) <= 0:
+            raise PreprocessingError(f"target spacing must be 3 positive numbers in (D, H, W) order; got {target_spacing}")
+
+    box: Box = nonzero_bbox(image) if crop_nonzero else tuple((0, s) for s in spatial)  # type: ignore[assignment]
+    region = tuple(slice(a, b) for a, b in box)
+    cropped = image[(slice(None),) + region]
+    cropped_label = label[region] if label is not None else None
+    crop_geometry = _subgrid(geometry, [a for a, _ in box])
+
+    normalized = normalize_image(cropped, normalization)
+
+    crop_shape = tuple(cropped.shape[1:])
+    new_shape = resampled_shape(crop_shape, _spacing_dhw(geometry), target)
+    resampled = new_shape != crop_shape
+    if resampled:
+        new_geometry = _resampled_geometry(crop_geometry, crop_shape, new_shape)
+        normalized = np.stack([_resample(c, crop_geometry, new_geometry, new_shape, image_order) for c in normalized])
+        if cropped_label is not None:
+            cropped_label = _resample(cropped_label, crop_geometry, new_geometry, new_shape, "nearest")
+    else:
+        new_geometry = crop_geometry
+    return PreprocessedCase(
+        image=np.ascontiguousarray(normalized, dtype=np.float32),
+        label=None if cropped_label is None else np.ascontiguousarray(cropped_label),
+        geometry=new_geometry,
+        original_shape=spatial,  # type: ignore[arg-type]
+        original_geometry=geometry,
+        crop_box=box,
+        resampled=resampled,
+        info={"target_spacing": list(target), "normalization": dict(normalization)},
+    )
+
+
+def restore_to_original(array: np.ndarray, preprocessed: PreprocessedCase, fill: str = "background") -> np.ndarray:
+    """Bring an array from the preprocessed grid back onto the exact original grid.
+
+    Args:
+        array: ``(D', H', W')`` label map (nearest-neighbour resampling, dtype kept) or
+            ``(K, D', H', W')`` class probabilities (linear resampling per channel, float32).
+        preprocessed: the :class:`PreprocessedCase` it was computed on.
+        fill: what goes outside the crop box: ``"background"`` (label 0; probability 1 for class
+            0 and 0 for the others) or ``"zero"`` (0 in every channel).
+
+    Returns:
+        ``(D, H, W)`` or ``(K, D, H, W)`` with ``(D, H, W) = preprocessed.original_shape``.
+    """
+    array = np.asarray(array)
+    if array.ndim not in (3, 4) or tuple(array.shape[-3:]) != preprocessed.shape:
+        raise PreprocessingError(
+            f"expected an array of shape (D', H', W') or (K, D', H', W') with (D', H', W') = {preprocessed.shape}; "
+            f"got {array.shape}")
+    if fill not in ("background", "zero"):
+        raise PreprocessingError(f"fill must be 'background' or 'zero'; got {fill!r}")
+    channels = array if array.ndim == 4 else array[None]
+    crop_shape = preprocessed.crop_shape
+    if preprocessed.resampled:
+        order = "nearest" if array.ndim == 3 else "linear"
+        channels = np.stack([
+            _resample(c, preprocessed.geometry, preprocessed.crop_geometry, crop_shape, order) for c in channels
+        ])
+    out = np.zeros((channels.shape[0],) + tuple(preprocessed.original_shape), dtype=channels.dtype)
+    if array.ndim == 4 and fill == "background":
+        out[0] = 1
+    out[(slice(None),) + tuple(slice(a, b) for a, b in preprocessed.crop_box)] = channels
+    return out if array.ndim == 4 else out[0]

@@ -1,0 +1,477 @@
+"""Segmentation with exact geometry: sliding window (MONAI), test-time mirroring, regions of interest.
+
+The way of a volume::
+
+    image (D, H, W) + Geometry ──preprocess_case──> (C, D', H', W') on the card's spacing
+        ──predict_logits (Gaussian sliding window, optional mirroring)──> (K, D', H', W') logits
+        ──softmax, restore_to_original (linear)──> (K, D, H, W) ──argmax──> labels on the input grid
+
+The output label map has exactly the input's shape, spacing, origin and direction (oblique
+directions included): it is computed on the input's own voxels, never re-oriented.
+
+**Regions of interest.** :class:`ROI` is a box in voxel indices (``"ijk"``) or in world millimetres
+(``"ras"`` as in Slicer, or ``"lps"`` as in DICOM/ITK). Only the sliding windows that touch the
+box (grown by 2 voxels of the preprocessed grid, the support of the linear resampling back) are
+run; the context margin is therefore the rest of those windows, at most one patch beyond the box
+on each side. The window positions are the ones a whole-volume run would use (the computed region
+starts and ends on window boundaries of the whole-volume window grid), so every voxel of the box
+receives the same windows, the same Gaussian weights, in the same order as in a whole-volume run:
+inside the box the result equals full inference (up to the batching of windows, ``sw_batch_size``,
+which can change the last bits of a convolution). Outside the box the output is background
+(label 0; probability 1 for class 0). Normalisation and resampling always see the whole volume, so
+per-volume statistics (z-score) do not depend on the box.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ReCoKDLib.data.io import Geometry, require_3d
+from ReCoKDLib.data.preprocess import PreprocessedCase, as_channels, preprocess_case, restore_to_original
+
+__all__ = [
+    "InferenceError",
+    "ROI",
+    "SegmentationResult",
+    "resolve_device",
+    "network_logits",
+    "predict_logits",
+    "window_starts",
+    "window_aligned_box",
+    "segment_volume",
+    "segment_array",
+    "segment_file",
+]
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+#: preprocessed-grid voxels added around the ROI before choosing windows (linear resampling support)
+ROI_RESAMPLING_MARGIN = 2
+
+
+class InferenceError(ValueError):
+    """Segmentation cannot run on this input (shapes, ROI, classes, device)."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InferenceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"device {device!r} asked for but CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------
+# The functional core: logits of one volume
+
+
+def network_logits(output: Any) -> Tensor:
+    """The full-resolution logits ``(B, K, D, H, W)`` of a network output.
+
+    Accepts a tensor, MONAI ``DynUNet``'s stacked training output ``(B, 1 + S, K, D, H, W)``, or a
+    tuple/list/dict whose first element is the full-resolution output (deep supervision).
+    """
+    if isinstance(output, dict) and output:
+        output = next(iter(output.values()))
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, Tensor):
+        raise InferenceError(f"the network returned {type(output).__name__}; expected a tensor of logits")
+    if output.dim() == 6:
+        output = output[:, 0]
+    if output.dim() != 5:
+        raise InferenceError(f"expected network logits of shape (B, K, D, H, W); got {tuple(output.shape)}")
+    return output
+
+
+def _mirror_sets(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    axes = tuple(sorted(set(int(a) for a in mirror_axes)))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise InferenceError(f"mirror axes are spatial axes 0 (D), 1 (H), 2 (W); got {tuple(mirror_axes)}")
+    return [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+
+def predict_logits(
+    network: nn.Module,
+    image: Tensor,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    mirror_axes: Sequence[int] = (),
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    sw_batch_size: int = 1,
+    progress_callback=None,
+) -> Tensor:
+    """Whole-volume logits by Gaussian-weighted sliding window (MONAI ``sliding_window_inference``).
+
+    Args:
+        network: maps ``(B, C, *patch_size)`` to ``(B, K, *patch_size)`` logits; run in eval mode, and
+            given back in the mode it came in (training loops validate with it).
+        image: ``(C, D, H, W)`` preprocessed volume (any device; windows are moved to ``device``).
+        patch_size: window ``(D, H, W)`` in voxels; volumes smaller than it are padded by MONAI.
+        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``.
+        mirror_axes: spatial axes (0 = D, 1 = H, 2 = W) for test-time mirroring: the logits are
+            averaged over every combination of flips of these axes (2**n passes, as nnU-Net).
+        device: where the network runs (default: the device of its parameters).
+        amp: autocast (bf16 on CPU, fp16/bf16 on CUDA) for the forward passes.
+        sw_batch_size: windows per forward pass.
+        progress_callback: called as ``callback(done, total)`` after each batch of windows.
+
+    Returns:
+        ``(K, D, H, W)`` float32 logits on the CPU, aggregated there (window outputs only live on
+        ``device``), without gradient.
+    """
+    if not isinstance(image, Tensor) or image.dim() != 4:
+        raise InferenceError(f"predict_logits needs a (C, D, H, W) tensor; got "
+                             f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}")
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise InferenceError(f"patch_size must be 3 positive ints (D, H, W); got {tuple(patch_size)}")
+    if not 0 <= overlap < 1:
+        raise InferenceError(f"overlap must be in [0, 1); got {overlap}")
+    from monai.inferers import sliding_window_inference
+
+    if device is None:
+        param = next(iter(network.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    flips = _mirror_sets(mirror_axes)
+    was_training = network.training
+    network.eval()
+    total = len(window_starts(image.shape[1], patch[0], overlap)) * len(window_starts(image.shape[2], patch[1], overlap)) \
+        * len(window_starts(image.shape[3], patch[2], overlap))
+    total = -(-total // max(1, sw_batch_size))
+    done = [0]
+
+    def predictor(batch: Tensor) -> Tensor:
+        out = None
+        with torch.autocast(device.type, enabled=amp):
+            for axes in flips:
+                dims = [a + 2 for a in axes]
+                x = torch.flip(batch, dims) if dims else batch
+                y = network_logits(network(x)).float()
+                y = torch.flip(y, dims) if dims else y
+                out = y if out is None else out + y
+        done[0] += 1
+        if progress_callback is not None:
+            progress_callback(done[0], total)
+        return out / len(flips)
+
+    try:
+        with torch.no_grad():
+            logits = sliding_window_inference(
+                image[None].float(), roi_size=patch, sw_batch_size=sw_batch_size, predictor=predictor,
+                overlap=overlap, mode="gaussian", sw_device=device, device=torch.device("cpu"),
+            )
+    finally:
+        network.train(was_training)
+    return torch.as_tensor(logits)[0].float()
+
+
+# --------------------------------------------------------------------------------------------
+# Window geometry (for regions of interest)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of the windows along one axis, exactly as MONAI's sliding window places them.
+
+    The interval is ``int(patch * (1 - overlap))`` (at least 1; ``patch`` when ``size == patch``);
+    windows start at multiples of it until one reaches the end, and the last one is shifted back to
+    end at ``size``. A ``size`` smaller than ``patch`` gives one (padded) window at 0.
+    """
+    if size <= patch:
+        return [0]
+    interval = max(1, int(patch * (1 - overlap)))
+    starts, k = [], 0
+    while True:
+        start = k * interval
+        if start + patch >= size:
+            starts.append(size - patch)
+            return starts
+        starts.append(start)
+        k += 1
+
+
+def window_aligned_box(shape: Sequence[int], box: Box, patch_size: Sequence[int], overlap: float) -> Box:
+    """The smallest region, starting and ending on window boundaries of the whole-volume window grid,
+    that holds every window touching ``box``. Sliding windows run on that region are exactly the
+    whole-volume windows that touch ``box`` (see the module docstring)."""
+    out = []
+    for size, (lo, hi), patch in zip(shape, box, patch_size):
+        starts = window_starts(int(size), int(patch), overlap)
+        touching = [s for s in starts if s < hi and s + patch > lo]
+        if size <= patch or not touching:
+            out.append((0, int(size)))
+            continue
+        out.append((min(touching), min(int(size), max(touching) + int(patch))))
+    return tuple(out)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Regions of interest
+
+
+@dataclass(frozen=True)
+class ROI:
+    """A box to segment.
+
+    Attributes:
+        start, stop: for ``space="ijk"``, voxel indices ``(i, j, k)``, half-open (``stop`` excluded);
+            for ``"ras"``/``"lps"``, two opposite corners in mm of a world-axis-aligned box; the
+            voxel box is the smallest one holding every voxel centre inside it (for an oblique
+            image it also holds some voxels just outside the world box).
+        space: ``"ijk"``, ``"ras"`` or ``"lps"``.
+    """
+
+    start: tuple[float, float, float]
+    stop: tuple[float, float, float]
+    space: str = "ijk"
+
+    def __post_init__(self) -> None:
+        if self.space not in ("ijk", "ras", "lps"):
+            raise InferenceError(f"ROI space must be 'ijk', 'ras' or 'lps'; got {self.space!r}")
+        if len(tuple(self.start)) != 3 or len(tuple(self.stop)) != 3:
+            raise InferenceError(f"an ROI needs 3 start and 3 stop values; got {self.start} and {self.stop}")
+
+    @classmethod
+    def parse(cls, values: Sequence[float], space: str = "ijk") -> "ROI":
+        """From 6 numbers ``x0 y0 z0 x1 y1 z1`` (``i0 j0 k0 i1 j1 k1`` for voxels)."""
+        values = [float(v) for v in values]
+        if len(values) != 6:
+            raise InferenceError(f"an ROI is 6 numbers (x0 y0 z0 x1 y1 z1); got {len(values)}")
+        return cls(tuple(values[:3]), tuple(values[3:]), space)  # type: ignore[arg-type]
+
+    def voxel_box(self, geometry: Geometry, shape: Sequence[int]) -> Box:
+        """The half-open ``((k0, k1), (j0, j1), (i0, i1))`` box in array ``(D, H, W)`` order, clipped."""
+        shape_ijk = np.asarray(list(reversed(tuple(shape)[-3:])))
+        if self.space == "ijk":
+            lo = np.asarray(self.start, float)
+            hi = np.asarray(self.stop, float)
+            if np.any(lo != np.round(lo)) or np.any(hi != np.round(hi)):
+                raise InferenceError(f"a voxel ROI needs whole indices; got {self.start} - {self.stop}")
+            lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+        else:
+            a, b = np.asarray(self.start, float), np.asarray(self.stop, float)
+            corners = np.array([[(a, b)[n][0], (a, b)[m][1], (a, b)[p][2]] for n in (0, 1) for m in (0, 1) for p in (0, 1)])
+            if self.space == "ras":
+                corners = corners * np.array([-1.0, -1.0, 1.0])
+            index = geometry.physical_to_index(corners)
+            lo = np.ceil(index.min(axis=0) - 1e-6)
+            hi = np.floor(index.max(axis=0) + 1e-6) + 1
+        lo = np.clip(lo, 0, shape_ijk).astype(int)
+        hi = np.clip(hi, 0, shape_ijk).astype(int)
+        if np.any(hi <= lo):
+            raise InferenceError(
+                f"the ROI {self.start} - {self.stop} ({self.space}) holds no voxel of the image "
+                f"(size i, j, k = {tuple(shape_ijk.tolist())})")
+        return tuple((int(lo[n]), int(hi[n])) for n in (2, 1, 0))  # type: ignore[return-value]
+
+
+def _box_on_preprocessed(box: Box, pre: PreprocessedCase, margin: int) -> Box:
+    """Map an original-grid voxel box onto the preprocessed grid (through world coordinates)."""
+    edges = [(lo - 0.5, hi - 0.5) for lo, hi in box]  # voxel edges, (D, H, W)
+    corners_dhw = np.array([[d, h, w] for d in edges[0] for h in edges[1] for w in edges[2]])
+    world = pre.original_geometry.index_to_physical(corners_dhw[:, ::-1])
+    index = pre.geometry.physical_to_index(world)[:, ::-1]  # back to (D, H, W)
+    lo = np.floor(index.min(axis=0) + 0.5).astype(int) - margin
+    hi = np.ceil(index.max(axis=0) + 0.5).astype(int) + margin
+    return tuple((int(max(0, a)), int(min(s, b))) for a, b, s in zip(lo, hi, pre.shape))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Volumes
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment_volume` returns.
+
+    Attributes:
+        labels: ``(D, H, W)`` uint8 (uint16 above 255 classes) on the exact input grid.
+        probabilities: ``(K, D, H, W)`` float32 class probabilities, or ``None``.
+        geometry: the input geometry (also that of ``labels``).
+        class_names: the card's classes, index = label value.
+        seconds: wall time of the whole call.
+        roi_box: the computed box ``((k0, k1), (j0, j1), (i0, i1))`` on the input grid, or ``None``.
+        device: where the network ran.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    geometry: Geometry
+    class_names: list[str]
+    seconds: float
+    roi_box: Box | None = None
+    device: str = "cpu"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _label_dtype(num_classes: int):
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
+def segment_volume(
+    model,
+    image: np.ndarray,
+    geometry: Geometry,
+    roi: ROI | None = None,
+    mirror: bool | Sequence[int] = False,
+    overlap: float = 0.5,
+    device: str | torch.device | None = "auto",
+    return_probabilities: bool = False,
+    reporter=None,
+    *,
+    amp: bool = False,
+    sw_batch_size: int = 1,
+) -> SegmentationResult:
+    """Segment one volume with a :class:`~ReCoKDLib.teachers.LoadedModel`.
+
+    Args:
+        model: a ``LoadedModel`` (``network`` + ``card``).
+        image: ``(D, H, W)`` or ``(C, D, H, W)`` in (k, j, i) order, raw intensities.
+        geometry: its geometry (the output's).
+        roi: optional :class:`ROI`; only windows touching it run, background outside it.
+        mirror: ``True`` for mirroring on all three axes, or a tuple of axes (0 = D, 1 = H, 2 = W).
+        overlap: sliding-window overlap in ``[0, 1)``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda[:i]"``; the network is moved there.
+        return_probabilities: also return ``(K, D, H, W)`` probabilities.
+        reporter: a :class:`~ReCoKDLib.progress.Reporter` (stage ``"segment"``).
+
+    Raises:
+        ImageDimensionError: not a 3D volume. InferenceError: wrong channel count, empty ROI, or a
+        network whose output channels do not match the card's classes.
+    """
+    t0 = time.perf_counter()
+    card = model.card
+    image = as_channels(image)
+    if image.shape[0] != card.in_channels:
+        raise InferenceError(f"the model expects {card.in_channels} image channel(s); got {image.shape[0]} "
+                             f"(image shape {image.shape})")
+    dev = resolve_device(device)
+    network = model.network.to(dev).eval()
+    mirror_axes = (0, 1, 2) if mirror is True else (() if mirror is False else tuple(mirror))
+    if reporter is not None:
+        reporter.start("segment", total=None, message="preprocessing")
+
+    pre = preprocess_case(image, geometry, card.spacing, card.normalization)
+    roi_box = roi.voxel_box(geometry, image.shape) if roi is not None else None
+    region = ((0, pre.shape[0]), (0, pre.shape[1]), (0, pre.shape[2]))
+    if roi_box is not None:
+        target = _box_on_preprocessed(roi_box, pre, ROI_RESAMPLING_MARGIN)
+        if any(b <= a for a, b in target):
+            target = region  # the ROI lies outside the non-zero crop: nothing to compute there
+            region = None
+        else:
+            region = window_aligned_box(pre.shape, target, card.patch_size, overlap)
+
+    callback = None
+    if reporter is not None:
+        def callback(done: int, total: int) -> None:
+            reporter.progress("segment", done, total)
+
+    k = card.num_classes
+    probs = np.zeros((k,) + pre.shape, np.float32)
+    probs[0] = 1.0
+    if region is not None:
+        sl = tuple(slice(a, b) for a, b in region)
+        crop = torch.from_numpy(np.ascontiguousarray(pre.image[(slice(None),) + sl]))
+        logits = predict_logits(network, crop, card.patch_size, overlap, mirror_axes, dev, amp, sw_batch_size, callback)
+        if logits.shape[0] != k:
+            raise InferenceError(
+                f"the network outputs {logits.shape[0]} channels but its card names {k} classes {card.classes}")
+        probs[(slice(None),) + sl] = torch.softmax(logits, dim=0).numpy()
+    full = restore_to_original(probs, pre)
+    labels = np.argmax(full, axis=0).astype(_label_dtype(k))
+    if roi_box is not None:
+        inside = np.zeros(labels.shape, bool)
+        inside[tuple(slice(a, b) for a, b in roi_box)] = True
+        labels[~inside] = 0
+        if return_probabilities:
+            full[:, ~inside] = 0.0
+            full[0, ~inside] = 1.0
+    seconds = time.perf_counter() - t0
+    if reporter is not None:
+        reporter.log("segment", f"segmented {image.shape[1:]} in {seconds:.1f} s on {dev}")
+    return SegmentationResult(
+        labels=labels, probabilities=full if return_probabilities else None, geometry=geometry,
+        class_names=list(card.classes), seconds=seconds, roi_box=roi_box, device=str(dev),
+        info={"preprocessed_shape": pre.shape, "computed_region": region, "mirror_axes": mirror_axes},
+    )
+
+
+def segment_array(
+    model,
+    array: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    roi: ROI | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Segment a Slicer volume array: ``array`` in ``arrayFromVolume`` order ``(k, j, i)``, its 4x4
+    IJK-to-RAS matrix. Returns the ``(k, j, i)`` label map (same shape); ``kwargs`` go to
+    :func:`segment_volume`."""
+    array = np.asarray(array)
+    require_3d(array, "volume array", allow_channels=True)
+    geometry = Geometry.from_ijk_to_ras(ijk_to_ras, array.shape[-3:])
+    return segment_volume(model, array, geometry, roi=roi, **kwargs).labels
+
+
+def segment_file(
+    model,
+    image_path: str | os.PathLike | Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    roi: ROI | None = None,
+    mirror: bool | Sequence[int] = False,
+    overlap: float = 0.5,
+    device: str | torch.device | None = "auto",
+    probabilities_path: str | os.PathLike | None = None,
+    reporter=None,
+    **kwargs: Any,
+) -> SegmentationResult:
+    """Segment an image file (or one file per channel) and write the label map on its exact grid.
+
+    Args:
+        model: a model path (see :func:`ReCoKDLib.teachers.load_model`) or a ``LoadedModel``.
+        image_path: NIfTI/NRRD/MHA file or DICOM folder, or a list of them (one per channel).
+        out_path: label map file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``).
+        probabilities_path: optional ``(K, D, H, W)`` float32 probability image (vector pixels).
+    """
+    from ReCoKDLib.data.io import check_same_grid, read_image, write_image
+    from ReCoKDLib.teachers import LoadedModel, load_model
+
+    from ReCoKDLib.data.io import ImageReadError, image_suffix
+
+    for target in (out_path, probabilities_path):
+        if target is not None and image_suffix(target) not in (".nii.gz", ".nii", ".nrrd", ".mha"):
+            raise ImageReadError(f"cannot write {target}: use one of .nii.gz, .nii, .nrrd, .mha (single-file formats)")
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, device="cpu")
+    paths = [image_path] if isinstance(image_path, (str, os.PathLike)) else list(image_path)
+    arrays, geometry = [], None
+    for path in paths:
+        array, geo = read_image(path)
+        if geometry is not None:
+            check_same_grid(geometry, geo, arrays[0].shape, array.shape, str(paths[0]), str(path))
+        geometry = geometry or geo
+        arrays.append(as_channels(array, str(path)))
+    image = np.concatenate(arrays, axis=0)
+    result = segment_volume(model, image, geometry, roi=roi, mirror=mirror, overlap=overlap, device=device,
+                            return_probabilities=probabilities_path is not None, reporter=reporter, **kwargs)
+    write_image(result.labels, geometry, out_path)
+    if probabilities_path is not None:
+        write_image(result.probabilities.astype(np.float32), geometry, probabilities_path)
+    result.info["out_path"] = str(Path(out_path))
+    return result
