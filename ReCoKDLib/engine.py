@@ -861,7 +861,7 @@ def _finish_dist(dist_ctx: _Dist) -> None:
 
 
 def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathLike, reporter: Reporter | None = None,
-                  resume: bool = False) -> TrainResult:
+                  resume: bool = False, role: str = "teacher") -> TrainResult:
     """Train the built-in 3D U-Net (``config.network``, default ``preset("nnunet")``) with Dice + CE.
 
     Args:
@@ -870,6 +870,8 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
         out_dir: folder of ``checkpoint.pt``, ``model_best.pt``, ``model_last.pt``, ``history.json``.
         reporter: progress events (stages ``train-teacher`` and ``validate``).
         resume: continue the run in ``out_dir`` exactly where it stopped.
+        role: the model card's role: ``"teacher"``, or ``"student"`` for a student trained
+            without distillation (the baseline distillation is compared with).
 
     Returns:
         :class:`TrainResult`.
@@ -886,7 +888,7 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
         card = ckpt.ModelCard(
             architecture={"kind": "dynunet", "config": net_config.to_dict()},
             classes=list(dataset.class_names), spacing=list(dataset.spacing), normalization=dict(dataset.normalization),
-            patch_size=list(config.patch_size), in_channels=dataset.in_channels, role="teacher",
+            patch_size=list(config.patch_size), in_channels=dataset.in_channels, role=role,
             tap_names=encoder_tap_names(net_config),
             provenance={"versions": _versions(), "train_config": config.to_dict(),
                         "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes},

@@ -159,7 +159,9 @@ class TerminalReporter(Reporter):
             bar.n = record.get("step", bar.n)
             losses = record.get("losses") or {}
             if losses:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if isinstance(v, (int, float))}, refresh=False)
+                # The bar shows the top-level losses; per-method and per-level terms ("a/b") stay in JSON lines.
+                shown = {k: f"{v:.4g}" for k, v in losses.items() if isinstance(v, (int, float)) and "/" not in k}
+                bar.set_postfix(shown, refresh=False)
             bar.refresh()
         elif event in ("log", "warning", "error", "metrics", "checkpoint", "done"):
             text = record.get("message") or ""

@@ -71,6 +71,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("teacher and student")
     t.add_argument("--teacher-entry-point", metavar="PKG.MODULE:FACTORY",
                    help="build the teacher architecture with this factory and load TEACHER as its state dict")
+    t.add_argument("--teacher-kwargs", metavar="JSON", type=_json_object, default=None,
+                   help="keyword arguments of --teacher-entry-point, as a JSON object or a JSON file")
     t.add_argument("--teacher-card", metavar="JSON",
                    help="model card of a TorchScript / entry-point teacher (classes, spacing, normalisation, patch)")
     t.add_argument("--reduction", type=int, choices=(1, 2, 4, 8), default=4,
@@ -95,6 +97,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object given inline or as a file (argparse type)."""
+    path = Path(text)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not a JSON object or JSON file: {exc}") from None
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"spatial_dims\": 3}'")
+    return data
+
+
 def _json_arg(text: str) -> dict[str, Any]:
     path = Path(text)
     data = json.loads(path.read_text()) if path.is_file() else json.loads(text)
@@ -109,7 +123,8 @@ def _load_teacher(args: argparse.Namespace):
     from ReCoKDLib.checkpoint import sha256_file
     from ReCoKDLib.teachers import load_model
 
-    loaded = load_model(args.teacher, "cpu", entry_point=args.teacher_entry_point, card=args.teacher_card)
+    loaded = load_model(args.teacher, "cpu", entry_point=args.teacher_entry_point, kwargs=args.teacher_kwargs,
+                        card=args.teacher_card)
     return SimpleNamespace(network=loaded.network, card=loaded.card, sha256=sha256_file(args.teacher))
 
 
