@@ -123,6 +123,16 @@ class FeatureAdapter(nn.Module):
         else:
             self.proj = nn.Identity()
 
+    def pointwise_projection(self) -> tuple[Tensor, Tensor | None] | None:
+        """``(weight (C_t, C_s), bias (C_t,))`` of the 1x1x1 projection, or ``None`` for the identity.
+
+        Lets a loss fold the adapter into its own chunked computation (the gradients still reach
+        these parameters). Valid only where no resizing happens (equal spatial sizes).
+        """
+        if isinstance(self.proj, nn.Identity):
+            return None
+        return self.proj.weight.view(self.teacher_channels, self.student_channels), self.proj.bias
+
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         if x.shape[1] != self.student_channels:
             raise TapError(f"adapter expects {self.student_channels} student channels, got {tuple(x.shape)}")
@@ -230,5 +240,6 @@ class DistillationPair(nn.Module):
             num_classes=int(num_classes if num_classes is not None else t_logits.shape[1]),
             raw_student_features=s_feats,
             regions=regions,
+            student_adapters=list(self.adapters),
         )
         return s_out, batch

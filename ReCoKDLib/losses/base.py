@@ -38,6 +38,9 @@ class KDBatch:
         raw_student_features: per level, the student's own features before the adapters
             ``(B, C^S_l, D^S_l, H^S_l, W^S_l)``; ``None`` when not captured.
         regions: labels are multi-channel region maps (BraTS-style) instead of class ids.
+        student_adapters: per level, the module that mapped ``raw_student_features[l]`` to
+            ``student_features[l]`` (the taps' adapters), or ``None``. Losses may use it to fold
+            a pointwise adapter into their own computation instead of reading the adapted tensor.
     """
 
     teacher_features: list[Tensor] = field(default_factory=list)
@@ -48,6 +51,7 @@ class KDBatch:
     num_classes: int = 2
     raw_student_features: list[Tensor] | None = None
     regions: bool = False
+    student_adapters: list | None = None
 
     @property
     def num_levels(self) -> int:
