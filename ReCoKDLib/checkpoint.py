@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import pickle
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 MODEL_FORMAT = "recokd-model"
 MODEL_FORMAT_VERSION = 1
@@ -39,15 +40,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> Path:
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` (``os.replace``).
+
+    On any error the temporary file is removed and ``path`` is left as it was, so readers only
+    ever see the old file or the complete new one. ``suffix`` keeps the extension for writers
+    that choose the format from it (``.nii.gz``, ``.nrrd``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -55,7 +61,14 @@ def _atomic_write(path: Path, write) -> Path:
         except FileNotFoundError:
             pass
         raise
-    return path
+
+
+def _atomic_write(path: Path, write) -> Path:
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

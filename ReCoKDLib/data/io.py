@@ -19,12 +19,13 @@ crash never leaves half a file under the final name.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ReCoKDLib.checkpoint import atomic_output
 
 __all__ = [
     "Geometry",
@@ -299,19 +300,9 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     if not suffix or suffix in (".nhdr", ".mhd"):
         raise ImageReadError(
             f"cannot write {path}: use one of .nii.gz, .nii, .nrrd, .mha (single-file formats)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(array, geometry)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(suffix)]}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=compress and suffix != ".nii")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path, suffix=f".tmp{suffix}") as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress and suffix != ".nii")
     return path
 
 
