@@ -149,3 +149,66 @@ def test_multichannel_image(case):
     pre = preprocess_case(two, geometry, (1.5, 1.0, 1.2), {"scheme": "zscore"}, label=label)
     assert pre.image.shape == (2,) + pre.shape
     np.testing.assert_allclose(pre.image[0], pre.image[1], atol=1e-4)  # z-score is per channel
+
+
+def _mirrored_storage(array, geometry, flip_axes_dhw):
+    """The same voxels stored with flipped axes: array flipped, direction and origin adjusted."""
+    import numpy as np
+
+    from ReCoKDLib.data.io import Geometry
+
+    flipped = np.flip(array, axis=flip_axes_dhw).copy()
+    direction = geometry.direction_matrix.copy()
+    corner_index = [0, 0, 0]  # (i, j, k)
+    for axis_dhw in flip_axes_dhw:
+        n = 2 - axis_dhw  # sitk index axis of this array axis
+        direction[:, n] *= -1
+        corner_index[n] = array.shape[axis_dhw] - 1
+    origin = geometry.index_to_physical(np.asarray([corner_index], float))[0]
+    return flipped, Geometry(geometry.spacing, tuple(origin), tuple(direction.ravel()))
+
+
+def test_cases_stored_mirrored_reach_the_network_identically_and_restore_exactly():
+    """S1 and S3 of the CT sample data are stored mirrored in x and y; reorientation to LPS makes
+    the network see both the same way round, and restore_to_original undoes it exactly."""
+    import numpy as np
+
+    from ReCoKDLib.data.io import Geometry
+    from ReCoKDLib.data.preprocess import CANONICAL_ORIENTATION, preprocess_case, restore_to_original
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(6, 7, 8)).astype(np.float32) + 5
+    label = rng.integers(0, 3, size=(6, 7, 8)).astype(np.uint8)
+    lps = Geometry(spacing=(1.0, 1.5, 2.0), origin=(10.0, -5.0, 3.0))
+    mirrored_image, ras = _mirrored_storage(image, lps, (1, 2))  # flip y (H) and x (W)
+    mirrored_label, _ = _mirrored_storage(label, lps, (1, 2))
+    assert ras.orientation_code() == "RAS"
+
+    norm = {"scheme": "none"}
+    a = preprocess_case(image, lps, (2.0, 1.5, 1.0), norm, label=label, crop_nonzero=False)
+    b = preprocess_case(mirrored_image, ras, (2.0, 1.5, 1.0), norm, label=mirrored_label, crop_nonzero=False)
+    assert b.oriented_geometry.orientation_code() == CANONICAL_ORIENTATION
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_allclose(a.geometry.origin, b.geometry.origin, atol=1e-6)
+
+    restored = restore_to_original(b.label, b)
+    np.testing.assert_array_equal(restored, mirrored_label)
+    probs = np.stack([(b.label == k).astype(np.float32) for k in range(3)])
+    np.testing.assert_array_equal(restore_to_original(probs, b).argmax(0), mirrored_label)
+
+
+def test_sagittal_storage_is_permuted_to_axial_and_back():
+    import numpy as np
+
+    from ReCoKDLib.data.io import Geometry
+    from ReCoKDLib.data.preprocess import preprocess_case, restore_to_original
+
+    label = np.arange(4 * 5 * 6, dtype=np.int32).reshape(4, 5, 6) % 7
+    # +i -> posterior, +j -> superior, +k -> left: a sagittal acquisition ("PSL")
+    sagittal = Geometry(spacing=(1.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0), direction=(0, 0, 1, 1, 0, 0, 0, 1, 0))
+    assert sagittal.orientation_code() == "PSL"
+    pre = preprocess_case(label.astype(np.float32), sagittal, None, {"scheme": "none"}, label=label, crop_nonzero=False)
+    assert pre.oriented_geometry.orientation_code() == "LPS"
+    assert pre.shape == (5, 6, 4)  # (S, P, L) axes from (L, S, P) storage
+    np.testing.assert_array_equal(restore_to_original(pre.label, pre), label)

@@ -1,7 +1,12 @@
 """nnU-Net-like preprocessing that can be undone exactly.
 
-The steps, in nnU-Net v2's order (``DefaultPreprocessor``):
+The steps, in nnU-Net v2's order (``DefaultPreprocessor``), after one of ours:
 
+0. **Reorient** to the canonical axis order :data:`CANONICAL_ORIENTATION` (``"LPS"``: +i to the
+   patient's left, +j posterior, +k superior) with SimpleITK's ``DICOMOrient``, a pure
+   permutation/flip of the voxel axes. Scans of one anatomy stored with different direction
+   matrices (the TotalSegmentator scans S1 and S3 are mirrored in x and y against each other)
+   then reach the network the same way round; nnU-Net instead assumes a consistent dataset.
 1. **Crop to the non-zero region** (:func:`nonzero_bbox`): the bounding box of voxels that are
    non-zero in any channel, holes filled (``scipy.ndimage.binary_fill_holes``). CT volumes,
    where air is -1000, are usually not cropped at all; skull-stripped MR volumes shrink a lot.
@@ -23,8 +28,8 @@ The steps, in nnU-Net v2's order (``DefaultPreprocessor``):
 
 :class:`PreprocessedCase` keeps what is needed to go back: :func:`restore_to_original` resamples a
 label map (nearest) or class probabilities (linear) from the preprocessed grid onto the cropped
-part of the original grid and pads the rest, giving an array of exactly the original shape whose
-voxels are those of the original geometry.
+part of the (reoriented) input grid, pads the rest and undoes the reorientation, giving an array
+of exactly the original shape whose voxels are those of the original geometry.
 
 Axis order: arrays are ``(D, H, W)`` = ``(z, y, x)`` or channel-first ``(C, D, H, W)``; the target
 spacing is given in the same ``(D, H, W)`` order (mm), while :class:`~ReCoKDLib.data.io.Geometry`
@@ -52,6 +57,8 @@ __all__ = [
     "preprocess_case",
     "restore_to_original",
     "as_channels",
+    "reorient",
+    "CANONICAL_ORIENTATION",
 ]
 
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
@@ -60,6 +67,13 @@ NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
 _FOREGROUND_SAMPLES_PER_CASE = 10_000
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+#: the voxel-axis orientation every case is brought to before cropping and resampling
+CANONICAL_ORIENTATION = "LPS"
+
+#: bumped whenever preprocessing changes its output; part of the training cache key
+#: (2: reorientation to CANONICAL_ORIENTATION)
+PREPROCESSING_VERSION = 2
 
 
 class PreprocessingError(ValueError):
@@ -249,6 +263,28 @@ def _resample(array: np.ndarray, geometry: Geometry, ref: Geometry, ref_shape: S
     return sitk.GetArrayFromImage(f.Execute(source))
 
 
+def reorient(array: np.ndarray, geometry: Geometry, orientation: str) -> tuple[np.ndarray, Geometry]:
+    """Permute/flip the voxel axes of ``array`` ``(D, H, W)`` or ``(C, D, H, W)`` to ``orientation``.
+
+    Uses SimpleITK's ``DICOMOrient`` (closest axes for oblique directions); the voxels and their
+    world positions are unchanged, only their order. Returns the array and its new geometry;
+    ``reorient(*reorient(a, g, "LPS"), g.orientation_code())`` gives back ``(a, g)`` exactly.
+    """
+    import SimpleITK as sitk
+
+    from ReCoKDLib.data.io import from_sitk, to_sitk
+
+    if geometry.orientation_code() == orientation:
+        return array, geometry
+    channels = array if array.ndim == 4 else array[None]
+    out, new_geometry = [], geometry
+    for channel in channels:
+        oriented, new_geometry = from_sitk(sitk.DICOMOrient(to_sitk(np.ascontiguousarray(channel), geometry), orientation))
+        out.append(oriented)
+    stacked = np.stack(out)
+    return (stacked if array.ndim == 4 else stacked[0]), new_geometry
+
+
 # --------------------------------------------------------------------------------------------
 # The case
 
@@ -263,7 +299,10 @@ class PreprocessedCase:
         geometry: world placement of the preprocessed grid (its spacing is the effective one).
         original_shape: ``(D, H, W)`` of the input.
         original_geometry: geometry of the input.
-        crop_box: ``((d0, d1), (h0, h1), (w0, w1))`` half-open box of the input that was kept.
+        crop_box: ``((d0, d1), (h0, h1), (w0, w1))`` half-open box of the reoriented input that
+            was kept.
+        oriented_shape / oriented_geometry: the input's grid after reorientation to
+            :data:`CANONICAL_ORIENTATION` (equal to the input's when it already was).
         resampled: whether any axis was resampled (``False``: the grid is the cropped input grid).
     """
 
@@ -275,6 +314,14 @@ class PreprocessedCase:
     crop_box: Box
     resampled: bool
     info: dict[str, Any] = field(default_factory=dict)
+    oriented_shape: tuple[int, int, int] | None = None
+    oriented_geometry: Geometry | None = None
+
+    def __post_init__(self) -> None:
+        if self.oriented_shape is None:
+            self.oriented_shape = tuple(self.original_shape)  # type: ignore[assignment]
+        if self.oriented_geometry is None:
+            self.oriented_geometry = self.original_geometry
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -292,8 +339,8 @@ class PreprocessedCase:
 
     @property
     def crop_geometry(self) -> Geometry:
-        """Geometry of the cropped part of the original grid."""
-        return _subgrid(self.original_geometry, [a for a, _ in self.crop_box])
+        """Geometry of the cropped part of the (reoriented) input grid."""
+        return _subgrid(self.oriented_geometry, [a for a, _ in self.crop_box])
 
 
 def preprocess_case(
@@ -308,6 +355,7 @@ def preprocess_case(
     num_classes: int | None = None,
     image_order: str = "bspline",
     allow_empty_label: bool = True,
+    orientation: str | None = CANONICAL_ORIENTATION,
 ) -> PreprocessedCase:
     """Crop, normalise and resample one case (nnU-Net order); see the module docstring.
 
@@ -322,6 +370,7 @@ def preprocess_case(
         num_classes: when given, label values must lie in ``0..num_classes-1``.
         image_order: image interpolation, ``"bspline"`` (3rd order, default) or ``"linear"``.
         allow_empty_label: ``False`` refuses a label without foreground (training cases).
+        orientation: the voxel-axis orientation to bring the case to first (``None``: keep).
 
     Raises:
         ImageDimensionError: 2D/4D input where 3D is expected. GeometryError: label grid differs.
@@ -341,6 +390,13 @@ def preprocess_case(
         check_label_values(label, num_classes, allow_empty=allow_empty_label)
     if image_order not in ("bspline", "linear"):
         raise PreprocessingError(f"image_order must be 'bspline' or 'linear'; got {image_order!r}")
+    input_geometry = geometry
+    if orientation is not None:
+        image, geometry = reorient(image, input_geometry, orientation)
+        if label is not None:
+            label = reorient(label, input_geometry, orientation)[0]
+    oriented_shape = tuple(image.shape[1:])
+
     if target_spacing is None:
         target = _spacing_dhw(geometry)
     else:
@@ -348,7 +404,7 @@ def preprocess_case(
         if len(target) != 3 or not all(np.isfinite(target)) or min(target) <= 0:
             raise PreprocessingError(f"target spacing must be 3 positive numbers in (D, H, W) order; got {target_spacing}")
 
-    box: Box = nonzero_bbox(image) if crop_nonzero else tuple((0, s) for s in spatial)  # type: ignore[assignment]
+    box: Box = nonzero_bbox(image) if crop_nonzero else tuple((0, s) for s in oriented_shape)  # type: ignore[assignment]
     region = tuple(slice(a, b) for a, b in box)
     cropped = image[(slice(None),) + region]
     cropped_label = label[region] if label is not None else None
@@ -371,10 +427,13 @@ def preprocess_case(
         label=None if cropped_label is None else np.ascontiguousarray(cropped_label),
         geometry=new_geometry,
         original_shape=spatial,  # type: ignore[arg-type]
-        original_geometry=geometry,
+        original_geometry=input_geometry,
         crop_box=box,
         resampled=resampled,
-        info={"target_spacing": list(target), "normalization": dict(normalization)},
+        info={"target_spacing": list(target), "normalization": dict(normalization),
+              "input_orientation": input_geometry.orientation_code(), "orientation": geometry.orientation_code()},
+        oriented_shape=oriented_shape,  # type: ignore[arg-type]
+        oriented_geometry=geometry,
     )
 
 
@@ -405,8 +464,12 @@ def restore_to_original(array: np.ndarray, preprocessed: PreprocessedCase, fill:
         channels = np.stack([
             _resample(c, preprocessed.geometry, preprocessed.crop_geometry, crop_shape, order) for c in channels
         ])
-    out = np.zeros((channels.shape[0],) + tuple(preprocessed.original_shape), dtype=channels.dtype)
+    out = np.zeros((channels.shape[0],) + tuple(preprocessed.oriented_shape), dtype=channels.dtype)
     if array.ndim == 4 and fill == "background":
         out[0] = 1
     out[(slice(None),) + tuple(slice(a, b) for a, b in preprocessed.crop_box)] = channels
+    if preprocessed.oriented_geometry != preprocessed.original_geometry:
+        out = reorient(out, preprocessed.oriented_geometry, preprocessed.original_geometry.orientation_code())[0]
+    if tuple(out.shape[1:]) != tuple(preprocessed.original_shape):
+        raise PreprocessingError(f"restored shape {out.shape[1:]} != original {preprocessed.original_shape}")
     return out if array.ndim == 4 else out[0]

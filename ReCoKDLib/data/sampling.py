@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -313,6 +314,14 @@ def _preprocessed_arrays(result: Any) -> tuple[np.ndarray, np.ndarray, dict[str,
     return np.asarray(image, dtype=np.float32), np.asarray(label), meta
 
 
+def _preprocess_identity(preprocess: Callable[..., Any]) -> str:
+    """Name and version of a preprocessing function, part of the cache key: a new version of the
+    preprocessing (its module's ``PREPROCESSING_VERSION``) never reuses cases cached by an old one."""
+    module = sys.modules.get(getattr(preprocess, "__module__", ""), None)
+    version = getattr(module, "PREPROCESSING_VERSION", "")
+    return f"{getattr(preprocess, '__module__', '?')}.{getattr(preprocess, '__qualname__', repr(preprocess))}:{version}"
+
+
 def prepare_cases(
     cases: Sequence[Any],
     class_names: Sequence[str],
@@ -341,7 +350,7 @@ def prepare_cases(
         files = [*case.image_paths, case.label_path]
         file_hashes = [sha256_file(p) for p in files if p is not None]
         hashes[case.case_id] = hashlib.sha256("".join(file_hashes).encode()).hexdigest()
-        key = cache_key(file_hashes, params)
+        key = cache_key(file_hashes, {**params, "preprocess": _preprocess_identity(preprocess)})
         loaded = cache.load(key) if cache is not None else None
         if loaded is None:
             image, geometry, label = load_raw_case(case, len(class_names))
