@@ -9,6 +9,9 @@
   the same input and returns the student's output plus a :class:`~ReCoKDLib.losses.base.KDBatch`
   with the adapted features and both logits: the one object the engine, the inspection maps and
   the tests use, so that what researchers see is what is optimised.
+* :func:`lazy_adapted_features` gives those adapted features as a
+  :class:`~ReCoKDLib.losses.base.LazyFeatures`: a level is adapted only when a loss reads it, so
+  a loss that folds the 1x1x1 adapter into its own passes (ReCo-KD) costs no teacher-sized tensor.
 
 Shapes: features ``(B, C, D, H, W)``; logits ``(B, K, D, H, W)``.
 """
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ReCoKDLib.losses.base import KDBatch
+from ReCoKDLib.losses.base import KDBatch, LazyFeatures
 
 
 class TapError(ValueError):
@@ -142,6 +145,76 @@ class FeatureAdapter(nn.Module):
         return x
 
 
+def lazy_adapted_features(
+    adapters: Sequence[FeatureAdapter], student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]
+) -> LazyFeatures:
+    """``adapters[l](student_features[l], size of teacher_features[l])`` per level, built on first access.
+
+    Args:
+        adapters: one :class:`FeatureAdapter` per level.
+        student_features: raw student features ``(B, C^S_l, d_l, h_l, w_l)``.
+        teacher_features: teacher features ``(B, C_l, D_l, H_l, W_l)`` (only their shapes are used).
+
+    Returns:
+        a :class:`~ReCoKDLib.losses.base.LazyFeatures` whose level ``l`` has shape
+        ``(B, C_l, D_l, H_l, W_l)``; nothing is computed until a level is read.
+    """
+    if not len(adapters) == len(student_features) == len(teacher_features):
+        raise TapError(
+            f"need one adapter per level: {len(adapters)} adapters, {len(student_features)} student and "
+            f"{len(teacher_features)} teacher levels"
+        )
+    shapes = []
+    for level, (adapter, s, t) in enumerate(zip(adapters, student_features, teacher_features)):
+        if s.shape[1] != adapter.student_channels or t.shape[1] != adapter.teacher_channels or s.shape[0] != t.shape[0]:
+            raise TapError(
+                f"level {level}: adapter maps {adapter.student_channels} -> {adapter.teacher_channels} channels but the "
+                f"student features are {tuple(s.shape)} and the teacher's {tuple(t.shape)}"
+            )
+        shapes.append((s.shape[0], adapter.teacher_channels, *t.shape[2:]))
+    sizes = [tuple(t.shape[2:]) for t in teacher_features]
+    raw = list(student_features)
+    adapters = list(adapters)
+    return LazyFeatures(lambda level: adapters[level](raw[level], sizes[level]), shapes)
+
+
+def kd_batch_from_features(
+    adapters: Sequence[FeatureAdapter],
+    teacher_features: Sequence[Tensor],
+    student_features: Sequence[Tensor],
+    teacher_logits: Tensor | None = None,
+    student_logits: Tensor | None = None,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    regions: bool = False,
+) -> KDBatch:
+    """The :class:`KDBatch` of one step from tapped features (what :class:`DistillationPair` returns).
+
+    Teacher features ``(B, C_l, D_l, H_l, W_l)`` and logits are detached; the student's raw features
+    ``(B, C^S_l, d_l, h_l, w_l)`` are kept as ``raw_student_features`` and adapted lazily
+    (:func:`lazy_adapted_features`) as ``student_features``; the adapters ride along as
+    ``student_adapters`` so that losses can fold them in. ``num_classes`` defaults to the teacher
+    logits' channel count.
+    """
+    teacher_features = [t.detach() for t in teacher_features]
+    student_features = list(student_features)
+    if num_classes is None:
+        if teacher_logits is None:
+            raise TapError("num_classes is needed when there are no teacher logits to read it from")
+        num_classes = teacher_logits.shape[1]
+    return KDBatch(
+        teacher_features=teacher_features,
+        student_features=lazy_adapted_features(adapters, student_features, teacher_features),
+        teacher_logits=teacher_logits.detach() if teacher_logits is not None else None,
+        student_logits=student_logits,
+        labels=labels,
+        num_classes=int(num_classes),
+        raw_student_features=student_features,
+        regions=regions,
+        student_adapters=list(adapters),
+    )
+
+
 class DistillationPair(nn.Module):
     """A frozen teacher and a trainable student, tapped at matching levels.
 
@@ -222,7 +295,8 @@ class DistillationPair(nn.Module):
 
         Returns:
             the student's raw output (what the segmentation loss reads: possibly MONAI's stacked
-            deep-supervision tensor) and a :class:`KDBatch` for the KD losses.
+            deep-supervision tensor) and a :class:`KDBatch` for the KD losses, whose
+            ``student_features`` are adapted lazily (:func:`kd_batch_from_features`).
         """
         t_logits, t_feats = self.teacher_forward(images)
         s_out = self.student(images)
@@ -230,16 +304,7 @@ class DistillationPair(nn.Module):
         s_logits = _first_tensor(s_out)
         if s_logits.dim() == 6:
             s_logits = s_logits[:, 0]
-        adapted = [a(f, t.shape[2:]) for a, f, t in zip(self.adapters, s_feats, t_feats)]
-        batch = KDBatch(
-            teacher_features=[t.detach() for t in t_feats],
-            student_features=adapted,
-            teacher_logits=t_logits.detach(),
-            student_logits=s_logits,
-            labels=labels,
-            num_classes=int(num_classes if num_classes is not None else t_logits.shape[1]),
-            raw_student_features=s_feats,
-            regions=regions,
-            student_adapters=list(self.adapters),
+        batch = kd_batch_from_features(
+            self.adapters, t_feats, s_feats, t_logits, s_logits, labels=labels, num_classes=num_classes, regions=regions
         )
         return s_out, batch

@@ -17,14 +17,22 @@ tensors, as in the issue. Time = median of ``--reps`` steps after one warm-up st
 
 Variants:
   release       the naive formulation above;
-  recokd        ReCoKDLib's loss with the 1x1x1 adapter folded into its chunked passes
-                (``KDBatch.student_adapters``): like the release, adapter + loss from the raw
-                features; the adapted tensor is never built (the batch holds a zero-stride
-                placeholder of its shape);
-  recokd_pair   the same, plus the adapted features materialised as ``DistillationPair`` does
-                (one teacher-sized tensor that stays alive, counted as extra here);
+  recokd        ReCoKDLib as training runs it: the batch is built by the code ``DistillationPair``
+                uses (:func:`ReCoKDLib.taps.kd_batch_from_features`: lazy adapted features, raw
+                features and adapters), and the loss folds the 1x1x1 adapter into its chunked
+                passes, so the adapted tensor is never built;
+  recokd_eager  the same loss, but with the adapted features materialised up front (what
+                ``DistillationPair`` did before its features became lazy: one teacher-sized
+                tensor that stays alive, counted as extra here);
   recokd_nofold the loss reading materialised adapted features (no folding): autograd then
                 also builds their teacher-sized gradient.
+
+Timing on a shared machine: with the default OpenMP wait policy, intra-op threads spin between
+parallel regions; when other processes occupy the cores, every one of the loss's small slab
+operations then waits for a descheduled thread, and a step can take 10-30x longer (the chunked
+variants issue thousands of slab-sized operations, the release a few hundred large ones). Each
+result records the 1-minute load average around its timed steps; run on a quiet machine, or set
+``OMP_WAIT_POLICY=PASSIVE`` (inherited by the workers) when it cannot be quiet.
 
 Usage:
     python benchmarks/kd_loss_speed.py            # the issue's shapes: B=2, 8/32 ch, 64x128x128
@@ -47,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kd_loss_speed.json"
-VARIANTS = ("release", "recokd", "recokd_pair", "recokd_nofold")
+VARIANTS = ("release", "recokd", "recokd_eager", "recokd_nofold")
 
 
 def release_style_loss(s_raw, teacher, align, gc_s, gc_t, labels, num_classes, temp=0.5, chunk_d=16):
@@ -137,6 +145,7 @@ def make_inputs(shape, seed=0):
 def step(variant, student, teacher, labels, adapter, loss):
     """One forward + backward; returns the loss value."""
     from ReCoKDLib.losses.base import KDBatch
+    from ReCoKDLib.taps import kd_batch_from_features
 
     student.grad = None
     for p in (*adapter.parameters(), *loss.parameters()):
@@ -145,12 +154,14 @@ def step(variant, student, teacher, labels, adapter, loss):
         value = release_style_loss(
             student, teacher, adapter.proj, loss.student_context[0], loss.teacher_context[0], labels, 3
         )
+    elif variant == "recokd":
+        batch = kd_batch_from_features([adapter], [teacher], [student], labels=labels, num_classes=3)
+        value = loss(batch).loss
+        if batch.student_features.materialised_levels:
+            raise RuntimeError("the folded ReCo-KD loss built the adapted features it should never read")
     else:
-        fold = variant in ("recokd", "recokd_pair")
-        if variant == "recokd":
-            adapted = teacher.new_zeros(()).expand(teacher.shape)  # shape only: never read when folding
-        else:
-            adapted = adapter(student, teacher.shape[2:])
+        fold = variant == "recokd_eager"
+        adapted = adapter(student, teacher.shape[2:])
         batch = KDBatch(
             teacher_features=[teacher],
             student_features=[adapted],
@@ -181,6 +192,7 @@ def run_variant(variant, shape, reps, threads, out_file):
     grad = student.grad.detach().clone()
     grad_w = adapter.proj.weight.grad.detach().clone()
     times = [first]
+    load_before = os.getloadavg()[0]
     for _ in range(reps - 1):
         t0 = time.perf_counter()
         step(variant, student, teacher, labels, adapter, loss)
@@ -198,6 +210,8 @@ def run_variant(variant, shape, reps, threads, out_file):
                 "extra_peak_bytes": extra,
                 "extra_peak_ratio": extra / feature_bytes,
                 "peak_reset": can_reset,
+                # 1-minute load average around the timed steps: > threads means other work competed
+                "loadavg_1min": [load_before, os.getloadavg()[0]],
             }
         )
     )
@@ -244,6 +258,8 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "reps": args.reps,
         "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "variants": {},
     }
     for variant, res in results.items():

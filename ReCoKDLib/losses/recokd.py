@@ -27,7 +27,9 @@ memory is about one student-feature gradient instead of ~7x the features.
 
 When the batch carries the taps' adapters (``KDBatch.student_adapters``) and the adapter is a
 pure 1x1x1 projection, the loss reads the raw student features and folds the projection into its
-slabs, so neither the adapted features' gradient nor any other teacher-sized temporary is built.
+slabs, so neither the adapted features' gradient nor any other teacher-sized temporary is built;
+with the taps' lazy ``student_features`` (:class:`~ReCoKDLib.losses.base.LazyFeatures`) the adapted
+features themselves are never built either.
 """
 
 from __future__ import annotations
@@ -254,15 +256,16 @@ def recokd_level(
 @torch.no_grad()
 def voxel_discrepancy(student: Tensor, teacher: Tensor, projection: Projection = None, chunk_size: int | None = None) -> Tensor:
     """Per-voxel teacher–student discrepancy ``mean_c (F~S - FT)^2``: -> ``(B, D, H, W)`` float32."""
-    from ReCoKDLib.losses.fused import _project, auto_chunk, depth_slabs
+    from ReCoKDLib.losses.fused import Workspace, _diff_slab, auto_chunk, depth_slabs
 
     weight, bias = projection if projection is not None else (None, None)
     out = torch.empty((teacher.shape[0], *teacher.shape[2:]), dtype=torch.float32, device=teacher.device)
     chunk = chunk_size or auto_chunk(teacher.shape)
+    ws = Workspace(teacher.device)
     with torch.autocast(device_type=teacher.device.type, enabled=False):
         for sl in depth_slabs(teacher.shape[2], chunk):
-            diff = _project(student[:, :, sl], weight, bias) - teacher[:, :, sl].float()
-            out[:, sl] = diff.square_().mean(dim=1)
+            diff = _diff_slab(student, teacher, sl, weight, bias, ws)
+            torch.mean(diff.square_(), dim=1, out=out[:, sl])
     return out
 
 
@@ -364,9 +367,10 @@ class _ReCoKDBase(nn.Module):
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
         maps: dict[str, Tensor] = {}
-        for level, (teacher, adapted) in enumerate(zip(batch.teacher_features, batch.student_features)):
+        for level, teacher in enumerate(batch.teacher_features):
             fused = _pointwise_projection(batch, level)
-            student, projection = fused if fused is not None else (adapted, None)
+            # folded: the raw features and the adapter's (weight, bias); the adapted level is never read
+            student, projection = fused if fused is not None else (batch.student_features[level], None)
             masks = None
             if self.use_regions_loss:
                 masks = region_mask_weights(labels, num_classes, teacher.shape[2:], self.tau, batch.regions)
