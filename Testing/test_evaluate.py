@@ -72,7 +72,7 @@ def test_evaluate_models_writes_metrics_and_report(tiny_setup, tmp_path):
         assert set(entry["dice"]) == {"liver", "spleen"} and set(entry["hd95"]) == {"liver", "spleen"}
         assert all(0.0 <= v <= 1.0 for v in entry["dice"].values())
         assert entry["mean_dice"] == pytest.approx(np.mean(list(entry["dice"].values())))
-        assert entry["params"] > 1000 and entry["flops"] > 0 and entry["latency_s"] > 0
+        assert entry["params"] > 1000 and entry["flops"] > 0 and entry["latency_s"] > 0 and entry["latency_bf16_s"] > 0
         assert entry["cases"]["case"]["dice"] == entry["dice"]
     html_text = (tmp_path / "report.html").read_text()
     images = _pngs(html_text)
@@ -110,6 +110,7 @@ def test_cli_evaluate(tiny_setup, tmp_path, capsys):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["student"] and metrics["student"]["latency_s"] is None
+    assert metrics["student"]["latency_bf16_s"] is None
     assert "student" in capsys.readouterr().out
     assert main(["evaluate", "--model", "student=/no/such.pt", "--pairs", "a:b", "--out", str(out), "--progress", "none"]) == 2
     assert "no such file" in capsys.readouterr().err
