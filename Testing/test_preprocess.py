@@ -74,7 +74,7 @@ def test_nonzero_bbox_and_label_values(case):
     assert nonzero_bbox(image) == ((2, 18), (3, 27), (4, 22))
     assert nonzero_bbox(np.zeros((4, 5, 6))) == ((0, 4), (0, 5), (0, 6))
     check_label_values(label, 3)
-    with pytest.raises(PreprocessingError, match=r"\[2\] outside the model's classes 0..1"):
+    with pytest.raises(PreprocessingError, match=r"values \[2\] are outside the 2 classes \(0..1\)"):
         check_label_values(label, 2)
 
 
@@ -134,7 +134,7 @@ def test_bad_input_is_refused(case):
     shifted = Geometry(geometry.spacing, (0.0, 0.0, 0.0), geometry.direction)
     with pytest.raises(GeometryError, match="origin"):
         preprocess_case(image, geometry, None, {"scheme": "none"}, label=label, label_geometry=shifted)
-    with pytest.raises(PreprocessingError, match="outside the model's classes"):
+    with pytest.raises(PreprocessingError, match="outside the 2 classes"):
         preprocess_case(image, geometry, None, {"scheme": "none"}, label=label, num_classes=2)
     with pytest.raises(PreprocessingError, match="is empty"):
         preprocess_case(image, geometry, None, {"scheme": "none"}, label=np.zeros_like(label), allow_empty_label=False)

@@ -188,22 +188,26 @@ def nonzero_bbox(image: np.ndarray) -> Box:
 
 
 def check_label_values(label: np.ndarray, num_classes: int | None, name: str = "label", allow_empty: bool = True) -> None:
-    """Raise :class:`PreprocessingError` if ``label`` holds values outside ``0..num_classes-1``
-    (not checked when ``num_classes`` is ``None``), or, with ``allow_empty=False``, no foreground."""
+    """Raise :class:`PreprocessingError` if ``label`` holds non-integer values or values outside
+    ``0..num_classes-1`` (not checked when ``num_classes`` is ``None``), or, with
+    ``allow_empty=False``, no foreground."""
     label = np.asarray(label)
     if not allow_empty and not np.any(label > 0):
         raise PreprocessingError(
-            f"{name} is empty (no voxel above 0): a training case needs labelled foreground; drop it or fix its label")
+            f"{name}: the label map is empty (background only); a training case needs labelled foreground: "
+            f"remove the case or fix its label file")
     if num_classes is None:
         return
-    if not np.issubdtype(label.dtype, np.integer) and not np.all(np.equal(np.mod(label, 1), 0)):
-        raise PreprocessingError(f"{name} holds non-integer values; a label map must hold class indices")
     values = np.unique(label)
+    if not np.issubdtype(values.dtype, np.integer) and not np.all(np.equal(np.mod(values, 1), 0)):
+        raise PreprocessingError(
+            f"{name}: the label map holds non-integer values {values[np.mod(values, 1) != 0][:5].tolist()}; give a "
+            f"label map of integer class ids (not probabilities or an interpolated label)")
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
         raise PreprocessingError(
-            f"{name} holds label values {bad.tolist()[:10]} outside the model's classes 0..{num_classes - 1}; "
-            f"map them to known classes or train with more classes")
+            f"{name}: label values {bad[:10].astype(int).tolist()} are outside the {num_classes} classes "
+            f"(0..{num_classes - 1}); the label map must use the teacher's class ids (check the class list / dataset.json)")
 
 
 # --------------------------------------------------------------------------------------------

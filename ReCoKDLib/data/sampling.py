@@ -161,23 +161,15 @@ class CaseSet:
 
 
 def check_label_values(label: np.ndarray, num_classes: int, case_id: str = "case", allow_empty: bool = False) -> None:
-    """Raise :class:`SamplingError` unless ``label`` holds integer ids in ``[0, num_classes)`` and some foreground."""
-    values = np.unique(np.asarray(label))
-    if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
-        raise SamplingError(
-            f"{case_id}: the label map holds non-integer values {values[np.mod(values, 1) != 0][:5].tolist()}; "
-            "give a label map of integer class ids (not probabilities or an interpolated label)"
-        )
-    bad = values[(values < 0) | (values >= num_classes)]
-    if bad.size:
-        raise SamplingError(
-            f"{case_id}: label values {bad[:10].astype(int).tolist()} are outside the {num_classes} classes "
-            f"(0..{num_classes - 1}); the label map must use the teacher's class ids (check the class list / dataset.json)"
-        )
-    if not allow_empty and not np.any(values > 0):
-        raise SamplingError(
-            f"{case_id}: the label map is empty (background only); remove the case from training or fix its label file"
-        )
+    """Raise :class:`SamplingError` unless ``label`` holds integer ids in ``[0, num_classes)`` and,
+    unless ``allow_empty``, some foreground (the check of :mod:`~ReCoKDLib.data.preprocess`)."""
+    from ReCoKDLib.data.preprocess import PreprocessingError
+    from ReCoKDLib.data.preprocess import check_label_values as check
+
+    try:
+        check(label, num_classes, name=case_id, allow_empty=allow_empty)
+    except PreprocessingError as exc:
+        raise SamplingError(str(exc)) from None
 
 
 def check_image_label(image: np.ndarray, image_geometry, label: np.ndarray, label_geometry, num_classes: int,
