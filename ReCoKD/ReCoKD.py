@@ -853,60 +853,36 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
     # -- inspection -----------------------------------------------------------------------------
 
-    def computeMaps(self, volumeNode, teacherPath, studentPath, labels=None, method="recokd", device="cpu", roiNode=None):
+    def computeMaps(self, volumeNode, teacherPath, studentPath, labels=None, method=None, device="cpu", roiNode=None):
         """Region masks, attention and affinity maps of teacher and student for ``volumeNode``,
-        from the same loss code that trained the student (``ReCoKDLib.inspection.compute_maps``).
+        from the same loss code that trained the student (``ReCoKDLib.inspection.inspect_volume``).
 
-        The volume (or its ROI) is normalised as the teacher's card says, padded to the network's
-        size divisor, and every map is resampled to the image grid. Known limits: maps are
-        computed at the volume's own spacing (not resampled to the model's), and the KD loss's
-        adapters are freshly initialised (attention and affinity maps of teacher and student do
-        not depend on them; the discrepancy of adapted features does).
+        The volume (or its ROI) is preprocessed as for segmentation (the teacher's spacing and
+        normalisation); the adapters and context blocks are the trained ones when the student's
+        run folder holds its ``checkpoint.pt`` (``inspection.load_trained_kd_state``); every map
+        is brought back to the volume's grid.
 
         Returns:
             ``{"<level>/<name>[/<class>]": (D, H, W) float32 array}`` on the volume's grid
             (zero outside the ROI).
         """
         import numpy as np
-        import torch
         from ReCoKDLib import inspection, mrml
-        from ReCoKDLib.data.preprocess import normalize_image
-        from ReCoKDLib.losses.registry import build_kd_loss
-        from ReCoKDLib.networks import UNetConfig, encoder_tap_names
-        from ReCoKDLib.taps import DistillationPair
+        from ReCoKDLib.data.io import crop as cropGrid
 
         array, geometry = mrml.array_from_volume_node(volumeNode)
         box = self._roiBox(roiNode, geometry, array.shape)
-        crop = array[box]
+        start = [b.start or 0 for b in box]
+        size = [(n if b.stop is None else b.stop) - a for b, a, n in zip(box, start, array.shape)]
+        crop, cropGeometry = cropGrid(array, geometry, start, size)
         teacher, student = self._loadModel(teacherPath, device), self._loadModel(studentPath, device)
-        divisor = (1, 1, 1)
-        taps = []
-        for model in (teacher, student):
-            architecture = model.card.architecture
-            config = UNetConfig.from_dict(architecture["config"]) if architecture.get("kind") == "dynunet" else None
-            if config is not None:
-                divisor = tuple(max(a, b) for a, b in zip(divisor, config.divisor))
-            taps.append(list(model.card.tap_names) or (encoder_tap_names(config) if config else []))
-        if not taps[0] or len(taps[0]) != len(taps[1]):
-            raise ReCoKDInputError(_("The model cards do not name matching feature levels (tap_names); "
-                                     "inspect a student distilled from this teacher."))
-        image = normalize_image(crop, teacher.card.normalization)  # (C, D, H, W)
-        image = np.pad(image, [(0, 0)] + [(0, (-n) % d) for n, d in zip(crop.shape, divisor)], mode="edge")
-        images = torch.from_numpy(image)[None]
-        labelTensor = None
-        if labels is not None:
-            padded = np.pad(np.asarray(labels)[box], [(0, (-n) % d) for n, d in zip(crop.shape, divisor)])
-            labelTensor = torch.from_numpy(padded.astype(np.int64))[None, None]
-        pair = DistillationPair(teacher.network.cpu(), student.network.cpu(), taps[0], taps[1], tuple(images.shape[1:]))
-        kdLoss = build_kd_loss(method, teacher_channels=pair.teacher_channels, student_channels=pair.student_channels,
-                               num_classes=teacher.card.num_classes)
-        maps = inspection.compute_maps(pair, kdLoss, images, labelTensor, image_grid=True)
+        cropLabels = None if labels is None else np.asarray(labels)[box]
+        maps = inspection.inspect_volume(teacher, student, crop, cropGeometry, cropLabels, method=method,
+                                         kd_state=inspection.load_trained_kd_state(studentPath))
         out = {}
         for key, value in maps.items():
-            if key == "loss" or key.startswith("terms/"):
-                continue
             full = np.zeros(array.shape, np.float32)
-            full[box] = value[0].numpy()[: crop.shape[0], : crop.shape[1], : crop.shape[2]]
+            full[box] = value
             out[key] = full
         return out
 

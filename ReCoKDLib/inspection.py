@@ -124,3 +124,125 @@ def compute_maps(
     maps["loss"] = out.loss.detach()
     maps.update({f"terms/{k}": v.detach() for k, v in out.terms.items()})
     return maps
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole volumes: what the Slicer Inspect section, reports and scripts call
+
+
+def load_trained_kd_state(student_path) -> dict | None:
+    """The adapters and KD-loss modules a distillation trained, or ``None``.
+
+    They are stored (at the last saved step) in ``checkpoint.pt`` beside the student's model
+    file, which ``recokd distill`` writes; a student file without its run folder has none, and
+    the inspection then uses freshly initialised modules (teacher maps and masks do not depend on
+    them; student affinity and the discrepancy do).
+
+    Raises:
+        CheckpointError: ``checkpoint.pt`` exists but is corrupt or unsafe to unpickle.
+    """
+    from pathlib import Path
+
+    from ReCoKDLib.checkpoint import safe_torch_load
+
+    path = Path(student_path).parent / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    payload = safe_torch_load(path)  # an unsafe or corrupt file raises CheckpointError
+    if not isinstance(payload, dict) or payload.get("job") != "distill" or "aux" not in payload:
+        return None
+    return payload["aux"]
+
+
+def _single_method(card_kd: dict, method: str | None) -> str:
+    methods = list((card_kd or {}).get("methods") or {})
+    if method is not None:
+        return method
+    return methods[0] if methods else "recokd"
+
+
+def inspect_volume(
+    teacher,
+    student,
+    image,
+    geometry,
+    labels=None,
+    *,
+    method: str | None = None,
+    kd_state: dict | None = None,
+) -> dict:
+    """Every inspection map of ``teacher``/``student`` for one volume, on the volume's own grid.
+
+    The volume is preprocessed exactly as for segmentation (reorientation, crop, the teacher's
+    spacing and normalisation; :func:`~ReCoKDLib.data.preprocess.preprocess_case`), padded to the
+    networks' size divisor, run through a :class:`~ReCoKDLib.taps.DistillationPair` and the KD
+    loss, and each map is brought back with
+    :func:`~ReCoKDLib.data.preprocess.restore_to_original` (nearest for masks, linear otherwise).
+
+    Args:
+        teacher, student: :class:`~ReCoKDLib.teachers.LoadedModel` (the student's card names its
+            taps and KD configuration).
+        image: ``(D, H, W)`` or ``(C, D, H, W)`` array; geometry: its :class:`~ReCoKDLib.data.io.Geometry`.
+        labels: ``(D, H, W)`` class ids on the same grid, or ``None`` (then the region masks come
+            from the teacher's prediction).
+        method: the KD method whose maps to show (default: the student's first KD method).
+        kd_state: trained adapters and KD-loss modules (:func:`load_trained_kd_state`); ``None``
+            uses fresh ones.
+
+    Returns:
+        ``{"<level>/<name>[/<class>]": (D, H, W) float32 array}`` on the input grid.
+    """
+    import numpy as np
+
+    from ReCoKDLib.data.preprocess import preprocess_case, restore_to_original
+    from ReCoKDLib.losses.registry import build_kd_loss
+    from ReCoKDLib.networks import UNetConfig, encoder_tap_names
+    from ReCoKDLib.taps import DistillationPair
+
+    divisor, taps = [1, 1, 1], []
+    for model, role in ((teacher, "teacher"), (student, "student")):
+        arch = model.card.architecture
+        config = UNetConfig.from_dict(arch["config"]) if arch.get("kind") == "dynunet" else None
+        if config is not None:
+            divisor = [max(a, b) for a, b in zip(divisor, config.divisor)]
+        recorded = (student.card.kd or {}).get(f"{role}_taps")
+        taps.append(list(recorded or model.card.tap_names or (encoder_tap_names(config) if config else [])))
+    if not taps[0] or len(taps[0]) != len(taps[1]):
+        raise InspectionError("the model cards do not name matching feature levels (tap_names); "
+                              "inspect a student distilled from this teacher")
+
+    num_classes = teacher.card.num_classes
+    pre = preprocess_case(image, geometry, teacher.card.spacing, teacher.card.normalization, label=labels,
+                          num_classes=num_classes if labels is not None else None)
+    pad = [(0, (-n) % d) for n, d in zip(pre.shape, divisor)]
+    images = torch.from_numpy(np.pad(pre.image, [(0, 0)] + pad, mode="edge"))[None]
+    label_tensor = None
+    if pre.label is not None:
+        label_tensor = torch.from_numpy(np.pad(pre.label.astype(np.int64), pad))[None, None]
+
+    pair = DistillationPair(teacher.network.cpu(), student.network.cpu(), taps[0], taps[1], tuple(images.shape[1:]))
+    name = _single_method(student.card.kd, method)
+    loss = build_kd_loss(name, teacher_channels=pair.teacher_channels, student_channels=pair.student_channels,
+                         num_classes=num_classes)
+    if kd_state is not None:
+        pair.adapters.load_state_dict(kd_state["adapters"])
+        prefix = f"losses.{name}."
+        own = {k[len(prefix):]: v for k, v in kd_state.get("kd_loss", {}).items() if k.startswith(prefix)}
+        if own or not list(loss.state_dict()):
+            loss.load_state_dict(own)
+    try:
+        maps = compute_maps(pair, loss, images, label_tensor, num_classes=num_classes, image_grid=True)
+    finally:
+        pair.remove_taps()
+
+    d, h, w = pre.shape
+    out = {}
+    for key, value in maps.items():
+        if key == "loss" or key.startswith("terms/"):
+            continue
+        on_grid = value[0].float().numpy()[:d, :h, :w]
+        if is_mask_map(key):
+            out[key] = restore_to_original(on_grid, pre).astype(np.float32)
+        else:
+            out[key] = restore_to_original(on_grid[None], pre, fill="zero")[0].astype(np.float32)
+    return out

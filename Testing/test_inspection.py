@@ -55,3 +55,70 @@ def test_compute_maps_on_a_pair_without_grad_and_restores_modes():
     assert maps["0/fg_mask"].shape == (1, 16, 16, 16)
     assert all(not v.requires_grad for v in maps.values())
     assert "terms/fg" in maps and maps["loss"].dim() == 0
+
+
+def _saved_pair(tmp_path):
+    """Tiny teacher and student model files, the student's card naming its taps and KD method."""
+    from ReCoKDLib.checkpoint import ModelCard, save_model
+    from ReCoKDLib.networks import build_unet, derive_student_config, encoder_tap_names, preset
+
+    t_cfg = preset("tiny", num_classes=3)
+    s_cfg = derive_student_config(t_cfg, reduction=2, min_channels=4)
+    torch.manual_seed(0)
+    paths = {}
+    for role, cfg in (("teacher", t_cfg), ("student", s_cfg)):
+        kd = {"methods": {"recokd": {"weight": 1.0}}, "teacher_taps": encoder_tap_names(t_cfg),
+              "student_taps": encoder_tap_names(s_cfg)} if role == "student" else {}
+        card = ModelCard(architecture={"kind": "dynunet", "config": cfg.to_dict()},
+                         classes=["background", "a", "b"], spacing=[1.0, 1.0, 1.0],
+                         normalization={"scheme": "zscore"}, patch_size=[16, 16, 16], role=role,
+                         tap_names=encoder_tap_names(cfg), kd=kd)
+        (tmp_path / role).mkdir()
+        paths[role] = save_model(tmp_path / role / "model_last.pt", build_unet(cfg).state_dict(), card)
+    return paths
+
+
+def test_inspect_volume_uses_the_trained_kd_modules_and_the_input_grid(tmp_path):
+    import numpy as np
+
+    from ReCoKDLib.checkpoint import CheckpointError
+    from ReCoKDLib.data.io import Geometry
+    from ReCoKDLib.inspection import inspect_volume, load_trained_kd_state
+    from ReCoKDLib.losses.registry import build_combined_kd_loss
+    from ReCoKDLib.taps import DistillationPair
+    from ReCoKDLib.teachers import load_model
+
+    paths = _saved_pair(tmp_path)
+    teacher, student = load_model(paths["teacher"]), load_model(paths["student"])
+    assert load_trained_kd_state(paths["student"]) is None  # no run folder: fresh modules
+
+    # What `recokd distill` leaves beside the student: checkpoint.pt with the trained modules.
+    pair = DistillationPair(teacher.network, student.network, student.card.kd["teacher_taps"],
+                            student.card.kd["student_taps"], (1, 16, 16, 16))
+    kd = build_combined_kd_loss({"recokd": {"weight": 1.0}}, teacher_channels=pair.teacher_channels,
+                                student_channels=pair.student_channels, num_classes=3)
+    with torch.no_grad():
+        for p in kd.parameters():
+            p.normal_()
+    torch.save({"job": "distill", "aux": {"adapters": pair.adapters.state_dict(), "kd_loss": kd.state_dict()}},
+               paths["student"].parent / "checkpoint.pt")
+    pair.remove_taps()
+    state = load_trained_kd_state(paths["student"])
+    assert set(state) == {"adapters", "kd_loss"}
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(12, 20, 18)).astype(np.float32)
+    labels = np.zeros(image.shape, np.int64)
+    labels[3:8, 4:12, 5:11] = 1
+    geometry = Geometry(spacing=(1.0, 1.0, 1.0), origin=(5.0, -3.0, 2.0))
+    trained = inspect_volume(teacher, student, image, geometry, labels, kd_state=state)
+    fresh = inspect_volume(teacher, student, image, geometry, labels)
+    assert trained and all(v.shape == image.shape for v in trained.values())
+    # masks come from the labels, whatever the modules; affinities from the trained context blocks
+    np.testing.assert_array_equal(trained["0/class_mask/1"] > 0, labels == 1)
+    np.testing.assert_array_equal(trained["0/fg_mask"], fresh["0/fg_mask"])
+    assert not np.allclose(trained["0/student_affinity"], fresh["0/student_affinity"])
+
+    (paths["student"].parent / "checkpoint.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError):
+        load_trained_kd_state(paths["student"])

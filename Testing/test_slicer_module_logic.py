@@ -488,7 +488,9 @@ def test_logic_computes_inspection_maps_on_the_volume_grid(real_mrml, recokd_on_
 
     scene = slicer.vtkMRMLScene()
     image = np.random.default_rng(3).normal(size=(9, 13, 11)).astype(np.float32)  # not a multiple of the divisor
-    volume = mrml.volume_node_from_array(scene, image, Geometry(), "ct")
+    # On the model's own spacing ((D, H, W) = 2 x 1 x 1 mm in the tiny cards), so that the maps,
+    # computed on the model's grid as for segmentation, come back voxel for voxel.
+    volume = mrml.volume_node_from_array(scene, image, Geometry(spacing=(1.0, 1.0, 2.0)), "ct")
     labels = np.zeros(image.shape, np.int64)
     labels[2:6, 3:9, 2:8] = 1
     labels[6:8, 1:4, 6:10] = 2
