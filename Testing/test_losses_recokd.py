@@ -16,7 +16,6 @@ from ReCoKDLib.losses.base import KDBatch, KDConfigError
 from ReCoKDLib.losses.fused import Workspace
 from ReCoKDLib.losses.masks import class_balanced_region_masks
 from ReCoKDLib.losses.recokd import (
-    KDWeightSchedule,
     MSCALoss,
     MSSARDLoss,
     ReCoKDLoss,
@@ -266,16 +265,6 @@ def test_levels_are_weighted_and_labels_resized_per_level():
     w = stage_weights(2, 0.4)
     per_level = [sum(float(out.terms[f"{k}/{n}"]) for n in ("fg", "bg", "att")) for k in range(2)]
     assert float(out.loss) == pytest.approx(w[0] * per_level[0] + w[1] * per_level[1], rel=1e-5)
-
-
-def test_kd_weight_schedule():
-    s = KDWeightSchedule(weight=0.01, warmup_epochs=600)
-    assert (s(0), s(300), s(600), s(1000)) == (0.0, 0.005, 0.01, 0.01)
-    late = KDWeightSchedule(weight=1.0, warmup_epochs=10, start_epoch=5)
-    assert late(4) == 0.0 and late(10) == pytest.approx(0.5)
-    assert KDWeightSchedule(0.2, kind="constant")(0) == 0.2
-    with pytest.raises(KDConfigError, match="schedule"):
-        KDWeightSchedule(kind="cosine")
 
 
 MEMORY_WORKER = textwrap.dedent(

@@ -17,7 +17,7 @@ code release (``ClinicaAlpha/DPRD-3D-MedSeg``, ``methods/reco.py``; kd-methods.m
 
 * Levels are weighted ``w_k = r^k / sum_j r^j`` with ``r = 2^(-3 alpha)`` (``alpha = 0.4``) or
   explicit weights, and ``L_ReCo = sum_k w_k (c_fg L_fg + c_bg L_bg + c_att L_att + c_rel L_rel)``.
-  The training objective is ``L_seg + lambda(epoch) L_ReCo`` (:class:`KDWeightSchedule`).
+  The training objective is ``L_seg + lambda(step) L_ReCo`` (:func:`ReCoKDLib.engine.kd_lambda`: 0.01 after a linear warm-up).
 
 Differences from the release (kd-methods §2.10): adapters and context blocks are trainable
 (``frozen_aux=True`` freezes the context blocks to reproduce the release), voxels with negative
@@ -425,28 +425,6 @@ class ReCoKDLoss(_ReCoKDBase):
     ``rel`` (level-weighted sums) and ``"<level>/<term>"``; ``maps`` the inspection maps.
     """
 
-    def __init__(
-        self,
-        teacher_channels: Sequence[int] = (),
-        num_classes: int = 2,
-        temperature: float = 0.5,
-        tau: float = 1.0,
-        coef_fg: float = 1.0,
-        coef_bg: float = 1.0,
-        coef_att: float = 1.0,
-        coef_rel: float = 1.0,
-        stage_alpha: float = 0.4,
-        stage_weights: Sequence[float] | None = None,
-        chunk_size: int | None = None,
-        frozen_aux: bool = False,
-        context_ratio: float = 0.5,
-    ) -> None:
-        super().__init__(
-            teacher_channels=teacher_channels, num_classes=num_classes, temperature=temperature, tau=tau,
-            coef_fg=coef_fg, coef_bg=coef_bg, coef_att=coef_att, coef_rel=coef_rel, stage_alpha=stage_alpha,
-            stage_weights=stage_weights, chunk_size=chunk_size, frozen_aux=frozen_aux, context_ratio=context_ratio,
-        )  # fmt: skip
-
 
 class MSSARDLoss(_ReCoKDBase):
     """MS-SARD alone: class-balanced, teacher-attention-weighted region losses + attention consistency.
@@ -501,40 +479,3 @@ class MSCALoss(_ReCoKDBase):
             chunk_size=chunk_size, frozen_aux=frozen_aux, context_ratio=context_ratio, temperature=temperature,
         )  # fmt: skip
 
-
-# --------------------------------------------------------------------------- schedule
-
-
-class KDWeightSchedule:
-    """``lambda(epoch)`` of ``L_seg + lambda L_KD`` (kd-methods §2.7: 0.01, linear warm-up over 600 epochs).
-
-    ``kind="warmup"``: 0 before ``start_epoch``, then linear to ``weight`` at
-    ``start_epoch + warmup_epochs``, constant after. ``kind="constant"``: ``weight`` from
-    ``start_epoch`` on (0 before). ``epoch`` may be fractional (``epoch + step / steps``).
-
-    Example:
-        >>> s = KDWeightSchedule(weight=0.01, warmup_epochs=600)
-        >>> s(0), s(300), s(600), s(900)
-        (0.0, 0.005, 0.01, 0.01)
-    """
-
-    KINDS = ("warmup", "constant")
-
-    def __init__(self, weight: float = 0.01, warmup_epochs: float = 600, start_epoch: float = 0, kind: str = "warmup") -> None:
-        if kind not in self.KINDS:
-            raise KDConfigError(f"unknown KD weight schedule {kind!r}; choose one of {self.KINDS}")
-        if weight < 0:
-            raise KDConfigError(f"KD weight must be >= 0, got {weight}")
-        if kind == "warmup" and warmup_epochs < 0:
-            raise KDConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        self.weight, self.warmup_epochs, self.start_epoch, self.kind = float(weight), float(warmup_epochs), float(start_epoch), kind
-
-    def __call__(self, epoch: float) -> float:
-        if epoch < self.start_epoch:
-            return 0.0
-        if self.kind == "constant" or self.warmup_epochs == 0:
-            return self.weight
-        return self.weight * min(1.0, (epoch - self.start_epoch) / self.warmup_epochs)
-
-    def __repr__(self) -> str:
-        return f"KDWeightSchedule(weight={self.weight}, warmup_epochs={self.warmup_epochs}, start_epoch={self.start_epoch}, kind={self.kind!r})"
