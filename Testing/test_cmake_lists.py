@@ -68,7 +68,7 @@ def test_every_file_the_modules_need_is_listed(lists_tool):
     library = expected["ReCoKDLib"]["MODULE_PYTHON_SCRIPTS"]
     on_disk = sorted(p.relative_to(ROOT / "ReCoKDLib").as_posix() for p in (ROOT / "ReCoKDLib").rglob("*.py")
                      if "__pycache__" not in p.parts)
-    assert library == on_disk and "mrml.py" in library and "__init__.py" in library
+    assert library == on_disk and "mrml/__init__.py" in library and "__init__.py" in library
 
 
 def test_update_script_finds_and_fixes_stale_lists(lists_tool, tmp_path):

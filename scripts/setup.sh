@@ -31,7 +31,7 @@ else
   pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   echo "setup: installing torch (CPU build) first"
   "${pip[@]}" -c "$constraints" "torch==2.13.0"
-  echo "setup: installing ReCoKD and its pinned dependencies (runtime, export, MRML, tests)"
+  echo "setup: installing ReCoKD and its pinned dependencies (runtime, export, MRML, rendering, nnU-Net, tests)"
   "${pip[@]}" -c "$constraints" -e ".[test]"
   echo "$want" > "$stamp"
 fi
@@ -46,6 +46,18 @@ if command -v apt-get >/dev/null 2>&1; then
     else
       echo "setup: note: run 'sudo apt-get update' once so 'recokd data fetch' can download mricron-data" >&2
     fi
+  fi
+fi
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser), and
+# offscreen rendering needs EGL/Mesa. Install them once if missing and we may (root).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's chromium and EGL/Mesa (browser and rendering tests)"
+    apt-get install -y -qq chromium libegl1 libgl1-mesa-dri >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium libegl1 libgl1-mesa-dri >/dev/null 2>&1; } \
+      || echo "setup: could not install chromium; the browser tests will fail until 'apt-get install chromium'" >&2
+  else
+    echo "setup: note: run 'sudo apt-get install chromium libegl1 libgl1-mesa-dri' for the browser and rendering tests" >&2
   fi
 fi
 echo "setup: done. Activate with: source .venv/bin/activate"

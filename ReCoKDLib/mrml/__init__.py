@@ -1,7 +1,8 @@
 """The MRML bridge: numpy arrays with exact geometry <-> 3D Slicer nodes.
 
-This is the only module of ``ReCoKDLib`` that imports ``slicer``, and it imports only its MRML
-classes and ``slicer.util``'s array helpers: no Qt, no ``slicer.app``, no ``slicer.modules``.
+This package is the only part of ``ReCoKDLib`` that imports ``slicer``, and it imports only its MRML
+classes, displayable managers and ``slicer.util``'s array helpers: no Qt, no ``slicer.app``, no
+``slicer.modules``.
 It therefore runs inside the Slicer application and with the Qt-free ``slicer-core`` wheel
 (``pip install slicer-core``), which is how the tests exercise it. Every function takes the
 ``vtkMRMLScene`` as an argument (``slicer.mrmlScene`` does not exist in ``slicer-core``).
