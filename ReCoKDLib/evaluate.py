@@ -57,6 +57,7 @@ def dice_hd95(
     reference: np.ndarray,
     num_classes: int,
     spacing: Sequence[float] | None = None,
+    ignored: np.ndarray | None = None,
 ) -> tuple[list[float], list[float | None]]:
     """Per foreground class Dice and HD95 of two ``(D, H, W)`` label maps.
 
@@ -64,6 +65,8 @@ def dice_hd95(
         prediction, reference: integer label maps on the same grid.
         num_classes: ``K`` (background included); classes ``1..K-1`` are scored.
         spacing: ``(D, H, W)`` voxel size in mm for HD95 (voxels when ``None``).
+        ignored: ``(D, H, W)`` bool, voxels that count nowhere (nnU-Net's ignore label): both maps
+            are set to background there before scoring.
 
     Returns:
         ``(dice, hd95)``, each a list of ``K - 1`` values (see the module table for empty classes).
@@ -75,6 +78,9 @@ def dice_hd95(
     prediction, reference = np.asarray(prediction), np.asarray(reference)
     if prediction.shape != reference.shape or prediction.ndim != 3:
         raise EvaluationError(f"prediction {prediction.shape} and reference {reference.shape} must be (D, H, W) on one grid")
+    if ignored is not None:
+        ignored = np.asarray(ignored, bool)
+        prediction, reference = np.where(ignored, 0, prediction), np.where(ignored, 0, reference)
     p = one_hot(torch.as_tensor(prediction.astype(np.int64))[None, None], num_classes)
     r = one_hot(torch.as_tensor(reference.astype(np.int64))[None, None], num_classes)
     dice = compute_dice(p, r, include_background=False, ignore_empty=False)[0].tolist()
@@ -204,6 +210,25 @@ def _loss_figure(logs: Mapping[str, Any]) -> bytes | None:
     return _png(fig)
 
 
+def _slicer_overlay(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, geometry, classes,
+                    cache: list) -> bytes | None:
+    """The prediction (fill) and label (outline) drawn by 3D Slicer's own slice views
+    (:func:`ReCoKDLib.mrml.views.render_overlay_png`); ``None`` without the ``render`` extra or
+    when offscreen rendering fails (the matplotlib figure is used instead). ``cache`` keeps the
+    offscreen scene between calls."""
+    try:
+        from ReCoKDLib.mrml.views import OffscreenViews, render_overlay_png
+    except ImportError:
+        return None
+    try:
+        if not cache:
+            cache.append(OffscreenViews(size=(320, 320)))
+        return render_overlay_png(image, geometry, prediction, label, classes, views=cache[0])
+    except Exception as exc:  # noqa: BLE001 - a picture must never fail an evaluation (e.g. no EGL driver)
+        warnings.warn(f"Slicer offscreen rendering failed ({exc}); the report uses matplotlib pictures", stacklevel=2)
+        return None
+
+
 def _overlay_figure(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, geometry, title: str, n_slices: int = 3) -> bytes:
     """Slices ``k`` of ``(D, H, W)`` arrays in radiological display (anterior up, patient's right on
     the left) when the volume is roughly axial, with the prediction filled and the label outlined."""
@@ -263,6 +288,17 @@ def _latency(model, image, geometry, repeats: int, overlap: float, amp: bool = F
     return float(statistics.median(times))
 
 
+def _ignored_voxels(card: Any, label: np.ndarray) -> np.ndarray | None:
+    """``(D, H, W)`` bool where ``label`` holds the ignore label of the model's card (nnU-Net
+    ``"ignore"``), or ``None`` when the card has no ignore label."""
+    from ReCoKDLib.nnunet.labels import label_spec_from_card
+
+    spec = label_spec_from_card(card)
+    if spec is None or spec.ignore_label is None:
+        return None
+    return np.asarray(label) == spec.ignore_label
+
+
 def evaluate_models(
     models: Mapping[str, Any],
     cases: Sequence[Any],
@@ -311,6 +347,7 @@ def evaluate_models(
 
     results: dict[str, dict[str, Any]] = {}
     overlays: dict[str, bytes] = {}
+    slicer_views: list = []  # one offscreen Slicer scene for every model's picture (render extra)
     step = 0
     for name, source in models.items():
         model = source if isinstance(source, LoadedModel) else load_model(source, device="cpu")
@@ -319,12 +356,15 @@ def evaluate_models(
         first = None
         for case_id, images, label_path in case_list:
             image, label, geometry = _read_case(images, label_path)
+            ignored = _ignored_voxels(model.card, label)
+            if ignored is not None:
+                label = np.where(ignored, 0, label)
             if int(label.max()) >= len(classes) or int(label.min()) < 0:
                 raise EvaluationError(
                     f"label {label_path} holds values up to {int(label.max())} but model {name!r} has classes {classes}")
             result = segment_volume(model, image, geometry, mirror=mirror, overlap=overlap, device=device)
             spacing_dhw = tuple(reversed(geometry.spacing))
-            dice, hd = dice_hd95(result.labels, label, len(classes), spacing_dhw)
+            dice, hd = dice_hd95(result.labels, label, len(classes), spacing_dhw, ignored)
             per_case[case_id] = {
                 "dice": dict(zip(classes[1:], dice)), "hd95": dict(zip(classes[1:], hd)), "seconds": result.seconds}
             if first is None:
@@ -356,7 +396,8 @@ def evaluate_models(
             "source": model.source,
             "cases": per_case,
         }
-        overlays[name] = _overlay_figure(image[0], label, prediction, geometry, name, overlay_slices)
+        overlays[name] = (_slicer_overlay(image[0], label, prediction, geometry, classes, slicer_views)
+                          or _overlay_figure(image[0], label, prediction, geometry, name, overlay_slices))
         if reporter is not None:
             reporter.metrics("evaluate", {"model": name, "mean_dice": results[name]["mean_dice"], "dice": dice_mean})
 

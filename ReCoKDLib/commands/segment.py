@@ -94,6 +94,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16/bf16 on CUDA)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--probabilities", metavar="PATH", help="also write the (K, D, H, W) class probabilities here")
+    parser.add_argument("--png", metavar="DIR",
+                        help="also write Slicer-rendered axial/coronal/sagittal/3D pictures of the result here (render extra)")
     add_model_arguments(parser)
     add_progress_argument(parser)
 
@@ -108,12 +110,23 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--sw-batch-size must be at least 1; got {args.sw_batch_size}")
         device = resolve_device(args.device)
         roi = ROI.parse(args.roi, args.roi_space) if args.roi else None
+        if getattr(args, "png", None):
+            from ReCoKDLib.mrml.views import require_render_extra
+
+            require_render_extra()  # fail before the (long) inference, not after
         model = load_from_args(args.model, args, "cpu")
         images = [args.image] + list(args.channel)
         result = segment_file(model, images if len(images) > 1 else args.image, args.out, roi=roi, mirror=args.mirror,
                               overlap=args.overlap, device=device, probabilities_path=args.probabilities,
                               reporter=reporter, amp=args.amp, sw_batch_size=args.sw_batch_size)
         counts = {name: int((result.labels == i).sum()) for i, name in enumerate(result.class_names) if i}
+        if getattr(args, "png", None):
+            from ReCoKDLib.data.io import read_image
+            from ReCoKDLib.mrml.views import render_segmentation_pngs
+
+            image, geometry = read_image(args.image, allow_channels=True)
+            render_segmentation_pngs(image, geometry, result.labels, result.class_names, args.png,
+                                     prefix=f"{Path(args.out).name.split('.')[0]}_")
         reporter.done(STAGE, path=str(Path(args.out)), seconds=round(result.seconds, 3), voxels=counts,
                       message=f"wrote {args.out} ({result.seconds:.1f} s on {result.device})")
 
