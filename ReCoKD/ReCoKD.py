@@ -4,7 +4,10 @@ A thin panel (:class:`ReCoKDWidget`) over a logic (:class:`ReCoKDLogic`) that wo
 Python console without the GUI. Long jobs (distillation, teacher training, inference on large
 volumes) run in a child process, ``PythonSlicer -m ReCoKDLib <subcommand> ... --progress json``,
 whose JSON-lines progress is read without blocking the GUI (:class:`JobProgress`). The numeric
-work lives in ``ReCoKDLib``; ``ReCoKDLib.mrml`` converts between arrays and MRML nodes.
+work lives in ``ReCoKDLib``; ``ReCoKDLib.mrml`` converts between arrays and MRML nodes, and the
+scene-level work (segment a volume node, region-mask and overlay nodes, ``.seg.nrrd`` export) is
+``ReCoKDLib.mrml.logic.SceneLogic``, which ``recokd serve`` (the browser front end) uses too.
+The teacher is a model file, an nnU-Net v2 model folder or a preset (``preset:hd-bet``).
 
 Python console examples::
 
@@ -111,8 +114,9 @@ class ReCoKDParameterNode:
     """The panel's state, saved with the scene (every field is bound in ReCoKD.ui through its
     ``SlicerParameterName`` property)."""
 
-    # Teacher
+    # Teacher: a model file or an nnU-Net v2 model folder, or a preset (which then wins)
     teacherPath: pathlib.Path
+    teacherPreset: str = ""
     # Data
     dataFolder: pathlib.Path
     trainingVolume: vtkMRMLScalarVolumeNode
@@ -301,8 +305,10 @@ class DistillOptions:
     def validate(self) -> list:
         """Human-readable problems; empty when the options can run."""
         problems = []
-        if not self.teacher or not pathlib.Path(self.teacher).is_file():
-            problems.append(_("Select a teacher weights file (or train a teacher first)."))
+        teacher = str(self.teacher or "")
+        if not teacher or not (teacher.startswith("preset:") or pathlib.Path(teacher).exists()):
+            problems.append(_("Select a teacher: a weights file, an nnU-Net model folder or a preset "
+                              "(or train a teacher first)."))
         if not self.dataset or not pathlib.Path(self.dataset).is_dir():
             problems.append(_("Select labelled data: an nnU-Net folder or a volume + segmentation pair."))
         if not self.outputFolder:
@@ -380,34 +386,18 @@ def cropGeometry(geometry, box):
 def selectMapKey(keys, level: int, mapChoice: str, className: str = "") -> str:
     """Pick the map for the panel's choices among ``ReCoKDLib.inspection.compute_maps`` keys
     (``"<level>/<name>[/<class>]"``, e.g. ``"0/teacher_spatial_attention"``, ``"1/class_mask/2"``).
-    ``className`` is the class part of the key (the class id for ReCo-KD's class masks).
+    ``className`` is the class part of the key (the class id for ReCo-KD's class masks). The rule
+    is the library's (``ReCoKDLib.inspection.select_map_key``), shared with ``recokd serve``.
 
     Raises:
         ReCoKDInputError: nothing matches; the message lists what is available at that level.
     """
-    names = {
-        "teacher attention": ("teacher_spatial_attention", "teacher_attention"),
-        "student attention": ("student_spatial_attention", "student_attention"),
-        "teacher affinity": ("teacher_affinity",),
-        "student affinity": ("student_affinity",),
-        "difference": ("discrepancy",),
-        "region mask": ("class_mask", "fg_mask", "region_mask"),
-    }.get(mapChoice)
-    if names is None:
-        raise ReCoKDInputError(f"unknown map {mapChoice!r}; choose one of {list(MAP_CHOICES)}")
-    atLevel = [k for k in keys if k.split("/")[0] == str(level)]
-    parts = {k: k.split("/") for k in atLevel}
-    withClass = [k for n in names for k in atLevel if parts[k][1] == n and parts[k][2:] == [className]]
-    plain = [k for n in names for k in atLevel if parts[k][1] == n and len(parts[k]) == 2]
-    anyClass = [k for n in names for k in atLevel if parts[k][1] == n]
-    # a class asked for: its map, else a map that has no classes (attention, affinity, difference)
-    for candidates in ((withClass, plain if mapChoice != "region mask" else []) if className else (plain, anyClass)):
-        if candidates:
-            return candidates[0]
-    raise ReCoKDInputError(
-        _("No {choice} map for level {level}{cls}; available: {keys}").format(
-            choice=mapChoice, level=level, cls=f" and class {className!r}" if className else "",
-            keys=", ".join(sorted(atLevel)) or _("none")))
+    from ReCoKDLib.inspection import InspectionError, select_map_key
+
+    try:
+        return select_map_key(keys, level, mapChoice, className)
+    except InspectionError as exc:
+        raise ReCoKDInputError(str(exc)) from None
 
 
 #
@@ -615,7 +605,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         self.schedule = schedule or _qtSchedule
         self.python = python
         self.job = None
-        self._models = {}
+        self._models = None  # ReCoKDLib.mrml.logic.ModelCache, made on first use
+        self._sceneLogic = None
 
     def getParameterNode(self):
         return ReCoKDParameterNode(super().getParameterNode())
@@ -680,14 +671,15 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeModel(path) -> str:
-        """One-line summary of a model file's card (classes, spacing, role), read without torch."""
-        from ReCoKDLib.checkpoint import read_model_card
+        """One-line summary of a model source: a model file's card (read without torch), an nnU-Net
+        model folder's classes and spacing, or a teacher preset (``preset:<name>``).
 
-        card = read_model_card(path)
-        spacing = " x ".join(f"{s:g}" for s in card.spacing)
-        return _("{role}: {n} classes ({names}); spacing {spacing} mm; patch {patch}").format(
-            role=card.role, n=card.num_classes - 1, names=", ".join(card.classes[1:]), spacing=spacing,
-            patch=" x ".join(str(p) for p in card.patch_size))
+        Raises:
+            ValueError: not a model (``ReCoKDLib.mrml.logic.SceneLogicError``).
+        """
+        from ReCoKDLib.mrml.logic import describe_model_source
+
+        return describe_model_source(path)
 
     @staticmethod
     def describeDataset(folder) -> str:
@@ -698,7 +690,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         summary = dataset.summary()
         return _("{n} training / {m} test cases; classes: {classes}").format(
             n=len(dataset.training_cases()), m=len(dataset.test_cases()),
-            classes=", ".join(dataset.class_names()[1:])) + (
+            classes=", ".join(dataset.class_names[1:])) + (
             "; " + _("spacing {s}").format(s=summary["spacing"]) if "spacing" in summary else "")
 
     def exportSceneCase(self, volumeNode, segmentationNode, folder, classNames=None) -> pathlib.Path:
@@ -707,23 +699,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         Segments map to classes by name (``classNames``, background first); without it, segment
         order defines the classes. Returns the dataset folder.
         """
-        from ReCoKDLib import mrml
-        from ReCoKDLib.data.io import write_image
-        from ReCoKDLib.data.layout import write_dataset_json
-
         if volumeNode is None or segmentationNode is None:
             raise ReCoKDInputError(_("Select both a training volume and its segmentation."))
-        if classNames is None:
-            segmentation = segmentationNode.GetSegmentation()
-            classNames = ["background"] + [segmentation.GetNthSegment(i).GetName()
-                                           for i in range(segmentation.GetNumberOfSegments())]
-        image, geometry = mrml.array_from_volume_node(volumeNode)
-        labels = mrml.labelmap_from_segmentation_node(segmentationNode, volumeNode, classNames if classNames else None)
-        folder = pathlib.Path(folder)
-        write_image(image, geometry, folder / "imagesTr" / "scene_000_0000.nii.gz")
-        write_image(labels, geometry, folder / "labelsTr" / "scene_000.nii.gz")
-        write_dataset_json(folder, ["CT"], list(classNames), 1)
-        return folder
+        return self.sceneLogic(volumeNode.GetScene()).export_scene_case(volumeNode, segmentationNode, folder,
+                                                                        classNames)
+
+    def exportSegmentation(self, segmentationNode, path) -> pathlib.Path:
+        """Write a segmentation node as ``.seg.nrrd`` (atomic; names and colours kept)."""
+        if segmentationNode is None:
+            raise ReCoKDInputError(_("Segment a volume first."))
+        return self.sceneLogic(segmentationNode.GetScene()).export_segmentation(segmentationNode, path)
 
     # -- child jobs -----------------------------------------------------------------------------
 
@@ -765,38 +750,81 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
     # -- segmentation ---------------------------------------------------------------------------
 
-    def _loadModel(self, path, device="auto"):
-        from ReCoKDLib import teachers
+    def sceneLogic(self, scene):
+        """The scene-level logic (``ReCoKDLib.mrml.logic.SceneLogic``) for ``scene``, shared with
+        ``recokd serve``; loaded models are kept across calls (a teacher and a student)."""
+        from ReCoKDLib.mrml.logic import ModelCache, SceneLogic
 
-        path = pathlib.Path(path)
-        key = (str(path.resolve()), path.stat().st_mtime, device)
-        if key not in self._models:
-            self._models = {key: teachers.load_model(path, device)}  # keep one model in memory
-        return self._models[key]
+        if self._models is None:
+            self._models = ModelCache(size=2)
+        if self._sceneLogic is None or self._sceneLogic.scene is not scene:
+            self._sceneLogic = SceneLogic(scene, self._models)
+        return self._sceneLogic
+
+    def _loadModel(self, path, device="auto"):
+        from ReCoKDLib.mrml.logic import ModelCache
+
+        if self._models is None:
+            self._models = ModelCache(size=2)
+        return self._models.get(path, device)
+
+    @staticmethod
+    def teacherSource(path="", preset="") -> str:
+        """What the Teacher section names: ``preset:<name>`` when a preset is chosen, else the
+        path (a model file or an nnU-Net v2 model folder)."""
+        from ReCoKDLib.mrml.logic import PRESET_PREFIX
+
+        preset = (preset or "").strip()
+        if preset:
+            return preset if preset.startswith(PRESET_PREFIX) else PRESET_PREFIX + preset
+        return str(path or "")
+
+    @staticmethod
+    def teacherPresets() -> list:
+        """Names of the teacher presets (``ReCoKDLib.teacher_presets``); empty when unavailable."""
+        from ReCoKDLib.mrml.logic import available_presets
+
+        return available_presets()
+
+    def modelClasses(self, source) -> list:
+        """Class names (background first) of a model source: a file's card is read without torch;
+        folders and presets are loaded (and kept for the next segmentation)."""
+        if pathlib.Path(str(source)).is_file():
+            from ReCoKDLib.checkpoint import read_model_card
+
+            return list(read_model_card(source).classes)
+        return list(self._loadModel(source).card.classes)
+
+    @staticmethod
+    def isModelSource(source) -> bool:
+        """True for an existing model file, an nnU-Net model folder or a ``preset:`` name."""
+        from ReCoKDLib.mrml.logic import SceneLogicError, model_source_kind
+
+        try:
+            model_source_kind(source)
+        except SceneLogicError:
+            return False
+        return True
 
     def segment(self, volumeNode, modelPath, roiNode=None, device="auto", name=None):
-        """Segment ``volumeNode`` with a teacher or student file, in this process (blocking).
+        """Segment ``volumeNode`` with a teacher or student (a model file, an nnU-Net model folder
+        or ``preset:<name>``), in this process (blocking).
 
         Returns a new segmentation node on the volume's exact grid with named, coloured segments,
         placed beside the volume in the subject hierarchy. With ``roiNode`` (Markups ROI) only
         the voxels inside it are computed; the rest is background.
         """
-        import numpy as np
-        from ReCoKDLib import infer, mrml
+        from ReCoKDLib import mrml
 
         if volumeNode is None:
             raise ReCoKDInputError(_("Select an input volume."))
-        if not modelPath or not pathlib.Path(modelPath).is_file():
+        if not modelPath or not self.isModelSource(modelPath):
             raise ReCoKDInputError(_("Select a model file (a distilled student or a teacher)."))
         array, geometry = mrml.array_from_volume_node(volumeNode)
-        box = self._roiBox(roiNode, geometry, array.shape)
-        model = self._loadModel(modelPath, device)
-        started = time.perf_counter()
-        crop = cropGeometry(geometry, box)
-        labels = np.zeros(array.shape, dtype=np.uint8)
-        labels[box] = np.asarray(infer.segment_array(model, array[box], crop.ijk_to_ras()))
-        seconds = time.perf_counter() - started
-        return self._segmentationFromLabels(volumeNode, labels, geometry, model.card.classes, modelPath, seconds, name)
+        logic = self.sceneLogic(volumeNode.GetScene())
+        node = logic.segment(volumeNode, modelPath, self._roiBox(roiNode, geometry, array.shape), device, name)
+        self.lastSegmentationSeconds = float(node.GetAttribute("ReCoKD.Seconds") or 0.0)
+        return node
 
     @staticmethod
     def _roiBox(roiNode, geometry, shape):
@@ -806,33 +834,20 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         roiNode.GetRASBounds(bounds)
         return roiVoxelBox(bounds, geometry.ijk_to_ras(), shape)
 
-    def _segmentationFromLabels(self, volumeNode, labels, geometry, classNames, modelPath, seconds, name=None):
-        from ReCoKDLib import mrml
-
-        scene = volumeNode.GetScene()
-        node = mrml.segmentation_node_from_labelmap(
-            scene, labels, geometry, classNames, name=name or f"{volumeNode.GetName()} ReCoKD",
-            reference_volume=volumeNode)
-        mrml.place_beside(node, volumeNode)
-        node.SetAttribute("ReCoKD.Model", str(modelPath))
-        node.SetAttribute("ReCoKD.Seconds", f"{seconds:.2f}")
-        self.lastSegmentationSeconds = seconds
-        return node
-
     def segmentInBackground(self, volumeNode, modelPath, roiNode=None, device="auto", callback=None, finished=None):
         """Segment in a child process (large volumes): the volume (or its ROI crop) is written to
         a temporary NRRD, ``recokd segment`` writes the labels, and ``finished(job, node)`` gets
         the new segmentation node."""
         from ReCoKDLib import mrml
-        from ReCoKDLib.checkpoint import read_model_card
         from ReCoKDLib.data.io import read_image, write_image
+        from ReCoKDLib.mrml.logic import SegmentationOutput
 
         array, geometry = mrml.array_from_volume_node(volumeNode)
         box = self._roiBox(roiNode, geometry, array.shape)
         folder = pathlib.Path(tempfile.mkdtemp(prefix="ReCoKD-segment-"))
         image = write_image(array[box], cropGeometry(geometry, box), folder / "input.nrrd", compress=False)
         output = folder / "labels.nrrd"
-        classes = read_model_card(modelPath).classes
+        classes = self.modelClasses(modelPath)
         started = time.perf_counter()
 
         def done(job):
@@ -842,8 +857,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
                 labels = np.zeros(array.shape, dtype=np.uint8)
                 labels[box] = read_image(output)[0]
-                node = self._segmentationFromLabels(volumeNode, labels, geometry, classes, modelPath,
-                                                    time.perf_counter() - started)
+                result = SegmentationOutput(labels, geometry, list(classes), str(modelPath),
+                                            time.perf_counter() - started)
+                node = self.sceneLogic(volumeNode.GetScene()).add_segmentation(volumeNode, result)
             shutil.rmtree(folder, ignore_errors=True)
             if finished is not None:
                 finished(job, node)
@@ -866,60 +882,34 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             ``{"<level>/<name>[/<class>]": (D, H, W) float32 array}`` on the volume's grid
             (zero outside the ROI).
         """
-        import numpy as np
-        from ReCoKDLib import inspection, mrml
-        from ReCoKDLib.data.io import crop as cropGrid
+        from ReCoKDLib import mrml
 
+        if volumeNode is None:
+            raise ReCoKDInputError(_("Select an input volume."))
         array, geometry = mrml.array_from_volume_node(volumeNode)
         box = self._roiBox(roiNode, geometry, array.shape)
-        start = [b.start or 0 for b in box]
-        size = [(n if b.stop is None else b.stop) - a for b, a, n in zip(box, start, array.shape)]
-        crop, cropGeometry = cropGrid(array, geometry, start, size)
-        teacher, student = self._loadModel(teacherPath, device), self._loadModel(studentPath, device)
-        cropLabels = None if labels is None else np.asarray(labels)[box]
-        maps = inspection.inspect_volume(teacher, student, crop, cropGeometry, cropLabels, method=method,
-                                         kd_state=inspection.load_trained_kd_state(studentPath))
-        out = {}
-        for key, value in maps.items():
-            full = np.zeros(array.shape, np.float32)
-            full[box] = value
-            out[key] = full
-        return out
+        return self.sceneLogic(volumeNode.GetScene()).compute_maps(volumeNode, teacherPath, studentPath, labels,
+                                                                   method, device, box)
+
+    def _classKey(self, teacherPath, className, device="cpu") -> str:
+        from ReCoKDLib.mrml.logic import class_key
+
+        return class_key(self._loadModel(teacherPath, device).card.classes, className)
 
     def showRegionMask(self, volumeNode, teacherPath, studentPath, level=0, className="", labels=None, roiNode=None):
         """The class-aware region mask of ``level`` (and its weight, as the segment's name) as a
         segmentation node on the volume's grid."""
-        import numpy as np
-        from ReCoKDLib import mrml
-
-        from ReCoKDLib.checkpoint import read_model_card
-
         maps = self.computeMaps(volumeNode, teacherPath, studentPath, labels, roiNode=roiNode)
-        classes = read_model_card(teacherPath).classes
-        classKey = str(classes.index(className)) if className in classes else className
-        key = selectMapKey(maps, level, "region mask", classKey)
-        _array, geometry = mrml.array_from_volume_node(volumeNode)
-        values = np.asarray(maps[key])  # the region's voxels carry its weight (ReCo-KD: inverse region size)
-        mask = (values > 0).astype(np.uint8)
-        weight = float(values.max())
-        title = f"{className or 'foreground'} level {level} (weight {weight:.3g})"
-        node = mrml.segmentation_node_from_labelmap(volumeNode.GetScene(), mask, geometry, ["background", title],
-                                                    name=f"ReCoKD region mask {key}", reference_volume=volumeNode)
-        mrml.place_beside(node, volumeNode)
-        return node
+        logic = self.sceneLogic(volumeNode.GetScene())
+        return logic.add_region_mask(volumeNode, maps, level, self._classKey(teacherPath, className), className)
 
     def showAffinity(self, volumeNode, teacherPath, studentPath, level=0, mapName="teacher affinity",
                      className="", opacity=0.5, labels=None, roiNode=None):
         """A teacher/student attention or affinity map, or their difference, as a scalar volume
         in the foreground of the slice views with a colour map (diverging for the difference)."""
-        from ReCoKDLib import mrml
-
         maps = self.computeMaps(volumeNode, teacherPath, studentPath, labels, roiNode=roiNode)
-        key = selectMapKey(maps, level, mapName, className)
-        _array, geometry = mrml.array_from_volume_node(volumeNode)
-        colormap = "Diverging" if mapName == "difference" else "Inferno"  # matplotlib is in requirements.txt
-        node = mrml.overlay_volume_from_array(volumeNode.GetScene(), maps[key], geometry, f"ReCoKD {key}", colormap)
-        mrml.place_beside(node, volumeNode)
+        logic = self.sceneLogic(volumeNode.GetScene())
+        node = logic.add_overlay(volumeNode, maps, level, mapName, self._classKey(teacherPath, className))
         slicer.util.setSliceViewerLayers(background=volumeNode, foreground=node, foregroundOpacity=opacity)
         return node
 
@@ -989,6 +979,9 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showRegionMaskButton.connect("clicked(bool)", self.onShowRegionMaskButton)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.teacherPathLineEdit.connect("currentPathChanged(QString)", self.onTeacherChanged)
+        self.ui.teacherFolderButton.connect("clicked(bool)", self.onTeacherFolderButton)
+        self.ui.teacherPresetComboBox.addItems([""] + self.logic.teacherPresets())
+        self.ui.teacherPresetComboBox.connect("currentTextChanged(QString)", lambda text: self.onTeacherChanged())
         self.ui.dataFolderLineEdit.connect("currentPathChanged(QString)", self.onDataChanged)
         self.initializeParameterNode()
 
@@ -1042,8 +1035,8 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _distillProblems(self) -> list:
         p = self._parameterNode
         problems = []
-        if not p.teacherPath or not pathlib.Path(p.teacherPath).is_file():
-            problems.append(_("Select a teacher weights file."))
+        if not self.logic.isModelSource(self._teacherSource()):
+            problems.append(_("Select a teacher: a weights file, an nnU-Net model folder or a preset."))
         if not (p.dataFolder and pathlib.Path(p.dataFolder).is_dir()) and not (p.trainingVolume and p.trainingSegmentation):
             problems.append(_("Select labelled data (a folder, or a volume and its segmentation)."))
         if not p.outputFolder or str(p.outputFolder) in ("", "."):
@@ -1059,7 +1052,10 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _segmentModelPath(self):
         p = self._parameterNode
-        path = p.teacherPath if p.segmentModel == "teacher" else p.studentPath
+        if p.segmentModel == "teacher":
+            source = self._teacherSource()
+            return source if self.logic.isModelSource(source) else None
+        path = p.studentPath
         return str(path) if path and pathlib.Path(path).is_file() else None
 
     def _checkCanApply(self, caller=None, event=None) -> None:
@@ -1075,25 +1071,42 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = not problems
         self.ui.segmentButton.toolTip = "\n".join(problems) or _("Segment the input volume")
         p = self._parameterNode
-        inspectReady = bool(p.inputVolume and pathlib.Path(p.teacherPath).is_file() and pathlib.Path(p.studentPath).is_file())
+        inspectReady = bool(p.inputVolume and self.logic.isModelSource(self._teacherSource())
+                            and pathlib.Path(p.studentPath).is_file())
         for button in (self.ui.showMapButton, self.ui.showRegionMaskButton):
             button.enabled = inspectReady
             button.toolTip = "" if inspectReady else _("Needs an input volume, a teacher and a distilled student.")
 
     # -- actions --------------------------------------------------------------------------------
 
-    def onTeacherChanged(self, path) -> None:
-        text = ""
-        if path and pathlib.Path(path).is_file():
-            try:
-                text = self.logic.describeModel(path)
-                from ReCoKDLib.checkpoint import read_model_card
+    def _teacherSource(self) -> str:
+        p = self._parameterNode
+        return self.logic.teacherSource(p.teacherPath if p.teacherPath else "", p.teacherPreset)
 
-                self.ui.classComboBox.clear()
-                self.ui.classComboBox.addItems(read_model_card(path).classes[1:])
+    def onTeacherChanged(self, path=None) -> None:
+        """Describe the teacher (file, nnU-Net folder or preset): classes and spacing."""
+        if self._parameterNode is None:
+            return
+        source = self._teacherSource()
+        text = ""
+        if source and source not in ("", "."):
+            try:
+                text = self.logic.describeModel(source)
+                if pathlib.Path(source).is_file():  # folders and presets are not loaded on the GUI thread
+                    self.ui.classComboBox.clear()
+                    self.ui.classComboBox.addItems(self.logic.modelClasses(source)[1:])
             except ValueError as exc:
-                text = _("Not a ReCoKD model file: {error}").format(error=exc)
+                text = _("Not a usable teacher: {error}").format(error=exc)
         self.ui.teacherInfoLabel.text = text
+        self._checkCanApply()
+
+    def onTeacherFolderButton(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(
+            self.parent, _("nnU-Net v2 model folder (Trainer__Plans__Configuration)"))
+        if folder:
+            self._parameterNode.teacherPreset = ""
+            self._parameterNode.teacherPath = pathlib.Path(folder)
+            self.onTeacherChanged()
 
     def onDataChanged(self, path) -> None:
         text = ""
@@ -1124,7 +1137,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             self.ui.logTextEdit.clear()
-            self.logic.distill(p.teacherPath, self._trainingData(), p.outputFolder, p.method,
+            self.logic.distill(self._teacherSource(), self._trainingData(), p.outputFolder, p.method,
                                int(p.studentReduction), p.steps, p.device, p.resume,
                                callback=self._onJobOutput, finished=self._onDistillFinished)
             self._showPlot()
@@ -1199,7 +1212,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _inspectArguments(self):
         p = self._parameterNode
-        return p.inputVolume, str(p.teacherPath), str(p.studentPath), p.inspectLevel, p.inspectClass
+        return p.inputVolume, self._teacherSource(), str(p.studentPath), p.inspectLevel, p.inspectClass
 
     def onShowMapButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to compute the map."), waitCursor=True):

@@ -109,7 +109,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
             f"{' (' + culprit + ')' if culprit else ''}. Nothing of it was run. ReCoKD loads tensors and "
             f"plain containers only; re-save the weights as a state dict (torch.save(model.state_dict(), ...))."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as exc:  # IndexError: garbage bytes
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a torch file ({exc})") from None
 
 
@@ -130,6 +130,9 @@ class ModelCard:
         tap_names: module names of the distilled feature levels.
         metrics, kd, provenance: free-form records (validation Dice, KD configuration, hashes,
             library versions, dataset).
+        label_spec: region-based labels / ignore label as in a dataset.json (``{"labels": {...},
+            "regions_class_order": [...]}``); with regions the network has one sigmoid output per
+            region and ``classes`` names the values of the painted label map.
     """
 
     architecture: dict[str, Any]
@@ -143,6 +146,9 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     kd: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: nnU-Net label semantics of the outputs (``nnunet.labels.LabelSpec.to_dict()``: ``labels`` with
+    #: regions and the ignore label, ``regions_class_order``); empty for plain softmax classes
+    label_spec: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -23,8 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("ReCoKDLib.commands.distill", "distill a compact student from a teacher (ReCo-KD or another method)"),
     "segment": ("ReCoKDLib.commands.segment", "segment a volume with a teacher or student (sliding window, exact geometry)"),
     "evaluate": ("ReCoKDLib.commands.evaluate", "per-class Dice/HD95, size and latency of models on a test set; report"),
+    "inspect": ("ReCoKDLib.commands.inspect", "region masks and teacher/student affinity maps of an image as volumes, PNGs, HTML"),
     "export": ("ReCoKDLib.commands.export", "export a student as TorchScript and ONNX with its model card"),
     "demo": ("ReCoKDLib.commands.demo", "the main job on real CT: teacher, plain student, distilled student, report"),
+    "serve": ("ReCoKDLib.commands.serve", "the web app: load a volume, segment, inspect maps, download (127.0.0.1)"),
 }
 
 

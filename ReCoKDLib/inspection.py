@@ -246,3 +246,44 @@ def inspect_volume(
         else:
             out[key] = restore_to_original(on_grid[None], pre, fill="zero")[0].astype(np.float32)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a map by what a person asks for (the Slicer Inspect section and ``recokd serve``)
+
+#: the map choices offered to people, and the map names (of :func:`compute_maps` keys) behind each
+MAP_CHOICE_NAMES = {
+    "teacher attention": ("teacher_spatial_attention", "teacher_attention"),
+    "student attention": ("student_spatial_attention", "student_attention"),
+    "teacher affinity": ("teacher_affinity",),
+    "student affinity": ("student_affinity",),
+    "difference": ("discrepancy",),
+    "region mask": ("class_mask", "fg_mask", "region_mask"),
+}
+MAP_CHOICES = tuple(MAP_CHOICE_NAMES)
+
+
+def select_map_key(keys, level: int, choice: str, class_key: str = "") -> str:
+    """The key among ``keys`` (``"<level>/<name>[/<class>]"``) for a map choice of
+    :data:`MAP_CHOICES` at ``level``; ``class_key`` is the class part of the key (the class id
+    for ReCo-KD's class masks). With a class, its map wins, else a map without classes
+    (attention, affinity, difference); without one, a class-free map, else the first class's.
+
+    Raises:
+        InspectionError: unknown choice, or nothing matches (the message lists the level's keys).
+    """
+    names = MAP_CHOICE_NAMES.get(choice)
+    if names is None:
+        raise InspectionError(f"unknown map {choice!r}; choose one of {list(MAP_CHOICES)}")
+    at_level = [k for k in keys if k.split("/")[0] == str(level)]
+    parts = {k: k.split("/") for k in at_level}
+    with_class = [k for n in names for k in at_level if parts[k][1] == n and parts[k][2:] == [str(class_key)]]
+    plain = [k for n in names for k in at_level if parts[k][1] == n and len(parts[k]) == 2]
+    any_class = [k for n in names for k in at_level if parts[k][1] == n]
+    order = (with_class, plain if choice != "region mask" else []) if class_key else (plain, any_class)
+    for candidates in order:
+        if candidates:
+            return candidates[0]
+    raise InspectionError(
+        f"No {choice} map for level {level}" + (f" and class {class_key!r}" if class_key else "")
+        + "; available: " + (", ".join(sorted(at_level)) or "none"))

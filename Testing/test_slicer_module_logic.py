@@ -506,3 +506,37 @@ def test_logic_computes_inspection_maps_on_the_volume_grid(real_mrml, recokd_on_
     assert np.allclose(region[labels == 1], region[labels == 1][0])
     for choice in ("teacher attention", "student attention", "teacher affinity", "student affinity", "difference"):
         assert np.isfinite(maps[recokd.selectMapKey(maps, 0, choice)]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# teacher choice: a model file, an nnU-Net model folder or a preset (issues 8.5, 9.5)
+
+
+def test_distill_options_accept_a_folder_or_a_preset_as_teacher(recokd, tmp_path):
+    for teacher in (str(tmp_path), "preset:hd-bet"):
+        problems = recokd.DistillOptions(teacher, str(tmp_path), str(tmp_path / "out")).validate()
+        assert problems == [], (teacher, problems)
+    args, _ = recokd.distillArguments(recokd.DistillOptions("preset:hd-bet", "data", "out"))
+    assert args[3] == "preset:hd-bet"
+
+
+@pytest.mark.mrml
+def test_teacher_sources_of_the_panel(recokd_on_core, tmp_path):
+    recokd = recokd_on_core
+    logic = recokd.ReCoKDLogic
+    models = _tiny_models(tmp_path)
+    assert logic.teacherSource(models["teacher"], "") == str(models["teacher"])
+    assert logic.teacherSource(models["teacher"], "hd-bet") == "preset:hd-bet"  # a chosen preset wins
+    assert logic.teacherSource("", "preset:hd-bet") == "preset:hd-bet"
+    assert logic.isModelSource(models["teacher"]) and logic.isModelSource("preset:hd-bet")
+    assert not logic.isModelSource(tmp_path / "missing.pt") and not logic.isModelSource("")
+    assert not logic.isModelSource(tmp_path), "an empty folder is not an nnU-Net model folder"
+    assert "2 classes (liver, spleen)" in logic.describeModel(models["teacher"])
+    assert recokd.ReCoKDLogic().modelClasses(models["student"]) == ["background", "liver", "spleen"]
+    if importlib.util.find_spec("ReCoKDLib.nnunet") is not None:
+        from test_scene_logic import fake_nnunet_folder
+
+        folder = fake_nnunet_folder(tmp_path / "nn")
+        assert logic.isModelSource(folder) and "2 classes (liver, spleen)" in logic.describeModel(folder)
+    if "hd-bet" in logic.teacherPresets():
+        assert "HD-BET" in logic.describeModel("preset:hd-bet")

@@ -153,3 +153,22 @@ def test_root_is_qmrmlwidget_and_node_widgets_receive_the_scene(ui):
 def test_five_sections_in_order(ui):
     titles = [w.findtext("property[@name='text']/string") for w in ui.iter("widget") if w.get("class") == "ctkCollapsibleButton"]
     assert titles == ["Teacher", "Data", "Distill", "Segment", "Inspect"]
+
+
+def test_teacher_section_offers_a_file_a_folder_or_a_preset(ui, module_ast):
+    """Issues 8.5 / 9.5: the Teacher section takes a model file or an nnU-Net folder (the path edit
+    accepts folders, and a button picks one) or a preset, bound to its own parameter."""
+    widgets = {w.get("name"): w for w in ui.iter("widget")}
+    path_edit = widgets["teacherPathLineEdit"]
+    assert "ctkPathLineEdit::Dirs" in path_edit.findtext("property[@name='filters']/set")
+    assert "nnU-Net" in path_edit.findtext("property[@name='toolTip']/string")
+    assert widgets["teacherPresetComboBox"].get("class") == "QComboBox"
+    assert slicer_parameter_names(ui)["teacherPreset"] == "teacherPresetComboBox"
+    assert parameter_fields(module_ast)["teacherPreset"] == "str"
+    assert widgets["teacherFolderButton"].get("class") == "QPushButton"
+    section = next(w for w in ui.iter("widget") if w.get("name") == "teacherCollapsibleButton")
+    inside = {w.get("name") for w in section.iter("widget")}
+    assert {"teacherPathLineEdit", "teacherPresetComboBox", "teacherFolderButton", "teacherInfoLabel"} <= inside
+    # the widget fills the preset list and reacts to both new widgets
+    used = ui_attribute_uses(module_ast)
+    assert {"teacherPresetComboBox", "teacherFolderButton"} <= used
