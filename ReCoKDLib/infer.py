@@ -302,7 +302,9 @@ class SegmentationResult:
 
     Attributes:
         labels: ``(D, H, W)`` uint8 (uint16 above 255 classes) on the exact input grid.
-        probabilities: ``(K, D, H, W)`` float32 class probabilities, or ``None``.
+        probabilities: ``(K, D, H, W)`` float32 class probabilities, or ``None``; for a model with
+            nnU-Net region-based labels (card ``label_spec``) ``(R, D, H, W)`` region probabilities
+            (sigmoid), ``labels`` then painted in ``regions_class_order`` (later regions overwrite).
         geometry: the input geometry (also that of ``labels``).
         class_names: the card's classes, index = label value.
         seconds: wall time of the whole call.
@@ -364,6 +366,11 @@ def segment_volume(
     dev = resolve_device(device)
     network = model.network.to(dev).eval()
     mirror_axes = (0, 1, 2) if mirror is True else (() if mirror is False else tuple(mirror))
+    if getattr(model, "kind", None) == "nnunet":  # an nnU-Net folder: nnU-Net's own preprocessing and window
+        from ReCoKDLib.nnunet.predict import segment_volume_nnunet
+
+        return segment_volume_nnunet(model, image, geometry, roi=roi, mirror=mirror, overlap=overlap, device=dev,
+                                     return_probabilities=return_probabilities, reporter=reporter)
     if reporter is not None:
         reporter.start("segment", total=None, message="preprocessing")
 
@@ -383,26 +390,37 @@ def segment_volume(
         def callback(done: int, total: int) -> None:
             reporter.progress("segment", done, total)
 
-    k = card.num_classes
+    from ReCoKDLib.nnunet.labels import label_spec_from_card, regions_to_segmentation
+
+    spec = label_spec_from_card(card)
+    regions = spec is not None and spec.has_regions  # nnU-Net region heads: sigmoid, painted in order
+    k = spec.num_heads if regions else card.num_classes
     probs = np.zeros((k,) + pre.shape, np.float32)
-    probs[0] = 1.0
+    if not regions:
+        probs[0] = 1.0
     if region is not None:
         sl = tuple(slice(a, b) for a, b in region)
         crop = torch.from_numpy(np.ascontiguousarray(pre.image[(slice(None),) + sl]))
         logits = predict_logits(network, crop, card.patch_size, overlap, mirror_axes, dev, amp, sw_batch_size, callback)
         if logits.shape[0] != k:
             raise InferenceError(
-                f"the network outputs {logits.shape[0]} channels but its card names {k} classes {card.classes}")
-        probs[(slice(None),) + sl] = torch.softmax(logits, dim=0).numpy()
-    full = restore_to_original(probs, pre)
-    labels = np.argmax(full, axis=0).astype(_label_dtype(k))
+                f"the network outputs {logits.shape[0]} channels but its card names "
+                + (f"{k} regions {spec.head_names}" if regions else f"{k} classes {card.classes}"))
+        probs[(slice(None),) + sl] = (torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)).numpy()
+    if regions:
+        full = restore_to_original(probs, pre, fill="zero")
+        labels = regions_to_segmentation(full, spec.regions_class_order)
+    else:
+        full = restore_to_original(probs, pre)
+        labels = np.argmax(full, axis=0).astype(_label_dtype(k))
     if roi_box is not None:
         inside = np.zeros(labels.shape, bool)
         inside[tuple(slice(a, b) for a, b in roi_box)] = True
         labels[~inside] = 0
         if return_probabilities:
             full[:, ~inside] = 0.0
-            full[0, ~inside] = 1.0
+            if not regions:
+                full[0, ~inside] = 1.0
     seconds = time.perf_counter() - t0
     if reporter is not None:
         reporter.log("segment", f"segmented {image.shape[1:]} in {seconds:.1f} s on {dev}")

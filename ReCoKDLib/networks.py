@@ -196,6 +196,8 @@ def split_deep_supervision(output: Tensor) -> list[Tensor]:
     Returns:
         ``[(B, K, D, H, W), ...]``, one per head; a single element for a plain output.
     """
+    if isinstance(output, (list, tuple)):  # dynamic-network-architectures: heads at their own resolution
+        return list(output)
     if output.dim() == 6:
         return list(torch.unbind(output, dim=1))
     if output.dim() == 5:

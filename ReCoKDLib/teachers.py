@@ -13,6 +13,9 @@ Three kinds of source, all answered by :func:`load_model` with a :class:`LoadedM
 3. **Any architecture, backbone-agnostic**: ``entry_point="package.module:factory"`` (a class or a
    function returning an ``nn.Module``), ``kwargs`` for it, ``source`` = a **state dict** file, and
    a card (``card=`` as a path to a JSON file, a dict or a ``ModelCard``; else the sidecar JSON).
+4. **A teacher preset**: ``"preset:hd-bet"`` or a preset JSON file (:mod:`ReCoKDLib.teacher_presets`):
+   entry point, kwargs, weights, eval hook, preprocessing, output convention and taps of a
+   third-party pretrained network, declared in JSON.
 
 Example (a MONAI ``UNet`` as the teacher)::
 
@@ -139,6 +142,10 @@ def build_network(architecture: Mapping[str, Any]) -> nn.Module:
         if not isinstance(network, nn.Module):
             raise ModelLoadError(f"entry point {architecture.get('factory')} returned {type(network).__name__}, not an nn.Module")
         return network
+    if kind == "nnunet":  # an nnU-Net v2 network (ReCoKDLib.nnunet.network.architecture_record)
+        from ReCoKDLib.nnunet.network import build_from_record
+
+        return build_from_record(architecture)
     raise ModelLoadError(f"unknown architecture kind {kind!r} in model card; expected 'dynunet' or 'entry_point'")
 
 
@@ -192,9 +199,13 @@ def _check_classes(network: nn.Module, card: ModelCard, device: torch.device) ->
         raise ModelLoadError(
             f"probe forward pass on a (1, {card.in_channels}, {', '.join(map(str, card.patch_size))}) input failed: "
             f"{type(exc).__name__}: {exc}. Check the card's in_channels and patch_size") from None
-    if out.shape[1] != card.num_classes:
+    from ReCoKDLib.nnunet.labels import label_spec_from_card, output_channels
+
+    expected = output_channels(label_spec_from_card(card), card.num_classes)  # region-based: one head per region
+    if out.shape[1] != expected:
         raise ModelLoadError(
-            f"the network outputs {out.shape[1]} channels but its card names {card.num_classes} classes {card.classes}")
+            f"the network outputs {out.shape[1]} channels but its card names {card.num_classes} classes {card.classes}"
+            + (f" painted from {expected} regions" if expected != card.num_classes else ""))
 
 
 def load_model(
@@ -219,7 +230,14 @@ def load_model(
         ModelLoadError: bad entry point, weights that do not fit, or a class-count mismatch.
     """
     from ReCoKDLib.infer import resolve_device
+    from ReCoKDLib.teacher_presets import is_preset_source, load_preset_model
 
+    if is_preset_source(source):  # "preset:hd-bet" or a teacher-preset JSON file (ReCoKDLib.teacher_presets)
+        return load_preset_model(source, device)
+    if Path(source).is_dir():  # an nnU-Net v2 model folder (ReCoKDLib.nnunet): Trainer__Plans__Configuration
+        from ReCoKDLib.nnunet.teacher import load_nnunet_model  # NNUNetError naming what the folder lacks
+
+        return load_nnunet_model(source, device=device)
     source = Path(source)
     if not source.is_file():
         raise ModelLoadError(f"model file {source} does not exist")
@@ -250,10 +268,14 @@ def load_model(
     network = network.to(dev).eval()  # frozen (requires_grad off) by the engine when used as a teacher
     arch = model_card.architecture
     if arch.get("kind") == "dynunet":
+        from ReCoKDLib.nnunet.labels import label_spec_from_card, output_channels
+
         n = int(arch.get("config", {}).get("num_classes", -1))
-        if n != model_card.num_classes:
+        expected = output_channels(label_spec_from_card(model_card), model_card.num_classes)  # regions: R heads
+        if n != expected:
             raise ModelLoadError(
-                f"the network has {n} output classes but its card names {model_card.num_classes} {model_card.classes}")
+                f"the network has {n} output classes but its card names {model_card.num_classes} {model_card.classes}"
+                + (f" painted from {expected} regions" if expected != model_card.num_classes else ""))
     else:
         _check_classes(network, model_card, dev)
     return LoadedModel(network=network, card=model_card, kind=kind, source=str(source))

@@ -95,3 +95,50 @@ def tiny_ct_dataset(tiny_ct_case, ct_dataset):
 
     return RawDataset.from_pairs([(tiny_ct_case.image_paths[0], tiny_ct_case.label_path)], ct_dataset.class_names,
                                  channel_names=["CT"], case_ids=[tiny_ct_case.case_id])
+
+
+class NNUNetFixture(tuple):
+    """``(model_folder, raw_dataset)`` of :func:`nnunet_model_folder`, also as attributes."""
+
+    def __new__(cls, model_folder: Path, raw_dataset: Path):
+        return super().__new__(cls, (model_folder, raw_dataset))
+
+    @property
+    def model_folder(self) -> Path:
+        return self[0]
+
+    @property
+    def raw_dataset(self) -> Path:
+        return self[1]
+
+
+@pytest.fixture(scope="session")
+def nnunet_model_folder(ct_dataset, tmp_path_factory) -> NNUNetFixture:
+    """A real nnU-Net v2 model folder, built once per session by nnunetv2's own commands (~30-60 s on 1 core).
+
+    Returns ``(model_folder, raw_dataset)``: ``.../res/Dataset001_TinyCT/nnUNetTrainer__nnUNetPlans__3d_tiny``
+    (``fold_0/checkpoint_final.pth`` and ``checkpoint_best.pth``, trained by ``nnUNetTrainer`` on CPU) and the raw
+    dataset ``.../raw/Dataset001_TinyCT`` (5 training crops of the real S1 CT with ``liver`` = 1, ``spleen`` = 2;
+    ``imagesTs/s3crop_0000.nii.gz`` and ``s3aniso_0000.nii.gz``: crops of the real S3 CT, the second with 4 mm
+    slices). See ``Testing/nnunet_fixture_build.py``; it runs in a subprocess because nnunetv2 reads its
+    ``nnUNet_*`` folders at import and spawns workers.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("nnunetv2", reason="the nnunet extra (nnunetv2) builds the model-folder fixture")
+    out = tmp_path_factory.mktemp("nnunet")
+    train = ct_dataset.training_cases()[0]
+    test = ct_dataset.test_cases()[0]
+    env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_raw=str(out / "raw"), nnUNet_preprocessed=str(out / "pre"),
+               nnUNet_results=str(out / "res"))
+    env.pop("nnUNet_n_proc_DA", None)
+    script = Path(__file__).with_name("nnunet_fixture_build.py")
+    proc = subprocess.run([sys.executable, str(script), str(out), str(train.image_paths[0]), str(train.label_path),
+                           str(test.image_paths[0])], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the nnU-Net fixture failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return NNUNetFixture(Path(result["model_folder"]), Path(result["raw_dataset"]))

@@ -69,12 +69,13 @@ def dataset_json_dict(
         labels = {n: i for i, n in enumerate(labels)}
     data = {
         "channel_names": {str(k): str(v) for k, v in channel_names.items()},
-        "labels": {str(k): int(v) for k, v in labels.items()},
+        "labels": {str(k): ([int(x) for x in v] if isinstance(v, (list, tuple)) else int(v))  # lists: nnU-Net regions
+                   for k, v in labels.items()},
         "numTraining": int(num_training),
         "file_ending": file_ending,
     }
     data.update(extra)
-    _check_labels_mapping(data["labels"], "dataset.json")
+    _check_labels_mapping(data["labels"], "dataset.json", data.get("regions_class_order"))
     return data
 
 
@@ -93,7 +94,22 @@ def write_dataset_json(
     return path
 
 
-def _check_labels_mapping(labels: Mapping[str, Any], where: str) -> dict[str, int]:
+def _check_labels_mapping(labels: Mapping[str, Any], where: str,
+                          regions_class_order: Sequence[int] | None = None) -> dict[str, int]:
+    """``{name: value}`` of every label value a label file may hold (the ignore label excluded).
+
+    nnU-Net region-based labels (lists of values, with ``regions_class_order``) and the ``ignore``
+    label are read with :func:`ReCoKDLib.nnunet.labels.parse_labels`; a value no entry names alone
+    is called ``label_<value>``.
+    """
+    if "ignore" in labels or any(isinstance(v, (list, tuple)) for v in labels.values()):
+        from ReCoKDLib.nnunet.labels import LabelSpecError, parse_labels
+
+        try:
+            spec = parse_labels(labels, regions_class_order, where)
+        except LabelSpecError as exc:
+            raise DatasetLayoutError(str(exc)) from None
+        return {name: value for value, name in enumerate(spec.value_names)}
     out: dict[str, int] = {}
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
@@ -154,7 +170,7 @@ class RawDataset:
         channel_names = {str(k): str(v) for k, v in dict(meta["channel_names"]).items()}
         if sorted(int(k) for k in channel_names) != list(range(len(channel_names))) or not channel_names:
             raise DatasetLayoutError(f"{json_path}: channel_names keys must be 0..C-1; got {list(channel_names)}")
-        labels = _check_labels_mapping(meta["labels"], str(json_path))
+        labels = _check_labels_mapping(meta["labels"], str(json_path), meta.get("regions_class_order"))
         ending = str(meta["file_ending"])
         n_channels = len(channel_names)
         train = cls._scan(root / "imagesTr", root / "labelsTr", ending, n_channels, label_required=True)
@@ -259,6 +275,22 @@ class RawDataset:
         return self.root.name if self.root is not None else str(self.meta.get("name", "pairs"))
 
     @property
+    def label_spec(self):
+        """nnU-Net label semantics of ``dataset.json`` (``nnunet.labels.LabelSpec``: regions,
+        ``regions_class_order``, ignore label), or ``None`` for datasets built from pairs."""
+        if "labels" not in self.meta:
+            return None
+        from ReCoKDLib.nnunet.labels import label_spec_from_dataset_json
+
+        return label_spec_from_dataset_json(self.meta, str(self.root / "dataset.json") if self.root else "dataset.json")
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The value of dataset.json's ``ignore`` label (voxels left out of every loss), or ``None``."""
+        spec = self.label_spec
+        return spec.ignore_label if spec is not None else None
+
+    @property
     def class_names(self) -> list[str]:
         """Label names ordered by id (index 0 = background)."""
         return [n for n, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
@@ -314,7 +346,7 @@ class RawDataset:
         """
         if not self.train:
             raise DatasetLayoutError(f"{self.name}: no training cases")
-        allowed = set(self.labels.values())
+        allowed = set(self.labels.values()) | ({self.ignore_label} if self.ignore_label is not None else set())
         for case in self.train + self.test:
             for path in case.image_paths + ([case.label_path] if case.label_path else []):
                 if not Path(path).exists():

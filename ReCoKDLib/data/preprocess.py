@@ -18,7 +18,7 @@ The steps, in nnU-Net v2's order (``DefaultPreprocessor``), after one of ours:
      foreground mean and divide by the foreground standard deviation (nnU-Net's
      ``CTNormalization``);
    * ``{"scheme": "zscore"}``: per volume and channel, ``(x - mean) / std`` with mean and std over
-     the non-zero voxels (all voxels when none is zero);
+     the non-zero voxels (all voxels when none is zero; ``"nonzero": false`` uses all voxels);
    * ``{"scheme": "none"}``: the intensities as they are, in float32.
 3. **Resample** to the target spacing with SimpleITK: images with 3rd-order B-splines (linear on
    request), labels with nearest neighbour. The resampled grid covers exactly the field of view
@@ -161,8 +161,9 @@ def normalize_image(image: np.ndarray, normalization: dict[str, Any]) -> np.ndar
         image /= max(std, 1e-8)
         return image
     if scheme == "zscore":
+        nonzero_only = bool(normalization.get("nonzero", True))  # False: over all voxels (HD-BET)
         for channel in image:
-            mask = channel != 0
+            mask = channel != 0 if nonzero_only else np.ones(channel.shape, bool)
             values = channel[mask] if mask.any() else channel
             channel -= values.mean()
             channel /= max(float(values.std()), 1e-8)
@@ -187,10 +188,12 @@ def nonzero_bbox(image: np.ndarray) -> Box:
     return tuple((int(s.start), int(s.stop)) for s in found[0])  # type: ignore[return-value]
 
 
-def check_label_values(label: np.ndarray, num_classes: int | None, name: str = "label", allow_empty: bool = True) -> None:
+def check_label_values(label: np.ndarray, num_classes: int | None, name: str = "label", allow_empty: bool = True,
+                       allow_ignored: bool = False) -> None:
     """Raise :class:`PreprocessingError` if ``label`` holds non-integer values or values outside
     ``0..num_classes-1`` (not checked when ``num_classes`` is ``None``), or, with
-    ``allow_empty=False``, no foreground."""
+    ``allow_empty=False``, no foreground. ``allow_ignored`` accepts -1 (voxels of an nnU-Net ignore
+    label, see ``nnunet.labels.mark_ignored``)."""
     label = np.asarray(label)
     if not allow_empty and not np.any(label > 0):
         raise PreprocessingError(
@@ -203,7 +206,7 @@ def check_label_values(label: np.ndarray, num_classes: int | None, name: str = "
         raise PreprocessingError(
             f"{name}: the label map holds non-integer values {values[np.mod(values, 1) != 0][:5].tolist()}; give a "
             f"label map of integer class ids (not probabilities or an interpolated label)")
-    bad = values[(values < 0) | (values >= num_classes)]
+    bad = values[((values < 0) & ~(allow_ignored & (values == -1))) | (values >= num_classes)]
     if bad.size:
         raise PreprocessingError(
             f"{name}: label values {bad[:10].astype(int).tolist()} are outside the {num_classes} classes "

@@ -45,6 +45,7 @@ __all__ = [
     "importance_map_distillation",
     "label_membership",
     "logit_kd",
+    "binary_logit_kd",
     "pixel_region_kd",
     "region_affinity_distillation",
 ]
@@ -206,6 +207,27 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float)
     log_ps = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     per_voxel = (log_pt.exp() * (log_pt - log_ps)).sum(1, keepdim=True) * temperature**2
+    return per_voxel.mean(), per_voxel
+
+
+def binary_logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Logit KD for sigmoid outputs (nnU-Net region heads): per channel the binary
+    ``KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T))) * T^2``, summed over channels, mean over voxels.
+
+    Each region head is an independent two-class problem, so the softmax over channels of
+    :func:`logit_kd` would compare the wrong distributions.
+
+    Args:
+        student_logits, teacher_logits: ``(B, R, D, H, W)``.
+
+    Returns:
+        the scalar loss and the per-voxel divergence ``(B, 1, D, H, W)`` (times ``T^2``).
+    """
+    s, t = student_logits.float() / temperature, teacher_logits.float() / temperature
+    p_t = torch.sigmoid(t)
+    # log sigma(x) = -softplus(-x), log(1 - sigma(x)) = -softplus(x): stable for large |x|
+    kl = p_t * (F.softplus(-s) - F.softplus(-t)) + (1.0 - p_t) * (F.softplus(s) - F.softplus(t))
+    per_voxel = kl.sum(1, keepdim=True) * temperature**2
     return per_voxel.mean(), per_voxel
 
 
@@ -372,6 +394,8 @@ class LogitKDLoss(nn.Module):
     """Logit KD (Hinton et al. 2015): voxel-wise ``KL(softmax(t/T) || softmax(s/T)) * T^2``, mean over voxels.
 
     Reads ``batch.teacher_logits`` / ``batch.student_logits`` ``(B, K, D, H, W)``. Terms: ``kl``.
+    When ``batch.regions`` is set (the engine sets it for nnU-Net region-based labels: sigmoid
+    heads), the per-channel binary KL of :func:`binary_logit_kd` replaces the softmax KL.
     Maps: ``"logits/kl"`` ``(B, 1, D, H, W)``.
 
     Args:
@@ -384,7 +408,8 @@ class LogitKDLoss(nn.Module):
 
     def forward(self, batch: KDBatch, return_maps: bool = False) -> KDOutput:
         batch.check_logits("logit KD")
-        loss, per_voxel = logit_kd(batch.student_logits, batch.teacher_logits, self.temperature)
+        kd = binary_logit_kd if batch.regions else logit_kd
+        loss, per_voxel = kd(batch.student_logits, batch.teacher_logits, self.temperature)
         maps = {"logits/kl": per_voxel.detach()} if return_maps else {}
         return KDOutput(loss=loss, terms={"kl": loss.detach()}, maps=maps)
 
@@ -549,7 +574,8 @@ class EMKDLoss(nn.Module):
         total, terms, maps = zero_loss(batch), {}, {}
         if self.pmd_weight > 0:
             batch.check_logits("EMKD (PMD)")
-            pmd, per_voxel = logit_kd(batch.student_logits, batch.teacher_logits, self.temperature)
+            pmd, per_voxel = (binary_logit_kd if batch.regions else logit_kd)(
+                batch.student_logits, batch.teacher_logits, self.temperature)
             total = total + self.pmd_weight * pmd
             terms["pmd"] = pmd.detach()
             if return_maps:

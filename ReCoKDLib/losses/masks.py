@@ -1,7 +1,8 @@
 """Labels at feature resolution, and the class-aware region masks shared by every KD method.
 
 Shapes: labels ``(B, 1, D, H, W)`` integer class ids (negative = ignored) or ``(B, R, D, H, W)``
-binary region maps; features ``(B, C, d, h, w)``.
+binary region maps (negative in every channel = ignored, see ``nnunet.labels``); features
+``(B, C, d, h, w)``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def _region_maps(labels: Tensor) -> Tensor:
     return (labels > 0.5 if labels.is_floating_point() else labels > 0).to(torch.float32)
 
 
+def _region_valid(labels: Tensor) -> Tensor:
+    """``(B, 1, D, H, W)`` float: 0 where a region map marks the voxel ignored (negative in any channel)."""
+    return (labels >= 0).all(dim=1, keepdim=True).to(torch.float32)
+
+
 def class_region_masks(labels: Tensor, num_classes: int, regions: bool = False) -> Tensor:
     """Per-class scale-normalised masks: channel 0 the background, channel c the class (or region) c.
 
@@ -93,7 +99,7 @@ def class_region_masks(labels: Tensor, num_classes: int, regions: bool = False) 
     """
     if regions:
         maps = _region_maps(labels)
-        background = (maps.amax(dim=1, keepdim=True) == 0).to(torch.float32)
+        background = (maps.amax(dim=1, keepdim=True) == 0).to(torch.float32) * _region_valid(labels)
         masks = torch.cat([background, maps], dim=1)
         counts = masks.flatten(2).sum(-1).clamp(min=1.0)
         return masks / counts[:, :, None, None, None]
@@ -131,7 +137,7 @@ def class_balanced_region_masks(labels: Tensor, num_classes: int, regions: bool 
         maps = _region_maps(labels)
         counts = maps.flatten(2).sum(-1).clamp(min=1.0)
         fg = (maps / counts[:, :, None, None, None]).amax(dim=1, keepdim=True)
-        background = (fg == 0).to(torch.float32)
+        background = (fg == 0).to(torch.float32) * _region_valid(labels)
         n_bg = background.flatten(1).sum(-1).clamp(min=1.0)
         return fg, background / n_bg[:, None, None, None, None]
     ids = _class_ids(labels, num_classes)
