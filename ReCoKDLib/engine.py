@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ReCoKDLib import checkpoint as ckpt
-from ReCoKDLib.data.sampling import AugmentationConfig, CaseSet, PatchSampler
+from ReCoKDLib.data.sampling import UNLABELLED, AugmentationConfig, CaseSet, PatchSampler
 from ReCoKDLib.networks import (
     UNetConfig,
     build_unet,
@@ -74,6 +74,10 @@ __all__ = [
     "resolve_device",
     "ModelEMA",
     "TRAIN_STATE_FORMAT",
+    "merge_pseudo_labels",
+    "merge_region_pseudo_labels",
+    "unlabelled_samples",
+    "pseudo_weighted_seg_loss",
 ]
 
 TRAIN_STATE_FORMAT = "recokd-train-state"
@@ -133,6 +137,10 @@ class TrainConfig:
             (ReCo-KD: 600 of 1000 epochs).
         frozen_aux: keep adapters and KD-loss modules at their initialisation (ablation of the
             authors' release); by default they are optimised.
+    Label-free distillation (``distill`` with unlabelled cases, see :func:`merge_pseudo_labels`):
+        pseudo_label_weight: weight of the segmentation loss (Dice + CE) on the teacher's argmax
+            for samples without annotation (hard targets); 0 = none, so those samples learn only
+            from the KD losses (soft targets: add ``logit`` to ``kd``). Real labels always win.
     """
 
     patch_size: tuple[int, int, int] = (32, 32, 32)
@@ -169,6 +177,7 @@ class TrainConfig:
     kd_weight: float = 0.01
     kd_warmup_steps: int | None = None
     frozen_aux: bool = False
+    pseudo_label_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -186,6 +195,8 @@ class TrainConfig:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.kd_weight < 0 or (self.kd_warmup_steps is not None and self.kd_warmup_steps < 0):
             problems.append("kd_weight and kd_warmup_steps must be >= 0")
+        if self.pseudo_label_weight < 0:
+            problems.append(f"pseudo_label_weight must be >= 0, got {self.pseudo_label_weight}")
         if self.num_val_cases < 0 or self.patience < 0:
             problems.append("num_val_cases and patience must be >= 0")
         if problems:
@@ -257,13 +268,23 @@ def deep_supervision_weights(num_heads: int) -> list[float]:
     return [w / total for w in raw]
 
 
-def build_seg_loss(num_heads: int) -> nn.Module:
+def build_seg_loss(num_heads: int, regions: Sequence[Sequence[int]] | None = None, ignore: bool = False,
+                   multiscale: bool = False) -> nn.Module:
     """Dice + CE (MONAI ``DiceCELoss``, softmax, one-hot labels, batch Dice, background excluded
     from the Dice term as in nnU-Net) over ``num_heads`` deep-supervision heads with
     :func:`deep_supervision_weights`; labels are resized (nearest) to any head that is smaller.
 
     Called with a list of logits ``[(B, K, D, H, W), ...]`` and labels ``(B, 1, D, H, W)``.
+
+    With ``regions`` (nnU-Net region-based labels: sigmoid Dice + BCE per region), ``ignore``
+    (labels hold -1 where nnU-Net's ignore label was: those voxels count nowhere) or
+    ``multiscale`` (heads at their own resolution, as dynamic-network-architectures' decoder
+    returns them) the loss is :class:`ReCoKDLib.nnunet.labels.DeepSupervisionSegLoss`.
     """
+    if regions or ignore or multiscale:
+        from ReCoKDLib.nnunet.labels import DeepSupervisionSegLoss
+
+        return DeepSupervisionSegLoss(num_heads, regions=regions)
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
@@ -420,22 +441,99 @@ class _SegModule(nn.Module):
         return self.network(images), None, {}
 
 
+def unlabelled_samples(labels: Tensor) -> Tensor:
+    """``(B,)`` bool: which samples of ``labels`` ``(B, 1, D, H, W)`` come from unlabelled cases
+    (any voxel equal to ``data.sampling.UNLABELLED``; padding and augmentation may add zeros)."""
+    return (labels == UNLABELLED).flatten(1).any(dim=1)
+
+
+def merge_pseudo_labels(labels: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Label-free distillation: the teacher's argmax wherever a sample has no annotation.
+
+    Samples from unlabelled cases (:func:`unlabelled_samples`) take the teacher's argmax
+    (``losses.masks.pseudo_labels_from_teacher``) as their labels, whole; samples with real labels
+    keep them unchanged (real labels take precedence). ReCo-KD's class-aware region masks and the
+    hard segmentation target are then built from the result.
+
+    Args:
+        labels: ``(B, 1, D, H, W)`` integer class ids, :data:`UNLABELLED` for unannotated cases.
+        teacher_logits: ``(B, K, D, H, W)``.
+
+    Returns:
+        ``(merged labels (B, 1, D, H, W) int64, unlabelled (B,) bool)``.
+    """
+    from ReCoKDLib.losses.masks import pseudo_labels_from_teacher
+
+    unlabelled = unlabelled_samples(labels)
+    if not bool(unlabelled.any()):
+        return labels, unlabelled
+    pseudo = pseudo_labels_from_teacher(teacher_logits).to(labels.dtype)
+    return torch.where(unlabelled[:, None, None, None, None], pseudo, labels), unlabelled
+
+
+def pseudo_weighted_seg_loss(seg_loss: nn.Module, heads: list[Tensor], labels: Tensor, unlabelled: Tensor | None,
+                             pseudo_weight: float) -> Tensor:
+    """Segmentation loss with the samples on teacher pseudo-labels weighted by ``pseudo_weight``.
+
+    ``heads``: deep-supervision logits ``[(B, K, D, H, W), ...]``; ``labels`` the merged labels;
+    ``unlabelled`` ``(B,)`` bool (``None``: all labelled). The loss is the sample-count-weighted
+    mean of the labelled part and ``pseudo_weight`` times the pseudo-labelled part.
+    """
+    if unlabelled is None or not bool(unlabelled.any()):
+        return seg_loss(heads, labels)
+    total = labels.shape[0]
+    parts = []
+    for mask, weight in ((~unlabelled, 1.0), (unlabelled, float(pseudo_weight))):
+        n = int(mask.sum())
+        if n and weight > 0:
+            parts.append(seg_loss([h[mask] for h in heads], labels[mask]) * (weight * n / total))
+    return sum(parts) if parts else heads[0].sum() * 0.0
+
+
+def merge_region_pseudo_labels(labels: Tensor, teacher_logits: Tensor,
+                               regions_class_order: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """:func:`merge_pseudo_labels` for region (sigmoid) teachers: unlabelled samples take the
+    teacher's regions painted into class ids (``nnunet.labels.paint_regions``, later regions
+    overwrite); ``teacher_logits`` ``(B, R, D, H, W)``. Returns ``(labels (B, 1, D, H, W), unlabelled (B,))``."""
+    from ReCoKDLib.nnunet.labels import paint_regions
+
+    unlabelled = unlabelled_samples(labels)
+    if not bool(unlabelled.any()):
+        return labels, unlabelled
+    pseudo = paint_regions(teacher_logits.detach(), regions_class_order).to(labels.dtype)
+    return torch.where(unlabelled[:, None, None, None, None], pseudo, labels), unlabelled
+
+
 class _DistillModule(nn.Module):
     """Student + adapters + KD loss around a frozen teacher (a ``DistillationPair``).
 
-    ``forward(images (B, C, D, H, W), labels (B, 1, D, H, W)) -> (student output, kd loss, terms)``.
+    ``forward(images (B, C, D, H, W), labels (B, 1, D, H, W)) -> (student output, kd loss, terms,
+    (merged labels, unlabelled (B,)))``: unlabelled samples take the teacher's argmax
+    (:func:`merge_pseudo_labels`) before the KD loss reads the labels.
     """
 
-    def __init__(self, pair: nn.Module, kd_loss: nn.Module, num_classes: int) -> None:
+    def __init__(self, pair: nn.Module, kd_loss: nn.Module, num_classes: int, label_spec: Any = None) -> None:
         super().__init__()
         self.pair = pair
         self.kd_loss = kd_loss
         self.num_classes = num_classes
+        self.label_spec = label_spec  # nnunet.labels.LabelSpec; region-based: KD on region maps
 
     def forward(self, images: Tensor, labels: Tensor):
         out, batch = self.pair(images, labels=labels, num_classes=self.num_classes)
+        spec = self.label_spec
+        if spec is not None and spec.has_regions:
+            # sigmoid heads: pseudo-labels painted from the teacher's regions; the KD losses read
+            # one binary map per region (class-aware masks per region, binary logit KD)
+            from ReCoKDLib.nnunet.labels import labels_to_regions
+
+            merged, unlabelled = merge_region_pseudo_labels(labels, batch.teacher_logits, spec.regions_class_order)
+            batch.labels, batch.regions = labels_to_regions(merged, spec.regions), True
+        else:
+            merged, unlabelled = merge_pseudo_labels(labels, batch.teacher_logits)
+            batch.labels = merged
         kd = self.kd_loss(batch)
-        return out, kd.loss, kd.terms
+        return out, kd.loss, kd.terms, (merged, unlabelled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,10 +603,12 @@ def _sliding_window_logits(network: nn.Module, image: Tensor, patch_size: Sequen
 
 
 def dice_per_class(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
-    """Dice of classes ``1..K-1`` between two ``(D, H, W)`` id maps; NaN where both are empty."""
+    """Dice of classes ``1..K-1`` between two ``(D, H, W)`` id maps; NaN where both are empty.
+    Voxels whose label is negative (nnU-Net's ignore label, read as -1) count nowhere."""
     scores = []
+    valid = np.asarray(label) >= 0
     for c in range(1, num_classes):
-        p, t = prediction == c, label == c
+        p, t = (prediction == c) & valid, label == c
         denom = int(p.sum()) + int(t.sum())
         scores.append(float("nan") if denom == 0 else 2.0 * int((p & t).sum()) / denom)
     return scores
@@ -516,23 +616,35 @@ def dice_per_class(prediction: np.ndarray, label: np.ndarray, num_classes: int) 
 
 def validate(network: nn.Module, val_set: CaseSet, patch_size: Sequence[int], device: torch.device,
              dtype: torch.dtype | None, overlap: float = 0.5) -> dict[str, Any]:
-    """Mean Dice per class over the held-out cases (sliding window, Gaussian weighting)."""
+    """Mean Dice per class over the held-out cases (sliding window, Gaussian weighting).
+
+    Ignored voxels (label -1) count nowhere. With nnU-Net region-based labels
+    (``val_set.label_spec.has_regions``) the Dice is per region (``sigmoid > 0.5`` against the
+    region's label values), keyed by the region names, as nnU-Net validates region models.
+    """
     was_training = network.training
     network.eval()
     per_case = []
+    spec = getattr(val_set, "label_spec", None)
+    regions = spec.regions if spec is not None and spec.has_regions else None
     try:
         for case in val_set.cases:
             image = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
             logits = _sliding_window_logits(network, image, patch_size, overlap, device, dtype)
-            pred = logits.argmax(0).numpy()
-            per_case.append(dice_per_class(pred, np.asarray(case.label)[0], val_set.num_classes))
+            label = np.asarray(case.label)[0]
+            if regions is not None:
+                from ReCoKDLib.nnunet.labels import region_dice
+
+                per_case.append(region_dice((logits > 0).numpy(), label, regions))
+            else:
+                per_case.append(dice_per_class(logits.argmax(0).numpy(), label, val_set.num_classes))
     finally:
         network.train(was_training)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of classes absent everywhere
         per_class = np.nanmean(np.asarray(per_case, dtype=float), axis=0)
         mean = float(np.nanmean(per_class)) if np.any(np.isfinite(per_class)) else 0.0
-    names = val_set.class_names[1:]
+    names = spec.head_names if regions is not None else val_set.class_names[1:]
     return {"mean_dice": mean, "dice": {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(names, per_class)},
             "cases": len(per_case)}
 
@@ -580,7 +692,8 @@ class _CancelFlag:
 
 def _fresh(job: _Job) -> nn.Module:
     """A new network of the job's architecture on CPU (no hooks, no cached outputs)."""
-    return build_unet(job.network_config)
+    build = getattr(job.network_config, "build", None)  # nnU-Net students (nnunet.student.NNUNetStudentConfig)
+    return build() if build is not None else build_unet(job.network_config)
 
 
 def _deepcopy(module: nn.Module) -> nn.Module:
@@ -685,7 +798,11 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
         ids = [device.index] if device.type == "cuda" else None
         wrapped = DDP(job.module, device_ids=ids, find_unused_parameters=True)
 
-    seg_loss = build_seg_loss(job.network_config.deep_supr_num + 1 if job.network_config.deep_supervision else 1)
+    spec = getattr(train_set, "label_spec", None)  # nnU-Net regions / ignore label (nnunet.labels.LabelSpec)
+    seg_loss = build_seg_loss(job.network_config.deep_supr_num + 1 if job.network_config.deep_supervision else 1,
+                              regions=spec.regions if spec is not None and spec.has_regions else None,
+                              ignore=spec is not None and spec.ignore_label is not None,
+                              multiscale=hasattr(job.network_config, "build"))
     trained_params = [p for p in job.network.parameters() if p.requires_grad] + aux_params
 
     def eval_network() -> nn.Module:
@@ -736,8 +853,10 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
             images, labels = images.to(device), labels.to(device)
             try:
                 with _autocast(device, dtype):
-                    out, kd_loss, kd_terms = wrapped(images, labels)
-                seg = seg_loss([o.float() for o in split_deep_supervision(out)], labels)
+                    out, kd_loss, kd_terms, *targets = wrapped(images, labels)
+                labels, unlabelled = targets[0] if targets else (labels, None)  # label-free: teacher argmax
+                seg = pseudo_weighted_seg_loss(seg_loss, [o.float() for o in split_deep_supervision(out)], labels,
+                                               unlabelled, config.pseudo_label_weight)
                 lam = kd_lambda(step, config.kd_weight, job.kd_warmup)
                 loss = seg if kd_loss is None else seg + lam * kd_loss.float()
                 finite = bool(torch.isfinite(loss.detach()).item())
@@ -880,8 +999,11 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
     reporter = reporter or Reporter()
     config, dist_ctx, device = _prepare_run(config, resume, out_dir)
     try:
+        if dataset.unlabelled_cases:
+            raise TrainingError(f"training a network needs labels; cases {dataset.unlabelled_cases[:5]} have none "
+                                "(use them with distill, which takes the teacher's predictions as their targets)")
         net_dict = dict(config.network or UNetConfig().to_dict())
-        net_dict.update(in_channels=dataset.in_channels, num_classes=dataset.num_classes)
+        net_dict.update(in_channels=dataset.in_channels, num_classes=_output_channels(dataset))
         net_config = UNetConfig.from_dict(net_dict)
         network = build_unet(net_config)
         train_set, val_set = dataset.split(config.num_val_cases)
@@ -889,7 +1011,7 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
             architecture={"kind": "dynunet", "config": net_config.to_dict()},
             classes=list(dataset.class_names), spacing=list(dataset.spacing), normalization=dict(dataset.normalization),
             patch_size=list(config.patch_size), in_channels=dataset.in_channels, role=role,
-            tap_names=encoder_tap_names(net_config),
+            tap_names=encoder_tap_names(net_config), label_spec=_label_spec_record(dataset),
             provenance={"versions": _versions(), "train_config": config.to_dict(),
                         "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes},
         )
@@ -903,6 +1025,53 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
         _finish_dist(dist_ctx)
 
 
+def _dataset_spec(dataset: CaseSet) -> Any:
+    """The dataset's ``nnunet.labels.LabelSpec`` when it has regions or an ignore label, else ``None``."""
+    spec = getattr(dataset, "label_spec", None)
+    return spec if spec is not None and (spec.has_regions or spec.ignore_label is not None) else None
+
+
+def _output_channels(dataset: CaseSet) -> int:
+    """Network outputs for ``dataset``: one sigmoid head per nnU-Net region, else one per class."""
+    from ReCoKDLib.nnunet.labels import output_channels
+
+    return output_channels(_dataset_spec(dataset), dataset.num_classes)
+
+
+def _kd_num_classes(dataset: CaseSet) -> int:
+    """``num_classes`` of the KD losses: classes, or background + regions (one mask per region)."""
+    spec = _dataset_spec(dataset)
+    return spec.num_heads + 1 if spec is not None and spec.has_regions else dataset.num_classes
+
+
+def _label_spec_record(dataset: CaseSet) -> dict[str, Any]:
+    """What a model card records of the dataset's label semantics (``ModelCard.label_spec``)."""
+    from ReCoKDLib.nnunet.labels import card_label_spec
+
+    spec = _dataset_spec(dataset)
+    return card_label_spec(spec) if spec is not None else {}
+
+
+def _check_teacher_labels(teacher_card: ckpt.ModelCard, dataset: CaseSet) -> None:
+    """The teacher's outputs must mean what the dataset's labels mean (classes, or the same regions)."""
+    from ReCoKDLib.nnunet.labels import label_spec_from_card
+
+    teacher_spec, spec = label_spec_from_card(teacher_card), _dataset_spec(dataset)
+    teacher_regions = teacher_spec is not None and teacher_spec.has_regions
+    if teacher_regions or (spec is not None and spec.has_regions):
+        if not (teacher_regions and spec is not None and spec.has_regions and teacher_spec.regions == spec.regions):
+            raise TrainingError(
+                f"the teacher's outputs are {'regions ' + str(teacher_spec.regions) if teacher_regions else 'classes'} "
+                f"but the dataset's labels are {'regions ' + str(spec.regions) if spec and spec.has_regions else 'classes'}; "
+                "distil on a dataset with the teacher's label definition (dataset.json 'labels')")
+        return
+    if list(teacher_card.classes) != list(dataset.class_names) and len(teacher_card.classes) != dataset.num_classes:
+        raise TrainingError(
+            f"the dataset has {dataset.num_classes} classes {dataset.class_names} but the teacher predicts "
+            f"{len(teacher_card.classes)} {teacher_card.classes}; label maps must use the teacher's class ids"
+        )
+
+
 def _teacher_parts(teacher: Any) -> tuple[nn.Module, ckpt.ModelCard, str]:
     """``(network, card, sha256)`` of a teacher given as a model file path or a loaded model."""
     if isinstance(teacher, (str, os.PathLike)):
@@ -913,7 +1082,8 @@ def _teacher_parts(teacher: Any) -> tuple[nn.Module, ckpt.ModelCard, str]:
             load_model = None
         if load_model is not None:
             loaded = load_model(path, "cpu")
-            return loaded.network, loaded.card, ckpt.sha256_file(path)
+            sha = ckpt.sha256_file(path) if path.is_file() else getattr(loaded, "sha256", None)  # dir: nnU-Net folder
+            return loaded.network, loaded.card, sha or _state_sha256(loaded.network)
         card, state = ckpt.load_model_file(path)
         if card.architecture.get("kind") != "dynunet":
             raise TrainingError(f"{path}: only built-in (dynunet) teachers can be loaded without ReCoKDLib.teachers")
@@ -929,8 +1099,15 @@ def _teacher_parts(teacher: Any) -> tuple[nn.Module, ckpt.ModelCard, str]:
 
 
 def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetConfig:
+    from ReCoKDLib.nnunet.student import NNUNetStudentConfig, is_nnunet_architecture, student_architecture
+
+    if is_nnunet_architecture(config.student_config):
+        return NNUNetStudentConfig(config.student_config)  # type: ignore[return-value]
     if config.student_config is not None:
         return UNetConfig.from_dict(dict(config.student_config))
+    if is_nnunet_architecture(teacher_card.architecture):  # nnU-Net teacher: its plans network, widths / 2**t
+        return NNUNetStudentConfig(student_architecture(  # type: ignore[return-value]
+            teacher_card.architecture, config.student_reduction, config.min_channels))
     if teacher_card.architecture.get("kind") != "dynunet":
         raise TrainingError(
             "the teacher is not a built-in U-Net, so the student cannot be derived from it: give the student "
@@ -938,6 +1115,32 @@ def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetCo
         )
     teacher_config = UNetConfig.from_dict(teacher_card.architecture["config"])
     return derive_student_config(teacher_config, config.student_reduction, config.min_channels)
+
+
+#: KD methods that read only the logits (all others read tapped features)
+OUTPUT_LEVEL_METHODS = frozenset({"logit"})
+
+
+def _check_output_only_teacher(teacher: Any, card: ckpt.ModelCard, spec: Mapping[str, Any]) -> None:
+    """A TorchScript teacher has no named modules to tap: refuse feature-level KD methods clearly."""
+    kind = getattr(teacher, "kind", None) or card.architecture.get("kind")
+    feature_methods = sorted(set(spec) - OUTPUT_LEVEL_METHODS)
+    if kind == "torchscript" and feature_methods:
+        raise TrainingError(
+            f"the teacher is a TorchScript file: only output-level distillation (--kd logit) applies, but "
+            f"{feature_methods} need its intermediate features. Give the eager architecture instead (an entry point "
+            "with a state dict, or a teacher preset) to use feature methods")
+
+
+def _default_student_taps(teacher_card: ckpt.ModelCard, teacher_taps: Sequence[str], student_config: UNetConfig) -> list[str]:
+    """The student's encoder stages; for a preset teacher whose card records its taps' strides,
+    the stages at those strides (``teacher_presets.student_taps_for``)."""
+    strides = teacher_card.provenance.get("tap_strides") if isinstance(teacher_card.provenance, dict) else None
+    if strides and list(teacher_taps) == list(teacher_card.tap_names):
+        from ReCoKDLib.teacher_presets import student_taps_for
+
+        return student_taps_for(strides, student_config)
+    return encoder_tap_names(student_config)
 
 
 def build_kd_module(spec: Mapping[str, Mapping[str, Any]], teacher_channels: Sequence[int],
@@ -976,42 +1179,58 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
     config, dist_ctx, device = _prepare_run(config, resume, out_dir)
     try:
         teacher_net, teacher_card, teacher_sha = _teacher_parts(teacher)
-        if list(teacher_card.classes) != list(dataset.class_names):
-            if len(teacher_card.classes) != dataset.num_classes:
-                raise TrainingError(
-                    f"the dataset has {dataset.num_classes} classes {dataset.class_names} but the teacher predicts "
-                    f"{len(teacher_card.classes)} {teacher_card.classes}; label maps must use the teacher's class ids"
-                )
+        _check_teacher_labels(teacher_card, dataset)
         if teacher_card.in_channels != dataset.in_channels:
             raise TrainingError(f"the teacher takes {teacher_card.in_channels} channel(s), the dataset has {dataset.in_channels}")
+        _check_output_only_teacher(teacher, teacher_card, config.kd)
         student_config = _student_config(config, teacher_card)
         _check_patch(config, student_config)
-        student = build_unet(student_config)
+        nnunet_student = hasattr(student_config, "build")  # nnunet.student.NNUNetStudentConfig
+        student = student_config.build() if nnunet_student else build_unet(student_config)
         teacher_taps = list(config.teacher_taps or teacher_card.tap_names or [])
+        if not teacher_taps and teacher_card.architecture.get("kind") == "nnunet":
+            from ReCoKDLib.nnunet.network import encoder_tap_names as nnunet_taps
+
+            teacher_taps = nnunet_taps(teacher_card.architecture)
         if not teacher_taps:
             if teacher_card.architecture.get("kind") != "dynunet":
                 raise TrainingError("give the teacher's tap names (teacher_taps / --teacher-taps) for this architecture")
             teacher_taps = encoder_tap_names(UNetConfig.from_dict(teacher_card.architecture["config"]))
-        student_taps = list(config.student_taps or encoder_tap_names(student_config))
+        student_taps = list(config.student_taps or (student_config.tap_names() if nnunet_student
+                                                    else _default_student_taps(teacher_card, teacher_taps,
+                                                                               student_config)))
         if len(student_taps) != len(teacher_taps):
             raise TrainingError(f"{len(teacher_taps)} teacher taps but {len(student_taps)} student taps; pair them one to one")
         pair = DistillationPair(teacher_net.to(device), student.to(device), teacher_taps, student_taps,
                                 (dataset.in_channels, *config.patch_size))
-        kd_module = build_kd_module(config.kd, pair.teacher_channels, pair.student_channels, dataset.num_classes)
+        kd_module = build_kd_module(config.kd, pair.teacher_channels, pair.student_channels, _kd_num_classes(dataset))
         train_set, val_set = dataset.split(config.num_val_cases)
+        if val_set is not None and val_set.unlabelled_cases:
+            reporter.warning("distill", f"held-out cases {val_set.unlabelled_cases} have no labels: no validation "
+                                        "(put labelled cases last, or --val-cases 0)")
+            val_set = None
         warmup = config.kd_warmup_steps if config.kd_warmup_steps is not None else int(round(0.6 * config.steps))
         kd_record = {"methods": config.kd, "kd_weight": config.kd_weight, "kd_warmup_steps": warmup,
                      "frozen_aux": config.frozen_aux, "teacher_taps": teacher_taps, "student_taps": student_taps,
                      "student_reduction": config.student_reduction if config.student_config is None else None}
+        nnunet_record = {}
+        if nnunet_student:  # what `recokd export --nnunet` needs: the teacher's plans and dataset.json
+            from ReCoKDLib.nnunet.student import nnunet_context
+
+            nnunet_record = {"nnunet": nnunet_context(teacher_card, getattr(teacher, "source", None) or
+                                                      (teacher if isinstance(teacher, (str, os.PathLike)) else None))}
         card = ckpt.ModelCard(
-            architecture={"kind": "dynunet", "config": student_config.to_dict()},
+            architecture=(student_config.to_dict() if nnunet_student
+                          else {"kind": "dynunet", "config": student_config.to_dict()}),
             classes=list(teacher_card.classes), spacing=list(teacher_card.spacing),
             normalization=dict(teacher_card.normalization), patch_size=list(config.patch_size),
             in_channels=dataset.in_channels, role="student", tap_names=student_taps, kd=kd_record,
+            label_spec=_label_spec_record(dataset) or dict(teacher_card.label_spec),
             provenance={"teacher_sha256": teacher_sha, "versions": _versions(), "train_config": config.to_dict(),
-                        "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes},
+                        "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes,
+                        **nnunet_record},
         )
-        job = _Job("distill", _DistillModule(pair, kd_module, dataset.num_classes), student, student_config,
+        job = _Job("distill", _DistillModule(pair, kd_module, _kd_num_classes(dataset), _dataset_spec(dataset)), student, student_config,
                    {"adapters": pair.adapters, "kd_loss": kd_module}, not config.frozen_aux, card, warmup,
                    {"teacher_sha256": teacher_sha})
         return _run(job, config, train_set, val_set, out_dir, reporter, resume, device, dist_ctx)

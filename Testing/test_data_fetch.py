@@ -18,6 +18,7 @@ from ReCoKDLib.data.io import check_same_grid, read_image
 from ReCoKDLib.data.layout import RawDataset
 
 SPINE = "Dataset903_TPTBoxSpine"
+HEADS = "Dataset904_T1Heads"
 
 
 @pytest.fixture
@@ -76,6 +77,33 @@ def test_brain_test_labels_are_documented_as_silver(brain_dataset):
     assert brain_dataset.num_classes == 13 and brain_dataset.class_names[1] == "hippocampus_left"
 
 
+def test_t1_heads_are_unlabelled_real_scans_with_a_documented_split(data_root):
+    from ReCoKDLib.data.builders import T1_HEADS_SPLIT
+
+    folder = data_root / HEADS
+    dataset = RawDataset.open(folder)
+    assert dataset.training_cases() == [] and dataset.class_names == ["background", "brain"]
+    meta = json.loads((folder / "dataset.json").read_text())
+    split = meta["label_free_split"]
+    assert split == T1_HEADS_SPLIT and "colin27" in split["test"] and not set(split["train"]) & set(split["test"])
+    cases = {c.case_id: c for c in dataset.test_cases()}
+    assert set(cases) == set(split["train"]) | set(split["test"])
+    assert [k for k, c in cases.items() if c.label_path is not None] == ["colin27"]
+    image, g = read_image(cases["colin27"].image_paths[0], allow_channels=False)
+    mask, gm = read_image(cases["colin27"].label_path, allow_channels=False)
+    check_same_grid(g, gm, image.shape, mask.shape)
+    brain_ml = float(mask.sum()) * float(np.prod(g.spacing)) / 1000.0
+    assert set(np.unique(mask)) == {0, 1} and 1000 < brain_ml < 1900  # an adult brain
+    assert float(image[mask > 0].mean()) > float(image[mask == 0].mean())  # the mask is on the head, not the air
+    for case_id in split["train"]:
+        head, geometry = read_image(cases[case_id].image_paths[0], allow_channels=False)
+        assert head.ndim == 3 and min(head.shape) >= 20 and float(head.std()) > 0
+    for rel in ("README.md", "imagesTr/README.md"):
+        assert (folder / rel).is_file()
+    files = read_manifest(data_root)["datasets"][HEADS]["files"]
+    assert "labelsTs/colin27.nii.gz" in files and len(files) == 9  # 5 scans, 1 mask, 2 READMEs, dataset.json
+
+
 def test_tiny_ct_case(tiny_ct_case, ct_dataset):
     image, g = read_image(tiny_ct_case.image_paths[0])
     label, gl = read_image(tiny_ct_case.label_path)
@@ -90,7 +118,7 @@ def test_tiny_ct_case(tiny_ct_case, ct_dataset):
 
 def test_second_run_downloads_and_builds_nothing(data_root):
     result = fetch_datasets(default_data_dir())
-    assert set(result) == {"Dataset901_CTAbdomenOrgans", "Dataset902_BrainSubcortical", SPINE}
+    assert set(result) == {"Dataset901_CTAbdomenOrgans", "Dataset902_BrainSubcortical", SPINE, HEADS}
     manifest = read_manifest(data_root)
     assert manifest["last_run"]["downloaded"] == [] and manifest["last_run"]["built"] == []
     assert sorted(manifest["last_run"]["verified"]) == sorted(result)

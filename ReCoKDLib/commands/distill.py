@@ -7,6 +7,20 @@ Example::
     recokd distill teacher.pt --pairs ct.nii.gz:seg.nii.gz --classes background,liver \\
         --kd recokd:1,logit:0.5 --kd-option recokd.stage_alpha=0.5 --out runs/s2 --resume
 
+Label-free (no annotation needed)::
+
+    recokd distill preset:hd-bet --images ~/.cache/recokd/Dataset904_T1Heads/imagesTr \
+        --student-json student.json --teacher-taps network.loc3,network.loc2 \
+        --student-taps downsamples.0,downsamples.1 --kd recokd:1,logit:1 --out runs/bet_student
+    recokd distill teacher.pt --data Dataset001 --no-labels --out runs/s3   # ignore the labels
+
+Cases without a label (``--images``, or every case with ``--no-labels``) are trained on the
+teacher's predictions: **hard** targets (Dice + CE on the teacher's argmax, weighted by
+``--pseudo-label-weight``, default 1; 0 turns them off) and **soft** targets through the KD
+methods (``--kd logit`` is KL to the teacher's softened probabilities); ReCo-KD's class-aware region
+masks come from the teacher's argmax. With partial labels (``--data`` plus ``--images``) the real
+labels of labelled cases always take precedence. The teacher may be a preset (``preset:hd-bet``).
+
 The student is the teacher's architecture with every width divided by ``--reduction`` (ReCo-KD's
 ``2**t``), or ``--student-json``. Cases are preprocessed on the teacher's spacing and
 normalisation (from its model card). Exit codes as ``recokd train-teacher``: 0 done (or cancelled),
@@ -18,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ReCoKDLib.commands.train_teacher import (
@@ -66,8 +81,9 @@ def kd_spec_from_args(kd: str, options: list[str]) -> dict[str, dict[str, Any]]:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Writes OUT/model_best.pt and OUT/model_last.pt (the student, with JSON cards holding the KD "
                      "configuration and the teacher's SHA-256). Cancel with SIGTERM or OUT/STOP; continue with --resume.")
-    parser.add_argument("teacher", help="teacher model: a ReCoKD model file (.pt), a TorchScript file, or a state dict "
-                                        "with --teacher-entry-point")
+    parser.add_argument("teacher", help="teacher model: a ReCoKD model file (.pt), a TorchScript file, a state dict "
+                                        "with --teacher-entry-point, or a teacher preset (preset:hd-bet or a preset "
+                                        "JSON file)")
     t = parser.add_argument_group("teacher and student")
     t.add_argument("--teacher-entry-point", metavar="PKG.MODULE:FACTORY",
                    help="build the teacher architecture with this factory and load TEACHER as its state dict")
@@ -93,7 +109,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="an option of a KD method (repeatable), e.g. stage_alpha=0.5 or logit.temperature=4")
     k.add_argument("--frozen-aux", action="store_true",
                    help="keep adapters and KD-loss modules frozen at initialisation (the authors' release behaviour)")
-    add_data_arguments(parser)
+    lf = parser.add_argument_group("label-free distillation")
+    lf.add_argument("--no-labels", action="store_true",
+                    help="ignore the dataset's labels: train on the teacher's predictions only")
+    lf.add_argument("--pseudo-label-weight", type=float, default=1.0, metavar="W",
+                    help="weight of Dice + CE on the teacher's argmax for unlabelled cases (hard targets; "
+                         "0 = soft targets from the KD methods only; default 1)")
+    add_data_arguments(parser, images=True)
     add_training_arguments(parser)
 
 
@@ -117,6 +139,52 @@ def _json_arg(text: str) -> dict[str, Any]:
     return data
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def image_cases(items: list[str]) -> list:
+    """``layout.Case`` objects without labels from image files and folders (sorted, one channel)."""
+    from ReCoKDLib.data.layout import Case
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"--images: {path} is neither an image file nor a folder")
+    if not files:
+        raise ValueError(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {items}")
+    cases, seen = [], set()
+    for path in files:
+        name = path.name
+        stem = next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), name)
+        stem = stem[:-5] if stem.endswith("_0000") else stem
+        while stem in seen:
+            stem += "_"
+        seen.add(stem)
+        cases.append(Case(stem, [path], None))
+    return cases
+
+
+def _training_cases(args: argparse.Namespace, teacher_classes: list[str]) -> list:
+    """Cases of ``--data``/``--pairs`` (labels dropped with ``--no-labels``) or ``--images``."""
+    from ReCoKDLib.data.layout import Case
+
+    if getattr(args, "images", None):
+        return image_cases(args.images)
+    raw = open_dataset(args)
+    if raw.num_classes != len(teacher_classes):
+        raise ValueError(f"the dataset has {raw.num_classes} classes {raw.class_names}, the teacher "
+                         f"{len(teacher_classes)} {teacher_classes}: label maps must use the teacher's classes")
+    cases = raw.training_cases()
+    if args.no_labels:
+        cases = [Case(c.case_id, c.image_paths, None) for c in cases]
+    return cases
+
+
 def _load_teacher(args: argparse.Namespace):
     from types import SimpleNamespace
 
@@ -125,7 +193,14 @@ def _load_teacher(args: argparse.Namespace):
 
     loaded = load_model(args.teacher, "cpu", entry_point=args.teacher_entry_point, kwargs=args.teacher_kwargs,
                         card=args.teacher_card)
-    return SimpleNamespace(network=loaded.network, card=loaded.card, sha256=sha256_file(args.teacher))
+    source = loaded.source if Path(loaded.source).is_file() else args.teacher
+    if Path(source).is_dir():  # an nnU-Net model folder: one hash over its fold checkpoints
+        import hashlib
+
+        paths = getattr(getattr(loaded, "folder", None), "checkpoint_paths", None) or sorted(Path(source).glob("fold_*/*.pth"))
+        sha = hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
+        return SimpleNamespace(network=loaded.network, card=loaded.card, sha256=sha, kind=loaded.kind, source=str(source))
+    return SimpleNamespace(network=loaded.network, card=loaded.card, sha256=sha256_file(source), kind=loaded.kind)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,10 +210,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         spec = kd_spec_from_args(args.kd, args.kd_option)
         teacher = _load_teacher(args)
-        raw = open_dataset(args)
-        if raw.num_classes != teacher.card.num_classes:
-            raise ValueError(f"the dataset has {raw.num_classes} classes {raw.class_names}, the teacher "
-                             f"{teacher.card.num_classes} {teacher.card.classes}: label maps must use the teacher's classes")
+        cases = _training_cases(args, list(teacher.card.classes))
         fields = training_config_fields(args)
         fields.setdefault("patch_size", tuple(teacher.card.patch_size))
         config = TrainConfig(
@@ -147,10 +219,13 @@ def run(args: argparse.Namespace) -> int:
             student_config=_json_arg(args.student_json) if args.student_json else None,
             teacher_taps=args.teacher_taps.split(",") if args.teacher_taps else None,
             student_taps=args.student_taps.split(",") if args.student_taps else None,
+            pseudo_label_weight=args.pseudo_label_weight,
             **fields,
         )
-        case_set = prepare_case_set(raw, teacher.card.classes, teacher.card.spacing, teacher.card.normalization,
-                                    Path(args.cache_dir) if args.cache_dir else out / "preprocessed", reporter)
+        case_set = prepare_case_set(SimpleNamespace(training_cases=lambda: cases), teacher.card.classes,
+                                    teacher.card.spacing, teacher.card.normalization,
+                                    Path(args.cache_dir) if args.cache_dir else out / "preprocessed", reporter,
+                                    allow_unlabelled=True)
         distill(config, teacher, case_set, out, reporter, resume=args.resume)
 
     return run_job(args, STAGE, job)

@@ -54,12 +54,16 @@ def float_triple(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected numbers D,H,W, got {text!r}") from None
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data`` / ``--pairs`` / ``--classes`` / ``--cache-dir``."""
+def add_data_arguments(parser: argparse.ArgumentParser, images: bool = False) -> None:
+    """``--data`` / ``--pairs`` / ``--classes`` / ``--cache-dir`` (and ``--images`` when ``images``)."""
     group = parser.add_argument_group("data")
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", metavar="FOLDER",
                         help="dataset folder in nnU-Net v2 raw layout (dataset.json, imagesTr, labelsTr)")
+    if images:
+        source.add_argument("--images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                            help="unlabelled training images (files, or folders of .nii.gz/.nii/.nrrd/.mha): "
+                                 "label-free distillation on the teacher's predictions")
     source.add_argument("--pairs", nargs="+", metavar="IMAGE:LABEL",
                         help="training cases as image:label file pairs (NIfTI, NRRD, MHA); needs --classes")
     group.add_argument("--classes", metavar="NAMES",
@@ -143,8 +147,10 @@ def open_dataset(args: argparse.Namespace):
     return RawDataset.from_pairs(pairs, [c.strip() for c in args.classes.split(",") if c.strip()])
 
 
-def prepare_case_set(raw, class_names: Sequence[str], spacing, normalization: dict, cache_dir: Path, reporter):
-    """Preprocess (cached) the training cases of ``raw`` on ``spacing`` with ``normalization``."""
+def prepare_case_set(raw, class_names: Sequence[str], spacing, normalization: dict, cache_dir: Path, reporter,
+                     allow_unlabelled: bool = False):
+    """Preprocess (cached) the training cases of ``raw`` on ``spacing`` with ``normalization``
+    (``allow_unlabelled``: cases without labels are kept for label-free distillation)."""
     from ReCoKDLib.data.preprocess import preprocess_case
     from ReCoKDLib.data.sampling import prepare_cases
 
@@ -156,7 +162,8 @@ def prepare_case_set(raw, class_names: Sequence[str], spacing, normalization: di
 
     case_set = prepare_cases(cases, class_names, preprocess_case,
                              {"spacing": [float(s) for s in spacing], "normalization": normalization},
-                             cache_dir, on_case)
+                             cache_dir, on_case, allow_unlabelled=allow_unlabelled,
+                             label_spec=getattr(raw, "label_spec", None))  # nnU-Net regions / ignore label
     reporter.done("preprocess", path=str(cache_dir))
     return case_set
 

