@@ -211,14 +211,22 @@ def inspect_volume(
         raise InspectionError("the model cards do not name matching feature levels (tap_names); "
                               "inspect a student distilled from this teacher")
 
-    num_classes = teacher.card.num_classes
+    from ReCoKDLib.nnunet.labels import label_spec_from_card, labels_to_regions, mark_ignored
+
+    spec = label_spec_from_card(teacher.card)  # nnU-Net regions: KD masks from one map per region
+    regions = spec is not None and spec.has_regions
+    num_classes = spec.num_heads + 1 if regions else teacher.card.num_classes
+    if labels is not None and spec is not None and spec.ignore_label is not None:
+        labels = mark_ignored(labels, spec.ignore_label)  # ignored voxels -1: in no KD mask
     pre = preprocess_case(image, geometry, teacher.card.spacing, teacher.card.normalization, label=labels,
-                          num_classes=num_classes if labels is not None else None)
+                          num_classes=num_classes if labels is not None and spec is None else None)
     pad = [(0, (-n) % d) for n, d in zip(pre.shape, divisor)]
     images = torch.from_numpy(np.pad(pre.image, [(0, 0)] + pad, mode="edge"))[None]
     label_tensor = None
     if pre.label is not None:
         label_tensor = torch.from_numpy(np.pad(pre.label.astype(np.int64), pad))[None, None]
+        if regions:
+            label_tensor = labels_to_regions(label_tensor, spec.regions)
 
     pair = DistillationPair(teacher.network.cpu(), student.network.cpu(), taps[0], taps[1], tuple(images.shape[1:]))
     name = _single_method(student.card.kd, method)
@@ -231,7 +239,8 @@ def inspect_volume(
         if own or not list(loss.state_dict()):
             loss.load_state_dict(own)
     try:
-        maps = compute_maps(pair, loss, images, label_tensor, num_classes=num_classes, image_grid=True)
+        maps = compute_maps(pair, loss, images, label_tensor, num_classes=num_classes, regions=regions,
+                            image_grid=True)
     finally:
         pair.remove_taps()
 
