@@ -1,0 +1,185 @@
+"""Benchmarks of issue 6: statistics, exact cropped metrics, report/README generation, and a smoke
+run of each benchmark script with its tiny configuration (writing to tmp dirs only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import efficacy  # noqa: E402
+import performance  # noqa: E402
+import report  # noqa: E402
+from _measure import BenchmarkError  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_gap_recovery_arithmetic_and_guards():
+    assert efficacy.gap_recovery(0.6, 0.4, 0.8) == pytest.approx(0.5)
+    assert efficacy.gap_recovery(0.3, 0.4, 0.8) == pytest.approx(-0.25)  # worse than plain: negative
+    assert efficacy.gap_recovery(0.5, 0.4, 0.4) is None  # no gap
+    assert efficacy.gap_recovery(0.5, 0.6, 0.4) is None  # teacher worse than the plain student
+    assert efficacy.gap_recovery(None, 0.4, 0.8) is None
+
+
+def _run(method, seed, dice):
+    return {"method": method, "seed": seed, "mean_dice": dice, "mean_hd95": 10.0, "train_seconds": 5.0}
+
+
+def test_summarize_per_seed_and_of_means():
+    runs = [_run("none", 0, 0.2), _run("none", 1, 0.4), _run("recokd", 0, 0.5), _run("recokd", 1, 0.4)]
+    s = efficacy.summarize(runs, teacher_dice=0.8, methods=["none", "recokd"])
+    # per seed: (0.5-0.2)/(0.8-0.2) = 0.5 and (0.4-0.4)/(0.8-0.4) = 0
+    assert s["recokd"]["gap_recovery_per_seed"]["mean"] == pytest.approx(0.25)
+    assert s["recokd"]["gap_recovery_per_seed"]["sd"] == pytest.approx(np.std([0.5, 0.0], ddof=1))
+    # of means: (0.45 - 0.3) / (0.8 - 0.3)
+    assert s["recokd"]["gap_recovery_of_means"] == pytest.approx(0.3)
+    assert s["recokd"]["mean_dice"] == pytest.approx(0.45)
+    assert s["recokd"]["delta_dice_vs_plain"] == pytest.approx(0.15)
+    assert s["none"]["gap_recovery_of_means"] is None and s["none"]["gap_recovery_per_seed"]["n"] == 0
+    one = efficacy.summarize([_run("none", 0, 0.2)], 0.8, ["none", "recokd"])
+    assert one["none"]["sd_dice"] is None and "recokd" not in one
+
+
+def test_cropped_metrics_equal_whole_grid():
+    from ReCoKDLib.evaluate import dice_hd95
+
+    rng = np.random.default_rng(0)
+    ref = np.zeros((12, 40, 40), np.uint8)
+    pred = np.zeros_like(ref)
+    ref[2:8, 5:20, 5:15] = 1
+    pred[3:9, 6:22, 4:14] = 1
+    ref[5:11, 25:38, 20:39] = 2  # touches the border
+    pred[0:3, 30:40, 30:40] = 2
+    pred[rng.random(pred.shape) > 0.995] = 3  # class 3: prediction only
+    spacing = (3.0, 1.0, 0.8)
+    whole = dice_hd95(pred, ref, 5, spacing)
+    cropped = efficacy.dice_hd95_cropped(pred, ref, 5, spacing)
+    assert cropped[0] == pytest.approx(whole[0])
+    assert [h is None for h in cropped[1]] == [h is None for h in whole[1]]
+    assert [h for h in cropped[1] if h is not None] == pytest.approx([h for h in whole[1] if h is not None])
+    with pytest.raises(BenchmarkError, match="one grid"):
+        efficacy.dice_hd95_cropped(pred, ref[:5], 5, spacing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _efficacy_json(kd_dice):
+    runs = [dict(_run("none", s, d), params=1000, dice={"liver": d}) for s, d in ((0, 0.30), (1, 0.34))]
+    runs += [dict(_run("recokd", s, d), params=1000, dice={"liver": d}) for s, d in zip((0, 1), kd_dice)]
+    return {"date": "2026-01-02T03:04:05+00:00", "machine": {"cpu": "TestCPU", "threads": 2, "torch": "2.13.0"},
+            "git_commit": "abcdef1234567890", "command": "python benchmarks/efficacy.py",
+            "config": {"budget": {"name": "cpu"}}, "gap_recovery_definition": "def",
+            "datasets": {"ct": {"dataset": "CTSet", "train_cases": ["s1"], "test_cases": ["s3"], "classes": ["liver"],
+                                "teacher": {"mean_dice": 0.52, "params": 16000, "dice": {"liver": 0.52}},
+                                "runs": runs,
+                                "summary": efficacy.summarize(runs, 0.52, ["none", "recokd"])}}}
+
+
+def _write(folder, efficacy_data, readme_text):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "efficacy.json").write_text(json.dumps(efficacy_data))
+    readme = folder / "README.md"
+    readme.write_text(readme_text)
+    return readme
+
+
+def test_report_writes_table_plots_and_readme_block(tmp_path):
+    readme = _write(tmp_path, _efficacy_json((0.40, 0.42)),
+                    f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
+    (tmp_path / "pretrained_teacher.json").write_text(json.dumps({
+        "date": "2026-01-03", "machine": "M", "command": "python x.py",
+        "teacher": {"name": "nnU-Net X", "params": 31000000, "latency_s": 9.5},
+        "students": [{"method": "recokd", "params": 2000000, "latency_s": 1.5, "dice_vs_teacher_mean": 0.81,
+                      "dice_vs_teacher_sd": 0.02}]}))
+    written = report.build_report(tmp_path, readme)
+    assert (tmp_path / "dice_per_method.png").stat().st_size > 1000
+    assert "latency_params_vs_width.png" not in {p.name for p in written.values()}  # no performance.json
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{report.END}\noutro\n") and "old table" not in text
+    block = text.split(report.BEGIN)[1].split(report.END)[0]
+    assert "0.520" in block  # teacher
+    assert "0.320 ± 0.028" in block  # plain: mean of 0.30, 0.34 and its sd
+    assert "0.410 ± 0.014" in block  # ReCo-KD
+    # gap recovery per seed: (0.40-0.30)/(0.22) and (0.42-0.34)/(0.18) -> mean 0.45
+    assert "0.45" in block
+    assert "2026-01-02" in block and "TestCPU" in block and "python benchmarks/efficacy.py" in block
+    assert "nnU-Net X" in block and "0.810 ± 0.020" in block
+    assert "| recokd | 2 | 0.410 ± 0.014 | 0.090 |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_shows_when_recokd_is_worse(tmp_path):
+    readme = _write(tmp_path, _efficacy_json((0.20, 0.22)), f"{report.BEGIN}\n{report.END}\n")
+    report.build_report(tmp_path, readme)
+    assert "| recokd | 2 | 0.210 ± 0.014 | -0.110 |" in (tmp_path / "report.md").read_text()
+    assert "-0." in readme.read_text().split(report.BEGIN)[1]  # negative gap recovery shown
+
+
+def test_readme_markers_required(tmp_path):
+    readme = _write(tmp_path, _efficacy_json((0.4, 0.4)), "no markers here\n")
+    with pytest.raises(BenchmarkError, match="markers"):
+        report.build_report(tmp_path, readme)
+    assert readme.read_text() == "no markers here\n"  # untouched
+    with pytest.raises(BenchmarkError, match="markers"):
+        report.replace_headline(f"{report.END}\n{report.BEGIN}\n", "x")
+    assert report.main(["--results-dir", str(tmp_path / "empty")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke runs of the benchmark scripts (tiny configurations, tmp dirs)
+
+
+def test_performance_smoke(tmp_path, ct_dataset):
+    out = tmp_path / "performance.json"
+    assert performance.main(["--smoke", "--in-process", "--threads", "1", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["models"]) == {"teacher", "student_div4"}
+    student = data["models"]["student_div4"]
+    assert student["params"] < data["models"]["teacher"]["params"]
+    assert student["vs_teacher"]["params"] == pytest.approx(student["params"] / data["models"]["teacher"]["params"])
+    assert student["cpu_fp32"]["seconds"] > 0 and student["cpu_fp32"]["volume_shape"]
+    steps = data["steps"]["8x16x16"]
+    assert set(steps) == {"student", "student+teacher", "student+teacher+recokd"}
+    assert "beyond_teacher_forward" in steps["student+teacher+recokd"]
+    assert data["onnx"]["volume_max_abs_diff"] < 1e-3
+    assert data["command"].startswith("python benchmarks/performance.py") and data["machine"]["torch"]
+
+
+def test_efficacy_smoke_writes_and_resumes(tmp_path, ct_dataset):
+    out, work = tmp_path / "eff.json", tmp_path / "work"
+    args = ["--smoke", "--datasets", "ct", "--methods", "none,recokd", "--seeds", "0", "--threads", "1",
+            "--work-dir", str(work), "--output", str(out)]
+    assert efficacy.main(args) == 0
+    data = json.loads(out.read_text())
+    block = data["datasets"]["ct"]
+    assert block["train_cases"] == ["totalseg_s1"] and block["test_cases"] == ["totalseg_s3"]
+    assert [(r["method"], r["seed"]) for r in block["runs"]] == [("none", 0), ("recokd", 0)]
+    run = block["runs"][1]
+    assert set(run["dice"]) == set(block["classes"]) and len(block["classes"]) == 11
+    assert run["teacher_mean_dice"] == block["teacher"]["mean_dice"]
+    assert run["plain_student_mean_dice"] == block["runs"][0]["mean_dice"]
+    assert run["train_seconds"] > 0 and block["summary"]["recokd"]["n"] == 1
+    assert data["config"]["methods"]["recokd"]["kd_weight"] == 0.01 and data["git_commit"]
+    # a second start skips every finished run (and reuses the cached teacher)
+    logs = []
+    efficacy.run_benchmark(efficacy.SMOKE, ["ct"], ["none", "recokd"], [0], work, out, "cpu", 1, log=logs.append)
+    assert sum("skipped" in line for line in logs) == 2
+    again = json.loads(out.read_text())["datasets"]["ct"]
+    assert again["runs"] == block["runs"] and again["teacher"]["reused"] is True
+
+
+def test_efficacy_rejects_unknown_method(capsys):
+    with pytest.raises(SystemExit):
+        efficacy.main(["--methods", "recokd,nope"])
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,343 @@
+"""Turn the benchmark JSON into plots, ``report.md`` and the README's headline table (issue 6, part 3).
+
+Reads from ``--results-dir`` (default ``benchmarks/results/``): ``efficacy.json`` (and any
+``efficacy_gpu_*.json``), ``performance.json``, and ``pretrained_teacher.json`` when present
+(top-level ``date``, ``machine``, ``command``, ``teacher`` {name, params, latency_s}, ``students``
+[{method, params, latency_s, dice_vs_teacher_mean, dice_vs_teacher_sd}]). Writes beside them:
+
+* ``dice_per_method.png``: mean Dice ± sd over seeds per method, one panel per dataset, the
+  teacher as a line;
+* ``latency_params_vs_width.png``: parameters and CPU latency (whole S1, fp32 and bf16) vs width;
+* ``report.md``: every table.
+
+``--readme README.md`` replaces the text between ``<!-- BEGIN BENCHMARK HEADLINE -->`` and
+``<!-- END BENCHMARK HEADLINE -->`` with the headline table (teacher vs plain student vs ReCo-KD
+student: Dice mean ± sd, parameters, latency) and the date, machine and command of each source.
+Every number comes from the JSON; nothing is typed by hand, and a ReCo-KD student that does not
+beat the plain student shows as such.
+
+Usage::
+
+    python benchmarks/report.py
+    python benchmarks/report.py --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _measure  # noqa: E402
+from _measure import BenchmarkError  # noqa: E402
+
+BEGIN = "<!-- BEGIN BENCHMARK HEADLINE -->"
+END = "<!-- END BENCHMARK HEADLINE -->"
+HEADLINE_METHODS = (("teacher", "teacher"), ("none", "plain student (÷4)"), ("recokd", "ReCo-KD student (÷4)"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting (pure)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def pm(mean: float | None, sd: float | None, digits: int = 3) -> str:
+    """``mean ± sd`` (``mean`` alone without an sd, ``–`` without a mean)."""
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{mean:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def source_line(data: Mapping[str, Any], what: str) -> str:
+    machine = data.get("machine") or {}
+    if isinstance(machine, Mapping):
+        parts = [machine.get("cpu"), f"{machine.get('threads')} threads" if machine.get("threads") else None,
+                 f"torch {machine['torch']}" if machine.get("torch") else None, machine.get("gpu")]
+        machine = ", ".join(str(p) for p in parts if p)
+    commit = f", commit {data['git_commit'][:12]}" if data.get("git_commit") else ""
+    return f"{what}: {data.get('date', '?')} on {machine or '?'}{commit}; `{data.get('command', '?')}`"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _latency_by_role(performance: Mapping[str, Any] | None) -> dict[str, float | None]:
+    models = (performance or {}).get("models", {})
+
+    def get(name: str) -> float | None:
+        entry = models.get(name, {})
+        return (entry.get("cpu_fp32") or {}).get("seconds")
+
+    return {"teacher": get("teacher"), "none": get("student_div4"), "recokd": get("student_div4")}
+
+
+def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] | None,
+             pretrained: Mapping[str, Any] | None = None) -> str:
+    """The README block: per dataset, teacher vs plain vs ReCo-KD student, with sources."""
+    parts: list[str] = []
+    latency = _latency_by_role(performance)
+    if efficacy:
+        rows = []
+        for key, block in efficacy.get("datasets", {}).items():
+            teacher = block.get("teacher") or {}
+            summary = block.get("summary", {})
+            params_student = next((r.get("params") for r in block.get("runs", []) if r.get("params")), None)
+            for method, label in HEADLINE_METHODS:
+                if method == "teacher":
+                    dice, params, extra = pm(teacher.get("mean_dice"), None), teacher.get("params"), "–"
+                else:
+                    s = summary.get(method)
+                    if s is None:
+                        continue
+                    dice, params = pm(s["mean_dice"], s["sd_dice"]), params_student
+                    extra = "–" if method == "none" else fmt(s["gap_recovery_per_seed"]["mean"], 2)
+                n = "1" if method == "teacher" else str(summary.get(method, {}).get("n", "–"))
+                rows.append([f"{block.get('dataset', key)}", label, dice, n, fmt(params), extra,
+                             fmt(latency.get(method), 2)])
+        parts.append(table(["dataset", "model", "mean Dice (test case)", "seeds", "parameters",
+                            "gap recovery", "CPU latency fp32, whole S1 (s)"], rows))
+        parts.append("Dice: mean ± sd over seeds on the held-out test case; gap recovery: "
+                     "(Dice_KD − Dice_plain) / (Dice_teacher − Dice_plain), per seed, mean. Latency: the CT "
+                     "networks on the whole S1 scan (performance benchmark).")
+        parts.append("- " + source_line(efficacy, "efficacy"))
+    if performance:
+        parts.append("- " + source_line(performance, "performance"))
+    if pretrained:
+        t = pretrained.get("teacher", {})
+        students = pretrained.get("students", [])
+        best = ", ".join(f"{s.get('method')}: Dice vs teacher {pm(s.get('dice_vs_teacher_mean'), s.get('dice_vs_teacher_sd'))}"
+                         f", {fmt(s.get('params'))} parameters, {fmt(s.get('latency_s'), 2)} s" for s in students)
+        parts.append(f"- Pretrained teacher {t.get('name', '?')} ({fmt(t.get('params'))} parameters, "
+                     f"{fmt(t.get('latency_s'), 2)} s): {best or 'no student'}. " + source_line(pretrained, "source"))
+    if not parts:
+        return "(no benchmark results yet: run benchmarks/efficacy.py and benchmarks/performance.py)"
+    return "\n\n".join(parts)
+
+
+def efficacy_section(efficacy: Mapping[str, Any]) -> str:
+    out = [f"## Efficacy ({efficacy.get('config', {}).get('budget', {}).get('name', '?')} configuration)",
+           source_line(efficacy, "Produced"), "", efficacy.get("gap_recovery_definition", "")]
+    for key, block in efficacy.get("datasets", {}).items():
+        teacher = block.get("teacher") or {}
+        out += ["", f"### {block.get('dataset', key)}: train {', '.join(block.get('train_cases', []))}, "
+                    f"test {', '.join(block.get('test_cases', []))}",
+                f"Teacher: mean Dice {fmt(teacher.get('mean_dice'))}, mean HD95 {fmt(teacher.get('mean_hd95'), 1)} mm, "
+                f"{fmt(teacher.get('params'))} parameters.", ""]
+        rows = []
+        for method, s in block.get("summary", {}).items():
+            gr = s["gap_recovery_per_seed"]
+            rows.append([method, s["n"], pm(s["mean_dice"], s["sd_dice"]), fmt(s["delta_dice_vs_plain"]),
+                         pm(gr["mean"], gr["sd"], 2), fmt(s["gap_recovery_of_means"], 2), pm(s["mean_hd95"], s["sd_hd95"], 1),
+                         fmt(s["mean_train_seconds"], 0)])
+        out.append(table(["method", "seeds", "mean Dice", "Δ vs plain", "gap recovery (per seed)",
+                          "gap recovery (of means)", "mean HD95 (mm)", "train (s)"], rows))
+        classes = block.get("classes", [])
+        if classes and block.get("summary"):
+            out += ["", "Per-class Dice (mean over seeds):", ""]
+            rows = [["teacher", *(fmt((teacher.get("dice") or {}).get(c)) for c in classes)]]
+            for method in block["summary"]:
+                runs = [r for r in block.get("runs", []) if r["method"] == method]
+                means = []
+                for c in classes:
+                    vals = [r["dice"].get(c) for r in runs if r.get("dice", {}).get(c) is not None]
+                    means.append(fmt(sum(vals) / len(vals)) if vals else "–")
+                rows.append([method, *means])
+            out.append(table(["model", *classes], rows))
+    return "\n".join(out)
+
+
+def performance_section(perf: Mapping[str, Any]) -> str:
+    out = ["## Performance", source_line(perf, "Produced"), "", "### Teacher vs students (whole S1 scan, sliding window)", ""]
+    rows = []
+    for name, m in perf.get("models", {}).items():
+        v = m.get("vs_teacher", {})
+        rows.append([name, "-".join(str(f) for f in m.get("filters", [])), fmt(m["params"]), fmt(v.get("params"), 3),
+                     fmt(m["flops_per_window"] / 1e9, 2), fmt((m.get("cpu_fp32") or {}).get("seconds"), 2),
+                     fmt(v.get("cpu_fp32_latency"), 2), fmt((m.get("cpu_bf16") or {}).get("seconds"), 2),
+                     fmt(v.get("cpu_bf16_latency"), 2),
+                     fmt(((m.get("cpu_fp32") or {}).get("peak_extra_bytes") or 0) / 2**20, 0),
+                     fmt((m.get("gpu") or {}).get("seconds"), 3)])
+    out.append(table(["model", "widths", "params", "× teacher", "GFLOPs/window", "CPU fp32 (s)", "× teacher",
+                      "CPU bf16 (s)", "× teacher", "peak fp32 (MiB)", "GPU (s)"], rows))
+    for patch, variants in perf.get("steps", {}).items():
+        out += ["", f"### One distillation step, patch {patch}", ""]
+        rows = []
+        for variant, r in variants.items():
+            beyond = r.get("beyond_teacher_forward") or {}
+            rows.append([variant, fmt(r["seconds"]), fmt(r["vs_student"]["time"], 2),
+                         fmt((r.get("peak_extra_bytes") or 0) / 2**20, 0), fmt(r["vs_student"]["peak"], 2),
+                         fmt(beyond.get("seconds")), fmt((beyond.get("peak_bytes") or 0) / 2**20, 0) if beyond else "–"])
+        out.append(table(["step", "time (s)", "× student", "peak (MiB)", "× student", "beyond teacher forward (s)",
+                          "beyond teacher forward (MiB)"], rows))
+    onnx = perf.get("onnx")
+    if onnx:
+        out += ["", "### ÷4 student: PyTorch fp32 vs ONNX Runtime (CPU)", "",
+                table(["runtime", "one window (s)", "whole S1 (s)"],
+                      [[k, fmt(onnx[k]["window_seconds"]), fmt(onnx[k]["volume_seconds"], 2)] for k in ("torch", "onnxruntime")]),
+                "", f"Speed-up: ×{fmt(onnx['speedup_window'], 2)} per window, ×{fmt(onnx['speedup_volume'], 2)} on the "
+                    f"volume; largest logit difference {onnx['volume_max_abs_diff']:.2e}."]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_dice(efficacy: Mapping[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = efficacy.get("datasets", {})
+    fig, axes = plt.subplots(1, max(1, len(blocks)), figsize=(6 * max(1, len(blocks)), 4), squeeze=False)
+    for ax, (key, block) in zip(axes[0], blocks.items()):
+        summary = block.get("summary", {})
+        names = list(summary)
+        means = [summary[m]["mean_dice"] or 0.0 for m in names]
+        sds = [summary[m]["sd_dice"] or 0.0 for m in names]
+        colors = ["tab:gray" if m == "none" else "tab:red" if m == "recokd" else "tab:blue" for m in names]
+        ax.bar(range(len(names)), means, yerr=sds, capsize=3, color=colors)
+        teacher = (block.get("teacher") or {}).get("mean_dice")
+        if teacher is not None:
+            ax.axhline(teacher, color="black", linestyle="--", label=f"teacher {teacher:.3f}")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_ylabel("mean Dice (test case)")
+        ax.set_title(block.get("dataset", key))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_width(performance: Mapping[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted(performance.get("models", {}).values(), key=lambda m: m["reduction"])
+    widths = [1 / m["reduction"] for m in models]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(widths, [m["params"] / 1e6 for m in models], "o-")
+    a.set_xlabel("width (× teacher)")
+    a.set_ylabel("parameters (M)")
+    for key, label in (("cpu_fp32", "CPU fp32"), ("cpu_bf16", "CPU bf16"), ("gpu", "GPU")):
+        pts = [(w, m[key]["seconds"]) for w, m in zip(widths, models) if m.get(key)]
+        if pts:
+            b.plot(*zip(*pts), "o-", label=label)
+    b.set_xlabel("width (× teacher)")
+    b.set_ylabel("whole-S1 latency (s)")
+    b.legend()
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ReCoKDLib.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# README
+
+
+def replace_headline(text: str, block: str) -> str:
+    """``text`` with everything between the two markers replaced by ``block`` (markers kept)."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise BenchmarkError(f"the README needs the markers {BEGIN} and {END} (in that order) around the "
+                             "benchmark headline; add them where the table should go")
+    return text[: start + len(BEGIN)] + "\n" + block.strip() + "\n" + text[end:]
+
+
+def load_results(results_dir: Path) -> dict[str, Any]:
+    def maybe(name: str):
+        path = results_dir / name
+        return _measure.read_json(path) if path.is_file() else None
+
+    return {"efficacy": maybe("efficacy.json"), "performance": maybe("performance.json"),
+            "pretrained": maybe("pretrained_teacher.json"),
+            "efficacy_gpu": {p.name: _measure.read_json(p) for p in sorted(results_dir.glob("efficacy_gpu_*.json"))}}
+
+
+def build_report(results_dir: Path, readme: Path | None = None) -> dict[str, Path]:
+    """Write plots and ``report.md`` into ``results_dir`` (and the README block); returns the paths written."""
+    from ReCoKDLib.checkpoint import atomic_write_text
+
+    res = load_results(results_dir)
+    if res["efficacy"] is None and res["performance"] is None and not res["efficacy_gpu"]:
+        raise BenchmarkError(f"no efficacy.json or performance.json in {results_dir}; run the benchmarks first")
+    written: dict[str, Path] = {}
+    sections = ["# ReCoKD benchmark report", "",
+                "Generated by `benchmarks/report.py` from the JSON in this folder; nothing is typed by hand.", "",
+                "## Headline", "", headline(res["efficacy"], res["performance"], res["pretrained"])]
+    if res["efficacy"]:
+        written["dice_plot"] = plot_dice(res["efficacy"], results_dir / "dice_per_method.png")
+        sections += ["", efficacy_section(res["efficacy"]), "", "![Dice per method](dice_per_method.png)"]
+    for name, data in res["efficacy_gpu"].items():
+        stem = Path(name).stem
+        written[stem] = plot_dice(data, results_dir / f"dice_per_method_{stem}.png")
+        sections += ["", efficacy_section(data).replace("## Efficacy", f"## Efficacy, GPU ({name})", 1), "",
+                     f"![Dice per method, GPU](dice_per_method_{stem}.png)"]
+    if res["performance"]:
+        written["width_plot"] = plot_width(res["performance"], results_dir / "latency_params_vs_width.png")
+        sections += ["", performance_section(res["performance"]), "",
+                     "![Latency and parameters vs width](latency_params_vs_width.png)"]
+    written["report"] = atomic_write_text(results_dir / "report.md", "\n".join(sections) + "\n")
+    if readme is not None:
+        try:
+            text = readme.read_text()
+        except OSError as exc:
+            raise BenchmarkError(f"cannot read {readme}: {exc}") from None
+        block = headline(res["efficacy"], res["performance"], res["pretrained"])
+        written["readme"] = atomic_write_text(readme, replace_headline(text, block))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=_measure.RESULTS_DIR)
+    parser.add_argument("--readme", type=Path, help="README to update between the benchmark headline markers")
+    args = parser.parse_args(argv)
+    try:
+        written = build_report(args.results_dir, args.readme)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
