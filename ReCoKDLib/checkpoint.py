@@ -21,7 +21,7 @@ import pickle
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 MODEL_FORMAT = "recokd-model"
 MODEL_FORMAT_VERSION = 1
@@ -29,6 +29,18 @@ MODEL_FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, unsafe, or not what was expected."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint names objects outside what ``weights_only`` loading allows; nothing of it ran.
+
+    Attributes:
+        culprit: the refused pickle global as torch reports it (``"GLOBAL os.system"``), or ``""``.
+    """
+
+    def __init__(self, message: str, culprit: str = "") -> None:
+        super().__init__(message)
+        self.culprit = culprit
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -88,12 +100,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu", *, safe_globals: Sequence[Any] = ()) -> Any:
     """Load a torch file with ``weights_only=True``; refuse anything that needs code to unpickle.
 
+    Args:
+        path: the file.
+        map_location: as in ``torch.load``.
+        safe_globals: extra plain types a known file format pickles (``torch.serialization.safe_globals``
+            entries, e.g. the numpy scalars of nnU-Net checkpoints); never code.
+
     Raises:
-        CheckpointError: the file is missing, truncated/corrupt, or holds objects other than
-            tensors and plain containers (a possibly malicious pickle; nothing of it was run).
+        UnsafeCheckpointError: the file holds objects other than tensors, plain containers and
+            ``safe_globals`` (a possibly malicious pickle; nothing of it was run).
+        CheckpointError: the file is missing, truncated or not a torch file.
     """
     import torch
 
@@ -101,13 +120,15 @@ def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"refused to load {path}: it holds objects that only arbitrary code could rebuild"
             f"{' (' + culprit + ')' if culprit else ''}. Nothing of it was run. ReCoKD loads tensors and "
-            f"plain containers only; re-save the weights as a state dict (torch.save(model.state_dict(), ...))."
+            f"plain containers only; re-save the weights as a state dict (torch.save(model.state_dict(), ...)).",
+            culprit,
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, IndexError) as exc:  # IndexError: garbage bytes
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a torch file ({exc})") from None

@@ -267,19 +267,15 @@ def is_preset_source(source: str | os.PathLike) -> bool:
 
 
 def _import(spec: str, preset: TeacherPreset, what: str) -> Any:
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise TeacherPresetError(f"preset {preset.name}: {what} must be 'package.module:attr', got {spec!r}")
-    module_name, attr_path = spec.split(":")
+    """The object a ``"package.module:attr"`` field names (:func:`ReCoKDLib.teachers.import_entry_point`),
+    with the preset's install hint when its package is missing."""
+    from ReCoKDLib.teachers import ModelLoadError, import_entry_point
+
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        hint = f"; install it with: {preset.install}" if preset.install else ""
-        raise TeacherPresetError(f"preset {preset.name}: cannot import {module_name!r} ({exc}){hint}") from None
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise TeacherPresetError(f"preset {preset.name}: {module_name!r} has no attribute {attr_path!r} ({what})")
-        obj = getattr(obj, attr)
-    return obj
+        return import_entry_point(spec)
+    except ModelLoadError as exc:
+        hint = f"; install it with: {preset.install}" if preset.install and "cannot import" in str(exc) else ""
+        raise TeacherPresetError(f"preset {preset.name}: {what}: {exc}{hint}") from None
 
 
 def resolve_value(value: Any, where: str = "preset") -> Any:

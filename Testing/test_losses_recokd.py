@@ -281,10 +281,10 @@ MEMORY_WORKER = textwrap.dedent(
     student.grad = None
     for p in (*adapter.parameters(), *loss.parameters()):
         p.grad = None
-    before = bench._rss_kib("VmRSS")
-    reset = bench._reset_peak()
+    before = bench.rss_kib("VmRSS")
+    reset = bench.reset_peak()
     bench.step(variant, *args)
-    extra = (bench._rss_kib("VmHWM") - before) * 1024
+    extra = (bench.rss_kib("VmHWM") - before) * 1024
     print(json.dumps({"reset": reset, "ratio": extra / ((args[0].numel() + args[1].numel()) * 4)}))
     """
 )

@@ -54,6 +54,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import reset_peak, rss_kib  # noqa: E402  (benchmarks/_measure.py: /proc peak-memory helpers)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "kd_loss_speed.json"
 VARIANTS = ("release", "recokd", "recokd_eager", "recokd_nofold")
 
@@ -104,21 +107,6 @@ def release_style_loss(s_raw, teacher, align, gc_s, gc_t, labels, num_classes, t
 
     loss_rel = F.mse_loss(global_context(s, gc_s), global_context(teacher, gc_t))
     return loss_fg + loss_bg + loss_att + loss_rel
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def make_inputs(shape, seed=0):
@@ -183,12 +171,12 @@ def run_variant(variant, shape, reps, threads, out_file):
     student.grad = None
     for p in (*adapter.parameters(), *loss.parameters()):
         p.grad = None
-    before = _rss_kib("VmRSS")
-    can_reset = _reset_peak()
+    before = rss_kib("VmRSS")
+    can_reset = reset_peak()
     t0 = time.perf_counter()
     value = step(variant, student, teacher, labels, adapter, loss)
     first = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     grad = student.grad.detach().clone()
     grad_w = adapter.proj.weight.grad.detach().clone()
     times = [first]

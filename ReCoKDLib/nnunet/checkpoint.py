@@ -12,7 +12,6 @@ numpy 2 (``numpy._core``) and numpy 1 (``numpy.core``) module names. Everything 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +58,22 @@ def load_nnunet_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -
     """
     import torch
 
+    from ReCoKDLib.checkpoint import CheckpointError, UnsafeCheckpointError, safe_torch_load
+
     path = Path(path)
     if not path.is_file():
         raise NNUNetError(f"nnU-Net checkpoint {path} does not exist (expected fold_<k>/checkpoint_final.pth "
                           f"or checkpoint_best.pth written by nnUNetTrainer)")
     try:
-        with torch.serialization.safe_globals(NNUNET_SAFE_GLOBALS):
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        payload = safe_torch_load(path, map_location, safe_globals=NNUNET_SAFE_GLOBALS)
+    except UnsafeCheckpointError as exc:
         raise NNUNetError(
             f"refused to load {path}: it holds an object outside the nnU-Net allowlist"
-            f"{' (' + culprit + ')' if culprit else ''}; nothing of it was run. An nnU-Net checkpoint holds "
+            f"{' (' + exc.culprit + ')' if exc.culprit else ''}; nothing of it was run. An nnU-Net checkpoint holds "
             f"tensors, plain containers and numpy scalars only; this file was not written by nnUNetTrainer "
             f"or was tampered with") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise NNUNetError(f"cannot read nnU-Net checkpoint {path}: truncated or not a torch file ({exc})") from None
+    except CheckpointError as exc:
+        raise NNUNetError(f"cannot read nnU-Net checkpoint {path}: {exc}") from None
     if not isinstance(payload, dict):
         raise NNUNetError(f"{path} holds a {type(payload).__name__}, not an nnU-Net checkpoint dict")
     weights = payload.get("network_weights")
