@@ -190,3 +190,27 @@ def test_recokd_export_nnunet_command(distilled_student, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (folder / "plans.json").is_file()
     assert main(["export", str(result.last_model), "--progress", "none"]) == 2  # neither --out nor --nnunet
     assert "--nnunet ROOT" in capsys.readouterr().err
+
+
+def test_inspect_with_an_nnunet_folder_teacher(distilled_student, nnunet_teacher, tmp_path):
+    """End to end with a model folder as the teacher: distil (fixture), then ``recokd inspect``
+    writes the region masks and affinity maps on the image's exact grid."""
+    from ReCoKDLib.cli import main
+    from ReCoKDLib.data.io import read_image, same_grid
+    from ReCoKDLib.data.layout import RawDataset
+
+    teacher, result = distilled_student
+    folder, raw_root = nnunet_teacher
+    case = RawDataset.open(raw_root).training_cases()[0]
+    image_path = case.image_paths[0]
+    out = tmp_path / "inspect"
+    assert main(["inspect", "--image", str(image_path), "--teacher", str(folder), "--student", str(result.last_model),
+                 "--out", str(out), "--levels", "0", "--no-png", "--device", "cpu", "--progress", "none"]) == 0
+    image, geometry = read_image(image_path)
+    volumes = sorted(out.rglob("*.nrrd"))
+    names = {v.name for v in volumes}
+    assert {"affinity_teacher.nrrd", "affinity_student.nrrd", "affinity_difference.nrrd", "segmentation.nrrd",
+            "region_01_liver.nrrd"} <= names, names
+    for volume in volumes:
+        array, g = read_image(volume)
+        assert same_grid(g, geometry, array.shape, image.shape), volume

