@@ -432,7 +432,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="preset:hd-bet", help="teacher source (default preset:hd-bet)")
     parser.add_argument("--data", help="Dataset904_T1Heads folder (default: the data folder of `recokd data fetch`)")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/pretrained_teacher/)")
+    parser.add_argument("--out", default=None,
+                        help="work folder: teacher cache, students (default runs/bench-pretrained/, not versioned)")
     parser.add_argument("--cache-dir", help="teacher output cache (default OUT/teacher_cache)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, help="override the configuration's steps per student")
@@ -444,7 +445,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.out is None:
-        args.out = str(_measure.RESULTS_DIR / ("pretrained_teacher_smoke" if args.smoke else "pretrained_teacher"))
+        root = _measure.RESULTS_DIR.parents[1] / "runs"
+        args.out = str(root / ("bench-pretrained-smoke" if args.smoke else "bench-pretrained"))
     return args
 
 
