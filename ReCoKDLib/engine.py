@@ -1132,6 +1132,35 @@ def _check_output_only_teacher(teacher: Any, card: ckpt.ModelCard, spec: Mapping
             "with a state dict, or a teacher preset) to use feature methods")
 
 
+def _kd_taps(config: TrainConfig, teacher_card: ckpt.ModelCard, student_config: Any,
+             teacher_kind: str | None = None) -> tuple[list[str], list[str]]:
+    """The teacher's and the student's module names whose features are distilled, paired in order.
+
+    Explicit taps win, then the teacher card's; otherwise the encoder stages of a built-in or
+    nnU-Net teacher. A TorchScript teacher distilled at the output level only (``logit``) has no
+    taps at all.
+    """
+    kind = teacher_card.architecture.get("kind")
+    teacher_taps = list(config.teacher_taps or teacher_card.tap_names or [])
+    if not teacher_taps:
+        if "torchscript" in (kind, teacher_kind) and not set(config.kd) - OUTPUT_LEVEL_METHODS:
+            return [], []
+        if kind == "nnunet":
+            from ReCoKDLib.nnunet.network import encoder_tap_names as nnunet_tap_names
+
+            teacher_taps = nnunet_tap_names(teacher_card.architecture)
+        elif kind == "dynunet":
+            teacher_taps = encoder_tap_names(UNetConfig.from_dict(teacher_card.architecture["config"]))
+        else:
+            raise TrainingError("give the teacher's tap names (teacher_taps / --teacher-taps) for this architecture")
+    nnunet_student = hasattr(student_config, "build")  # nnunet.student.NNUNetStudentConfig
+    student_taps = list(config.student_taps or (student_config.tap_names() if nnunet_student
+                                                else _default_student_taps(teacher_card, teacher_taps, student_config)))
+    if len(student_taps) != len(teacher_taps):
+        raise TrainingError(f"{len(teacher_taps)} teacher taps but {len(student_taps)} student taps; pair them one to one")
+    return teacher_taps, student_taps
+
+
 def _default_student_taps(teacher_card: ckpt.ModelCard, teacher_taps: Sequence[str], student_config: UNetConfig) -> list[str]:
     """The student's encoder stages; for a preset teacher whose card records its taps' strides,
     the stages at those strides (``teacher_presets.student_taps_for``)."""
@@ -1187,20 +1216,7 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
         _check_patch(config, student_config)
         nnunet_student = hasattr(student_config, "build")  # nnunet.student.NNUNetStudentConfig
         student = student_config.build() if nnunet_student else build_unet(student_config)
-        teacher_taps = list(config.teacher_taps or teacher_card.tap_names or [])
-        if not teacher_taps and teacher_card.architecture.get("kind") == "nnunet":
-            from ReCoKDLib.nnunet.network import encoder_tap_names as nnunet_taps
-
-            teacher_taps = nnunet_taps(teacher_card.architecture)
-        if not teacher_taps:
-            if teacher_card.architecture.get("kind") != "dynunet":
-                raise TrainingError("give the teacher's tap names (teacher_taps / --teacher-taps) for this architecture")
-            teacher_taps = encoder_tap_names(UNetConfig.from_dict(teacher_card.architecture["config"]))
-        student_taps = list(config.student_taps or (student_config.tap_names() if nnunet_student
-                                                    else _default_student_taps(teacher_card, teacher_taps,
-                                                                               student_config)))
-        if len(student_taps) != len(teacher_taps):
-            raise TrainingError(f"{len(teacher_taps)} teacher taps but {len(student_taps)} student taps; pair them one to one")
+        teacher_taps, student_taps = _kd_taps(config, teacher_card, student_config, getattr(teacher, "kind", None))
         pair = DistillationPair(teacher_net.to(device), student.to(device), teacher_taps, student_taps,
                                 (dataset.in_channels, *config.patch_size))
         kd_module = build_kd_module(config.kd, pair.teacher_channels, pair.student_channels, _kd_num_classes(dataset))

@@ -52,9 +52,9 @@ class FeatureTaps:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        if not names:
-            raise TapError("at least one module name is needed to tap features")
-        modules = dict(model.named_modules())
+        # no names: nothing is tapped and collect() returns [] (output-level distillation, e.g. a
+        # TorchScript teacher whose modules cannot be named)
+        modules = dict(model.named_modules()) if names else {}
         missing = [n for n in names if n not in modules]
         if missing:
             available = [n for n in modules if n][:40]
@@ -98,6 +98,8 @@ class FeatureTaps:
 @torch.no_grad()
 def probe_feature_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> list[torch.Size]:
     """Shapes ``(1, C, D, H, W)`` of the tapped features for one zero input of ``input_shape`` ``(C_in, D, H, W)``."""
+    if not names:
+        return []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -206,6 +206,13 @@ def test_torchscript_preset_is_output_level_only(tmp_path):
                          student_config=preset("tiny", num_classes=2).to_dict(), kd={"recokd": {"weight": 1.0}})
     with pytest.raises(TrainingError, match="only output-level distillation"):
         distill(config, model, cases, tmp_path / "run")
+    # logit KD needs no features: the same TorchScript teacher distils a student
+    config = TrainConfig(patch_size=(8, 8, 8), steps=2, batch_size=1, device="cpu", num_val_cases=0,
+                         student_config=preset("tiny", num_classes=2).to_dict(), kd={"logit": {"weight": 1.0}},
+                         kd_warmup_steps=0, augmentation={"enabled": False})
+    result = distill(config, model, cases, tmp_path / "logit_run")
+    assert result.step == 2 and all(np.isfinite(h["total"]) for h in result.history["train"])
+    assert all(h["kd"] > 0 for h in result.history["train"]), result.history["train"]
 
 
 def test_builtin_hd_bet_preset_parses_without_the_package():
