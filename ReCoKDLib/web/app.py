@@ -41,17 +41,9 @@ from ReCoKDLib import mrml
 from ReCoKDLib.data.io import read_image
 from ReCoKDLib.inspection import MAP_CHOICES
 from ReCoKDLib.mrml.logic import ModelCache, SceneLogic, class_key
+from ReCoKDLib.mrml.views import ensure_background_layer_first  # the blending fix, in one place
 from ReCoKDLib.progress import Reporter
 from ReCoKDLib.web.catalogue import ModelChoice
-
-try:  # the §5 blending workaround lives in one place (rendering-and-web.md)
-    from ReCoKDLib.mrml.views import ensure_background_layer_first
-except ImportError:  # pragma: no cover - only while the rendering module is missing
-    def ensure_background_layer_first(view) -> None:
-        """Stand-in: add the slice image actor before any segmentation actor."""
-        manager = getattr(view, "_render_manager", None)
-        if manager is not None and hasattr(manager, "_AddSliceActorToRendererIfNeeded"):
-            manager._AddSliceActorToRendererIfNeeded()
 
 __all__ = ["ServeApp", "INSPECT_MAPS"]
 
@@ -107,7 +99,7 @@ class ServeApp(TrameApp):
         self.layouts.set_layout("views")
         self.views = [self.slicer.view_manager.get_view(d.singleton_tag) for d in definitions]
         for view in self.views:
-            ensure_background_layer_first(view)  # before any segmentation exists (§5)
+            ensure_background_layer_first(view)  # before any segmentation exists, so fills blend over the image
             view.render_window().AddObserver("WindowResizeEvent", partial(self._fit_once, view))
 
         items = [c.as_item() for c in self.choices]
