@@ -70,7 +70,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def source_line(data: Mapping[str, Any], what: str) -> str:
     machine = data.get("machine") or {}
     if isinstance(machine, Mapping):
-        parts = [machine.get("cpu"), f"{machine.get('threads')} threads" if machine.get("threads") else None,
+        parts = [machine.get("cpu"), (f"{machine['threads']} thread" + ("s" if machine["threads"] != 1 else "")) if machine.get("threads") else None,
                  f"torch {machine['torch']}" if machine.get("torch") else None, machine.get("gpu")]
         machine = ", ".join(str(p) for p in parts if p)
     commit = f", commit {data['git_commit'][:12]}" if data.get("git_commit") else ""
@@ -89,6 +89,29 @@ def _latency_by_role(performance: Mapping[str, Any] | None) -> dict[str, float |
         return (entry.get("cpu_fp32") or {}).get("seconds")
 
     return {"teacher": get("teacher"), "none": get("student_div4"), "recokd": get("student_div4")}
+
+
+def _reference_dice(entry: Mapping[str, Any]) -> str:
+    refs = entry.get("dice_vs_reference") or {}
+    return ", ".join(f"{fmt(v, 3)} ({k})" for k, v in refs.items()) or "–"
+
+
+def pretrained_table(pretrained: Mapping[str, Any]) -> str:
+    """The label-free distillation of a pretrained third-party teacher: one row per model."""
+    t = pretrained.get("teacher", {})
+    t_latency = t.get("latency_s")
+    rows = [[f"teacher {t.get('name', '?')}", "1 (itself)", _reference_dice(t), fmt(t.get("params")),
+             fmt(t_latency, 2), "1.0×"]]
+    for s in pretrained.get("students", []):
+        speedup = f"{t_latency / s['latency_s']:.1f}×" if t_latency and s.get("latency_s") else "–"
+        rows.append([f"student ({s.get('method')})", pm(s.get("dice_vs_teacher_mean"), s.get("dice_vs_teacher_sd")),
+                     _reference_dice(s), fmt(s.get("params")), fmt(s.get("latency_s"), 2), speedup])
+    return "\n\n".join([
+        f"Pretrained teacher, no labels (held-out real T1 heads; students distilled from the teacher's outputs only):",
+        table(["model", "Dice vs teacher (mean ± sd over heads)", "Dice vs reference mask", "parameters",
+               "CPU latency, whole head (s)", "speed-up"], rows),
+        "- " + source_line(pretrained, "pretrained teacher") + ". The three students have the same "
+        "architecture: their latency differences are measurement noise (the runs shared the machine)."])
 
 
 def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] | None,
@@ -123,12 +146,7 @@ def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] 
     if performance:
         parts.append("- " + source_line(performance, "performance"))
     if pretrained:
-        t = pretrained.get("teacher", {})
-        students = pretrained.get("students", [])
-        best = ", ".join(f"{s.get('method')}: Dice vs teacher {pm(s.get('dice_vs_teacher_mean'), s.get('dice_vs_teacher_sd'))}"
-                         f", {fmt(s.get('params'))} parameters, {fmt(s.get('latency_s'), 2)} s" for s in students)
-        parts.append(f"- Pretrained teacher {t.get('name', '?')} ({fmt(t.get('params'))} parameters, "
-                     f"{fmt(t.get('latency_s'), 2)} s): {best or 'no student'}. " + source_line(pretrained, "source"))
+        parts.append(pretrained_table(pretrained))
     if not parts:
         return "(no benchmark results yet: run benchmarks/efficacy.py and benchmarks/performance.py)"
     return "\n\n".join(parts)
