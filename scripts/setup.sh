@@ -49,15 +49,21 @@ if command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 # The browser tests drive Debian's Chromium through Playwright (never a downloaded browser), and
-# offscreen rendering needs EGL/Mesa. Install them once if missing and we may (root).
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "setup: installing Debian's chromium and EGL/Mesa (browser and rendering tests)"
-    apt-get install -y -qq chromium libegl1 libgl1-mesa-dri >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium libegl1 libgl1-mesa-dri >/dev/null 2>&1; } \
-      || echo "setup: could not install chromium; the browser tests will fail until 'apt-get install chromium'" >&2
-  else
-    echo "setup: note: run 'sudo apt-get install chromium libegl1 libgl1-mesa-dri' for the browser and rendering tests" >&2
+# offscreen rendering needs EGL/Mesa. Install whichever is missing, once, if we may (root).
+if command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for package in chromium libegl1 libgl1-mesa-dri; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "setup: installing ${missing[*]} (browser and rendering tests)"
+      apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; } \
+        || echo "setup: could not install ${missing[*]}; the browser/rendering tests need them" >&2
+    else
+      echo "setup: note: run 'sudo apt-get install ${missing[*]}' for the browser and rendering tests" >&2
+    fi
   fi
 fi
 echo "setup: done. Activate with: source .venv/bin/activate"
