@@ -864,10 +864,19 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                 optimizer.zero_grad(set_to_none=True)
                 if finite_all:
                     scaler.scale(loss).backward()
-                    if config.grad_clip > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(trained_params, config.grad_clip)
-                    scaler.step(optimizer)
+                    scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        trained_params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+                    if not scaler.is_enabled():
+                        # a finite loss can still give NaN/Inf gradients (bf16 autocast): stepping would
+                        # poison the weights for good, so such a step is skipped like a NaN loss (with fp16
+                        # loss scaling the scaler skips it and lowers its scale itself)
+                        (bad_grads,) = _all_max([0.0 if bool(torch.isfinite(norm).item()) else 1.0], dist_ctx)
+                        finite_all = bad_grads == 0.0
+                    if finite_all:
+                        scaler.step(optimizer)
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
                     scaler.update()
                 elif dist_ctx.active:
                     # DDP expects a backward after each forward: run one whose gradients are dropped
@@ -889,10 +898,11 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                 continue
             if not finite_all:
                 nonfinite += 1
-                say.warning(stage, f"non-finite loss at step {step + 1}; step skipped ({nonfinite} in a row)", step=step)
+                say.warning(stage, f"non-finite loss or gradients at step {step + 1}; step skipped ({nonfinite} in a row)",
+                            step=step)
                 if nonfinite >= config.max_nonfinite:
                     raise TrainingDivergedError(
-                        f"{nonfinite} consecutive steps had a NaN/Inf loss (last at step {step + 1}); stopped. The last "
+                        f"{nonfinite} consecutive steps had a NaN/Inf loss or gradients (last at step {step + 1}); stopped. The last "
                         f"good checkpoint {ckpt_path} is intact. Lower --lr or the KD weight, check the inputs for "
                         "NaN, or use fp32 instead of bf16/AMP"
                     )
