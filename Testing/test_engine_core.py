@@ -165,6 +165,30 @@ def test_a_nan_loss_skips_the_step_with_a_warning(ct_cases, teacher_file, tmp_pa
     assert all(torch.isfinite(p).all() for p in result.network.parameters())
 
 
+class _NaNGradient(nn.Module):
+    """A KD loss stand-in whose loss is finite but whose gradient is NaN on the listed calls."""
+
+    def __init__(self, nan_calls):
+        super().__init__()
+        self.calls, self.nan_calls = 0, set(nan_calls)
+
+    def forward(self, batch, return_maps=False):
+        self.calls += 1
+        loss = torch.nn.functional.mse_loss(batch.student_logits, batch.teacher_logits)
+        if self.calls in self.nan_calls:  # d/dx sqrt(x) at 0 is inf; times 0 -> NaN, the value stays finite
+            loss = loss + 0.0 * torch.sqrt(batch.student_logits.float() * 0.0).sum()
+        return KDOutput(loss=loss, terms={"mse": loss.detach()})
+
+
+def test_nan_gradients_with_a_finite_loss_skip_the_step(ct_cases, teacher_file, tmp_path, monkeypatch):
+    _patch_kd(monkeypatch, _NaNGradient({2}))
+    events = _Events()
+    result = distill(_config(steps=4, kd_warmup_steps=0), teacher_file, ct_cases, tmp_path / "g", events)
+    warnings = events.of("warning")
+    assert len(warnings) == 1 and "non-finite loss or gradients at step 2" in warnings[0]["message"]
+    assert result.step == 4 and all(torch.isfinite(p).all() for p in result.network.parameters())
+
+
 def test_repeated_nan_stops_with_the_last_checkpoint_intact(ct_cases, teacher_file, tmp_path, monkeypatch):
     _patch_kd(monkeypatch, _NaNInjector((), after=3))
     events = _Events()
