@@ -48,6 +48,11 @@ def test_summarize_per_seed_and_of_means():
     assert s["none"]["gap_recovery_of_means"] is None and s["none"]["gap_recovery_per_seed"]["n"] == 0
     one = efficacy.summarize([_run("none", 0, 0.2)], 0.8, ["none", "recokd"])
     assert one["none"]["sd_dice"] is None and "recokd" not in one
+    # a diverged run is listed, not averaged in
+    diverged = {"method": "recokd", "seed": 2, "status": "diverged", "mean_dice": None, "mean_hd95": None}
+    s = efficacy.summarize(runs + [diverged], teacher_dice=0.8, methods=["none", "recokd"])
+    assert s["recokd"]["n"] == 2 and s["recokd"]["diverged_seeds"] == [2]
+    assert s["recokd"]["mean_dice"] == pytest.approx(0.45)
 
 
 def test_cropped_metrics_equal_whole_grid():

@@ -227,6 +227,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], teacher_dice: float | None, met
         gr_m, gr_sd, gr_n = mean_sd(per_seed)
         out[method] = {
             "seeds": [r["seed"] for r in mine], "n": n,
+            "diverged_seeds": [r["seed"] for r in mine if r.get("status") == "diverged"],
             "mean_dice": dice_m, "sd_dice": dice_sd, "mean_hd95": hd_m, "sd_hd95": hd_sd,
             "mean_train_seconds": t_m,
             "delta_dice_vs_plain": None if dice_m is None or plain_mean is None else dice_m - plain_mean,
@@ -444,6 +445,7 @@ def run_benchmark(budget: Budget, datasets: Sequence[str], methods: Sequence[str
     """Run (or resume) the benchmark; the JSON at ``output`` is rewritten after every finished run."""
     import torch
 
+    from ReCoKDLib.engine import TrainingDivergedError
     from ReCoKDLib.progress import Reporter
 
     torch.set_num_threads(threads)
@@ -485,7 +487,16 @@ def run_benchmark(budget: Budget, datasets: Sequence[str], methods: Sequence[str
         order = ["none"] + [m for m in methods if m != "none"] if "none" in methods else list(methods)
         for method in order:
             for seed in seeds:
-                record, key, model = _student_run(budget, data, teacher_info, method, seed, work, device, reporter, log)
+                try:
+                    record, key, model = _student_run(budget, data, teacher_info, method, seed, work, device,
+                                                      reporter, log)
+                except TrainingDivergedError as exc:  # recorded, not hidden; a rerun resumes from its checkpoint
+                    runs.append({"dataset": ds, "method": method, "seed": seed, "status": "diverged",
+                                 "error": str(exc), "mean_dice": None, "mean_hd95": None, "dice": {}, "hd95": {}})
+                    log(f"{ds} {method} seed {seed}: DIVERGED ({exc})")
+                    result["datasets"][ds] = _dataset_block(data, teacher, runs, methods)
+                    _measure.write_json(output, result)
+                    continue
                 done = previous.get((ds, method, seed, key))
                 if done is not None:
                     log(f"{ds} {method} seed {seed}: already in {output}, skipped")

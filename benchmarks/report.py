@@ -164,7 +164,9 @@ def efficacy_section(efficacy: Mapping[str, Any]) -> str:
         rows = []
         for method, s in block.get("summary", {}).items():
             gr = s["gap_recovery_per_seed"]
-            rows.append([method, s["n"], pm(s["mean_dice"], s["sd_dice"]), fmt(s["delta_dice_vs_plain"]),
+            diverged = s.get("diverged_seeds") or []
+            seeds = f"{s['n']} (+{len(diverged)} diverged)" if diverged else s["n"]
+            rows.append([method, seeds, pm(s["mean_dice"], s["sd_dice"]), fmt(s["delta_dice_vs_plain"]),
                          pm(gr["mean"], gr["sd"], 2), fmt(s["gap_recovery_of_means"], 2), pm(s["mean_hd95"], s["sd_hd95"], 1),
                          fmt(s["mean_train_seconds"], 0)])
         out.append(table(["method", "seeds", "mean Dice", "Δ vs plain", "gap recovery (per seed)",
