@@ -136,7 +136,7 @@ def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] 
                     extra = "–" if method == "none" else fmt(s["gap_recovery_per_seed"]["mean"], 2)
                 n = "1" if method == "teacher" else str(summary.get(method, {}).get("n", "–"))
                 rows.append([f"{block.get('dataset', key)}", label, dice, n, fmt(params), extra,
-                             fmt(latency.get(method), 2)])
+                             fmt(latency.get(method), 2) if key == "ct" else "–"])  # measured for CT only
         parts.append(table(["dataset", "model", "mean Dice (test case)", "seeds", "parameters",
                             "gap recovery", "CPU latency fp32, whole S1 (s)"], rows))
         parts.append("Dice: mean ± sd over seeds on the held-out test case; gap recovery: "
