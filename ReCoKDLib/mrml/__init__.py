@@ -1,8 +1,9 @@
 """The MRML bridge: numpy arrays with exact geometry <-> 3D Slicer nodes.
 
-This package is the only part of ``ReCoKDLib`` that imports ``slicer``, and it imports only its MRML
-classes, displayable managers and ``slicer.util``'s array helpers: no Qt, no ``slicer.app``, no
-``slicer.modules``.
+This module is the only one in ``ReCoKDLib`` that imports ``slicer``, and it imports only its MRML
+classes, a displayable manager's pixel reader and ``slicer.util``'s array helpers: no Qt, no
+``slicer.app``, no ``slicer.modules``. The rest of this package (:mod:`.views`: offscreen Slicer
+views; :mod:`.logic`: the scene logic of the Slicer module and ``recokd serve``) works through it.
 It therefore runs inside the Slicer application and with the Qt-free ``slicer-core`` wheel
 (``pip install slicer-core``), which is how the tests exercise it. Every function takes the
 ``vtkMRMLScene`` as an argument (``slicer.mrmlScene`` does not exist in ``slicer-core``).
@@ -45,6 +46,7 @@ __all__ = [
     "color_table_node",
     "overlay_volume_from_array",
     "place_beside",
+    "render_window_pixels",
 ]
 
 
@@ -440,3 +442,16 @@ def place_beside(node, reference_node) -> int:
     item = item_of(node)
     hierarchy.SetItemParent(item, parent or root)
     return item
+
+
+def render_window_pixels(render_window) -> np.ndarray:
+    """The pixels of a rendered ``vtkRenderWindow`` ``(H, W, 3)`` uint8, top row first (a copy),
+    read the way Slicer's layer displayable manager reads its views (what trame-slicer streams)."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    image = vtk.vtkImageData()
+    slicer.vtkMRMLLayerDisplayableManager.RenderWindowBufferToImage(render_window, image)
+    width, height, _ = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    pixels = vtk_to_numpy(scalars).reshape(height, width, scalars.GetNumberOfComponents())
+    return np.ascontiguousarray(pixels[::-1, :, :3])

@@ -125,17 +125,10 @@ def ensure_background_layer_first(view) -> None:
 
 def grab(view) -> np.ndarray:
     """Render ``view`` and return its pixels ``(H, W, 3)`` uint8, top row first (a copy)."""
-    from slicer import vtkMRMLLayerDisplayableManager
-    from vtkmodules.util.numpy_support import vtk_to_numpy
-    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from ReCoKDLib.mrml import render_window_pixels
 
     view.render()
-    image = vtkImageData()
-    vtkMRMLLayerDisplayableManager.RenderWindowBufferToImage(view.render_window(), image)
-    width, height, _ = image.GetDimensions()
-    scalars = image.GetPointData().GetScalars()
-    pixels = vtk_to_numpy(scalars).reshape(height, width, scalars.GetNumberOfComponents())
-    return np.ascontiguousarray(pixels[::-1, :, :3])
+    return render_window_pixels(view.render_window())
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
