@@ -42,7 +42,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -989,6 +989,20 @@ def _finish_dist(dist_ctx: _Dist) -> None:
 # Public jobs
 
 
+@contextlib.contextmanager
+def _run_scope(stage: str, reporter: Reporter, dist_ctx: _Dist) -> Iterator[None]:
+    """Around a whole run: a bad-input error is reported once (on the main process) and marked so
+    the CLI does not print it again; the process group is torn down however the run ends."""
+    try:
+        yield
+    except (TrainingError, ValueError) as exc:
+        (reporter if dist_ctx.main else Reporter()).error(stage, str(exc))
+        exc.recokd_reported = True  # type: ignore[attr-defined]
+        raise
+    finally:
+        _finish_dist(dist_ctx)
+
+
 def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathLike, reporter: Reporter | None = None,
                   resume: bool = False, role: str = "teacher") -> TrainResult:
     """Train the built-in 3D U-Net (``config.network``, default ``preset("nnunet")``) with Dice + CE.
@@ -1008,7 +1022,7 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
     out_dir = Path(out_dir)
     reporter = reporter or Reporter()
     config, dist_ctx, device = _prepare_run(config, resume, out_dir)
-    try:
+    with _run_scope("train-teacher", reporter, dist_ctx):
         if dataset.unlabelled_cases:
             raise TrainingError(f"training a network needs labels; cases {dataset.unlabelled_cases[:5]} have none "
                                 "(use them with distill, which takes the teacher's predictions as their targets)")
@@ -1027,12 +1041,6 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
         )
         job = _Job("train-teacher", _SegModule(network), network, net_config, {}, False, card)
         return _run(job, config, train_set, val_set, out_dir, reporter, resume, device, dist_ctx)
-    except (TrainingError, ValueError) as exc:
-        (reporter if dist_ctx.main else Reporter()).error("train-teacher", str(exc))
-        exc.recokd_reported = True  # type: ignore[attr-defined]
-        raise
-    finally:
-        _finish_dist(dist_ctx)
 
 
 def _dataset_spec(dataset: CaseSet) -> Any:
@@ -1216,7 +1224,7 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
     out_dir = Path(out_dir)
     reporter = reporter or Reporter()
     config, dist_ctx, device = _prepare_run(config, resume, out_dir)
-    try:
+    with _run_scope("distill", reporter, dist_ctx):
         teacher_net, teacher_card, teacher_sha = _teacher_parts(teacher)
         _check_teacher_labels(teacher_card, dataset)
         if teacher_card.in_channels != dataset.in_channels:
@@ -1256,13 +1264,7 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
                         "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes,
                         **nnunet_record},
         )
-        job = _Job("distill", _DistillModule(pair, kd_module, _kd_num_classes(dataset), _dataset_spec(dataset)), student, student_config,
-                   {"adapters": pair.adapters, "kd_loss": kd_module}, not config.frozen_aux, card, warmup,
-                   {"teacher_sha256": teacher_sha})
+        job = _Job("distill", _DistillModule(pair, kd_module, _kd_num_classes(dataset), _dataset_spec(dataset)),
+                   student, student_config, {"adapters": pair.adapters, "kd_loss": kd_module}, not config.frozen_aux,
+                   card, warmup, {"teacher_sha256": teacher_sha})
         return _run(job, config, train_set, val_set, out_dir, reporter, resume, device, dist_ctx)
-    except (TrainingError, ValueError) as exc:
-        (reporter if dist_ctx.main else Reporter()).error("distill", str(exc))
-        exc.recokd_reported = True  # type: ignore[attr-defined]
-        raise
-    finally:
-        _finish_dist(dist_ctx)
