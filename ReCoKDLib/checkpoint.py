@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,6 +30,10 @@ MODEL_FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, unsafe, or not what was expected."""
+
+
+class NotAModelFileError(CheckpointError):
+    """The file's bytes are not a PyTorch file at all (random bytes, text, another archive)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -119,19 +124,66 @@ def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu", *, safe_
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    reason = not_a_torch_file_reason(path)
+    if reason:
+        raise NotAModelFileError(f"{path} is not a model file: {reason}")
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        if not culprit and "Unsupported" not in str(exc):  # a broken pickle, not a refused one
+            raise CheckpointError(f"cannot read checkpoint {path}: its pickled data is corrupt "
+                                  f"({str(exc).strip().splitlines()[-1]})") from None
         raise UnsafeCheckpointError(
             f"refused to load {path}: it holds objects that only arbitrary code could rebuild"
             f"{' (' + culprit + ')' if culprit else ''}. Nothing of it was run. ReCoKD loads tensors and "
             f"plain containers only; re-save the weights as a state dict (torch.save(model.state_dict(), ...)).",
             culprit,
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as exc:  # IndexError: garbage bytes
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as exc:  # Index/KeyError: garbage
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a torch file ({exc})") from None
+
+
+#: the first bytes of a pickle (protocol 2 to 5): torch's legacy, non-zip file format
+_PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+
+
+def not_a_torch_file_reason(path: str | os.PathLike) -> str:
+    """Why the bytes of ``path`` cannot be a PyTorch file, or ``""`` when they may be one.
+
+    Looks at the bytes only (nothing is unpickled): a PyTorch file is a zip archive holding
+    ``<name>/data.pkl`` (``torch.save``; TorchScript adds ``constants.pkl``) or, in torch's legacy
+    format, a pickle. Empty files, text, other zip archives and other bytes get a reason that names
+    what the file is instead.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return "the file is empty"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"it is a damaged zip archive ({exc})"
+        if any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
+            return ""
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"it is a zip archive but not a PyTorch file (no <name>/data.pkl inside; it holds {shown or 'nothing'})"
+    if head.startswith(_PICKLE_MAGIC):
+        return ""
+    if b"\0" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            first = text.strip().splitlines()[0][:60] if text.strip() else ""
+            return f"it is a text file (it starts with {first!r}), not a PyTorch file"
+    return (f"its bytes are neither a PyTorch archive (zip) nor a pickle (it starts with {head[:8].hex(' ')}); "
+            "give a ReCoKD model file (.pt with its .json card), a TorchScript file or an nnU-Net model folder")
 
 
 @dataclass
@@ -154,6 +206,8 @@ class ModelCard:
         label_spec: region-based labels / ignore label as in a dataset.json (``{"labels": {...},
             "regions_class_order": [...]}``); with regions the network has one sigmoid output per
             region and ``classes`` names the values of the painted label map.
+        colors: display colour of each class, RGB in [0, 1] by class id (segments in Slicer, DICOM
+            SEG); empty: the front end's default table.
     """
 
     architecture: dict[str, Any]
@@ -170,6 +224,7 @@ class ModelCard:
     #: nnU-Net label semantics of the outputs (``nnunet.labels.LabelSpec.to_dict()``: ``labels`` with
     #: regions and the ignore label, ``regions_class_order``); empty for plain softmax classes
     label_spec: dict[str, Any] = field(default_factory=dict)
+    colors: list[list[float]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
