@@ -196,11 +196,11 @@ def _builtin_folder():
 
 
 def list_presets() -> list[str]:
-    """Names of the built-in teacher presets (``ReCoKDLib/presets/teachers/*.json``), sorted."""
-    folder = _builtin_folder()
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+    """Names of the built-in teacher presets (``ReCoKDLib/presets/teachers/*.json``), sorted
+    (:func:`ReCoKDLib.choices.builtin_teacher_presets`, which front ends read without torch)."""
+    from ReCoKDLib.choices import builtin_teacher_presets
+
+    return builtin_teacher_presets()
 
 
 def _read_json(text: str, where: str) -> dict[str, Any]:

@@ -127,7 +127,11 @@ def run(args: argparse.Namespace) -> int:
             image, geometry = read_image(args.image, allow_channels=True)
             render_segmentation_pngs(image, geometry, result.labels, result.class_names, args.png,
                                      prefix=f"{Path(args.out).name.split('.')[0]}_")
+        # classes and colours let a parent process (the Slicer module) name and colour the segments
+        # without loading the model itself
+        colors = getattr(model.card, "colors", None)
         reporter.done(STAGE, path=str(Path(args.out)), seconds=round(result.seconds, 3), voxels=counts,
+                      classes=list(result.class_names), colors=list(colors) if colors else None,
                       message=f"wrote {args.out} ({result.seconds:.1f} s on {result.device})")
 
     return run_command(args, STAGE, job)

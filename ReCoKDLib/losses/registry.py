@@ -25,23 +25,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ReCoKDLib.choices import KD_METHODS
 from ReCoKDLib.losses.base import KDBatch, KDConfigError, KDOutput
 
-#: name -> (implementation, one-line description)
-KD_LOSSES: dict[str, tuple[str, str]] = {
-    "recokd": ("ReCoKDLib.losses.recokd:ReCoKDLoss", "ReCo-KD: MS-SARD + MS-CA over encoder stages (Lan et al. 2026)"),
-    "ms_sard": ("ReCoKDLib.losses.recokd:MSSARDLoss", "MS-SARD only: class-aware region masks with attention weighting"),
-    "ms_ca": ("ReCoKDLib.losses.recokd:MSCALoss", "MS-CA only: 3D global-context (GcBlock) alignment"),
-    "mskd": ("ReCoKDLib.losses.mskd:MSKDLoss", "MSKD: feature filtering + region graph distillation (interpretation)"),
-    "ffd": ("ReCoKDLib.losses.mskd:FeatureFilteringLoss", "MSKD's feature filtering distillation alone"),
-    "rgd": ("ReCoKDLib.losses.mskd:RegionGraphLoss", "MSKD's region graph distillation alone"),
-    "logit": ("ReCoKDLib.losses.baselines:LogitKDLoss", "temperature-scaled KL on logits (Hinton et al. 2015)"),
-    "fitnet": ("ReCoKDLib.losses.baselines:FitNetLoss", "adapter + MSE on features (Romero et al. 2015)"),
-    "cwd": ("ReCoKDLib.losses.baselines:CWDLoss", "channel-wise distillation (Shu et al. 2021)"),
-    "ifvd": ("ReCoKDLib.losses.baselines:IFVDLoss", "intra-class feature variation distillation (Wang et al. 2020)"),
-    "emkd": ("ReCoKDLib.losses.baselines:EMKDLoss", "efficient medical KD: PMD + IMD + RAD (Qin et al. 2021)"),
-    "cirkd": ("ReCoKDLib.losses.baselines:CIRKDLoss", "cross-image relational KD with memory bank (Yang et al. 2022)"),
-}
+#: name -> (implementation, one-line description); the table itself (with the titles menus show)
+#: is :data:`ReCoKDLib.choices.KD_METHODS`, readable without torch
+KD_LOSSES: dict[str, tuple[str, str]] = {m.name: (m.implementation, m.description) for m in KD_METHODS}
 
 _CONTEXT = ("teacher_channels", "student_channels", "num_classes")
 

@@ -129,8 +129,8 @@ def volume_node_from_array(scene, array: np.ndarray, geometry: Geometry, name: s
 def array_from_volume_node(node) -> tuple[np.ndarray, Geometry]:
     """``(array (D, H, W), Geometry)`` of a scalar or label-map volume node (the array is a copy).
 
-    A transform above the node is not applied (harden it first); the returned geometry is the
-    node's own ``IJKToRAS``.
+    A transform above the node is not applied: the geometry is the node's own ``IJKToRAS``; results
+    put back with :func:`place_beside` observe the same transform, so they show where the volume does.
     """
     _require_node(node, "vtkMRMLScalarVolumeNode", "the volume node")
     if node.GetImageData() is None:
@@ -422,12 +422,20 @@ def _default_window(array: np.ndarray, colormap: str) -> tuple[float, float]:
 
 
 def place_beside(node, reference_node) -> int:
-    """Put ``node`` in the subject-hierarchy folder/study of ``reference_node``; returns its item id.
+    """Put ``node`` where ``reference_node`` is: under the same parent transform, and in the same
+    subject-hierarchy folder/study; returns its subject-hierarchy item id.
+
+    A result computed on a volume's voxel grid (a segmentation, a map) holds the volume's own
+    ``IJKToRAS``; when the volume sits under a (linear or not) transform, the result must observe
+    the same transform node to appear where the volume is shown (Slicer:
+    ``vtkMRMLTransformableNode::SetAndObserveTransformNodeID``). Nothing is hardened.
 
     Works in Slicer and in ``slicer-core``: there the subject-hierarchy module logic (which gives
     every new node an item automatically) is absent, so missing items are created here. Returns 0
-    when the scene has no subject-hierarchy node (nothing to place).
+    when the scene has no subject-hierarchy node (the transform is still set).
     """
+    if hasattr(node, "SetAndObserveTransformNodeID") and hasattr(reference_node, "GetTransformNodeID"):
+        node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
     scene = reference_node.GetScene()
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     if hierarchy is None:

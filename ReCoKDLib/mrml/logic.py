@@ -106,13 +106,13 @@ def _optional(module_name: str, attribute: str):
 
 
 def available_presets() -> list[str]:
-    """Teacher preset names (``ReCoKDLib.teacher_presets.list_presets``); empty when absent."""
-    list_presets = _optional("ReCoKDLib.teacher_presets", "list_presets")
-    if list_presets is None:
-        return []
+    """Teacher preset names (:func:`ReCoKDLib.choices.builtin_teacher_presets`: read without torch,
+    so a front end lists them before PyTorch is installed); empty when the folder is unreadable."""
+    from ReCoKDLib.choices import builtin_teacher_presets
+
     try:
-        return [str(name) for name in list_presets()]
-    except (OSError, ValueError):
+        return builtin_teacher_presets()
+    except OSError:
         return []
 
 
