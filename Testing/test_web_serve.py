@@ -27,7 +27,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CLASSES = ["background", "liver", "spleen"]
 
 
-def _save_model(path: Path, reduction: int = 1, seed: int = 0, role: str = "teacher", classes=CLASSES) -> Path:
+def _save_model(path: Path, reduction: int = 1, seed: int = 0, role: str = "teacher", classes=CLASSES,
+                colors=(), **card_fields) -> Path:
     """A tiny DynUNet on the CT crop's own 3 mm grid (a few sliding windows on one core)."""
     import torch
 
@@ -44,7 +45,7 @@ def _save_model(path: Path, reduction: int = 1, seed: int = 0, role: str = "teac
     card = checkpoint.ModelCard(
         architecture={"kind": "dynunet", "config": config.to_dict()}, classes=list(classes), spacing=[3.0, 3.0, 3.0],
         normalization={"scheme": "zscore"}, patch_size=[16, 32, 32], role=role,
-        tap_names=networks.encoder_tap_names(config))
+        tap_names=networks.encoder_tap_names(config), colors=[list(c) for c in colors], **card_fields)
     return checkpoint.save_model(path, network.state_dict(), card)
 
 

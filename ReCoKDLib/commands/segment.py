@@ -94,6 +94,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16/bf16 on CUDA)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--probabilities", metavar="PATH", help="also write the (K, D, H, W) class probabilities here")
+    parser.add_argument("--dicom-seg", metavar="PATH",
+                        help="also write the result as a DICOM SEG object referencing the input series, for a PACS "
+                             "(IMAGE must be a DICOM series folder; dicom extra)")
     parser.add_argument("--png", metavar="DIR",
                         help="also write Slicer-rendered axial/coronal/sagittal/3D pictures of the result here (render extra)")
     add_model_arguments(parser)
@@ -114,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
             from ReCoKDLib.mrml.views import require_render_extra
 
             require_render_extra()  # fail before the (long) inference, not after
+        if getattr(args, "dicom_seg", None):
+            from ReCoKDLib.data.dicom_seg import check_dicom_seg_source
+
+            check_dicom_seg_source(args.image)
         model = load_from_args(args.model, args, "cpu")
         images = [args.image] + list(args.channel)
         result = segment_file(model, images if len(images) > 1 else args.image, args.out, roi=roi, mirror=args.mirror,
@@ -130,6 +137,13 @@ def run(args: argparse.Namespace) -> int:
         # classes and colours let a parent process (the Slicer module) name and colour the segments
         # without loading the model itself
         colors = getattr(model.card, "colors", None)
+        if getattr(args, "dicom_seg", None):
+            from ReCoKDLib.data.dicom_seg import write_dicom_seg
+
+            written = write_dicom_seg(result.labels, result.geometry, args.image, result.class_names, args.dicom_seg,
+                                      colors=model.card.colors or None, algorithm=Path(args.model).name)
+            for note in written.notes:
+                reporter.warning(STAGE, f"DICOM SEG: {note}")
         reporter.done(STAGE, path=str(Path(args.out)), seconds=round(result.seconds, 3), voxels=counts,
                       classes=list(result.class_names), colors=list(colors) if colors else None,
                       message=f"wrote {args.out} ({result.seconds:.1f} s on {result.device})")

@@ -35,6 +35,7 @@ __all__ = [
     "LPS_TO_RAS",
     "IMAGE_SUFFIXES",
     "image_suffix",
+    "dicom_series_files",
     "read_image",
     "write_image",
     "to_sitk",
@@ -246,16 +247,28 @@ def image_suffix(path: str | os.PathLike) -> str:
     return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
 
 
-def _read_dicom_series(folder: Path):
+def dicom_series_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the DICOM series in ``folder``, in the slice order of :func:`read_image`
+    (GDCM's sort along the slice normal): file ``k`` is array slice ``k``. With several series in
+    the folder, the one with most slices.
+
+    Raises:
+        ImageReadError: the folder holds no DICOM series.
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise ImageReadError(f"{folder} is a folder but holds no DICOM series; pass an image file or a DICOM folder")
-    # several series in one folder: take the one with most slices and say so in the error path
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
-    reader.SetFileNames(files)
+    return list(max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len))
+
+
+def _read_dicom_series(folder: Path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series_files(folder))
     return reader.Execute()
 
 
