@@ -81,8 +81,9 @@ def stub_modules(slicer_version=(5, 10)) -> dict[str, types.ModuleType]:
         Choice, WithinRange, Minimum, Maximum, RangeBounds)
     packaging = types.ModuleType("slicer.packaging")
     packaging.pip_ensure = _trip
-    for name in ("vtkMRMLMarkupsROINode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLNode"):
-        setattr(slicer, name, type(name, (), {}))
+    slicer.vtkMRMLNode = type("vtkMRMLNode", (), {})
+    for name in ("vtkMRMLMarkupsROINode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"):
+        setattr(slicer, name, type(name, (slicer.vtkMRMLNode,), {}))
     slicer.app = types.SimpleNamespace(majorVersion=slicer_version[0], minorVersion=slicer_version[1])
     slicer.ScriptedLoadableModule, slicer.util, slicer.i18n = slm, util, i18n
     slicer.parameterNodeWrapper, slicer.packaging = pnw, packaging
@@ -93,9 +94,19 @@ def stub_modules(slicer_version=(5, 10)) -> dict[str, types.ModuleType]:
             "qt": qt, "ctk": types.ModuleType("ctk"), "vtk": types.ModuleType("vtk")}
 
 
-def forget_module_code() -> None:
-    for name in [n for n in sys.modules if n.split(".")[0] in ("ReCoKDModule", "ReCoKD_shell")]:
-        del sys.modules[name]
+def forget_module_code(keep: set[str] | None = None) -> None:
+    """Forget the module's code, and the ``ReCoKDLib`` modules imported since ``keep`` was taken
+    (they may hold the stub ``slicer``): both are imported anew by the next test."""
+    for name in [n for n in sys.modules if n.split(".")[0] in ("ReCoKDModule", "ReCoKD_shell")
+                 or (keep is not None and n not in keep and n.startswith("ReCoKDLib."))]:
+        module = sys.modules.pop(name)
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
+            delattr(sys.modules[parent], child)  # else `from parent import child` finds the old one
+
+
+def loaded_modules() -> set[str]:
+    return set(sys.modules)
 
 
 def install(monkeypatch, stubs: dict[str, types.ModuleType], keep_real: tuple[str, ...] = ()) -> None:
