@@ -63,7 +63,7 @@ def stub_modules(slicer_version=(5, 10)) -> dict[str, types.ModuleType]:
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
                  "ScriptedLoadableModuleTest"):
-        setattr(slm, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
+        setattr(slm, name, type(name, (), {"__init__": lambda self, *a, **k: None, "setup": lambda self: None}))
     slm.ScriptedLoadableModuleLogic.getParameterNode = lambda self: None
     util = types.ModuleType("slicer.util")
     util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
