@@ -46,6 +46,8 @@ __all__ = [
     "color_table_node",
     "overlay_volume_from_array",
     "place_beside",
+    "remove_node",
+    "set_overlay_threshold",
     "render_window_pixels",
 ]
 
@@ -289,7 +291,7 @@ def segmentation_node_from_labelmap(
         if present and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
             raise MRMLBridgeError(f"Slicer could not import the label map {name!r} into a segmentation")
     finally:
-        _remove_with_display(scene, labelmap)
+        remove_node(labelmap)
         scene.RemoveNode(table)
     segmentation = segmentation_node.GetSegmentation()
     for segment_id in _segment_ids(segmentation):
@@ -302,14 +304,6 @@ def segmentation_node_from_labelmap(
         segmentation_node.SetNodeReferenceID(
             segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_volume.GetID())
     return segmentation_node
-
-
-def _remove_with_display(scene, node) -> None:
-    for i in range(node.GetNumberOfDisplayNodes()):
-        display = node.GetNthDisplayNode(i)
-        if display is not None:
-            scene.RemoveNode(display)
-    scene.RemoveNode(node)
 
 
 def labelmap_from_segmentation_node(segmentation_node, reference_volume_node,
@@ -361,7 +355,7 @@ def labelmap_from_segmentation_node(segmentation_node, reference_volume_node,
             mask = slicer.util.arrayFromVolume(export)
             out[mask > 0] = value
     finally:
-        _remove_with_display(scene, export)
+        remove_node(export)
     return out
 
 
@@ -395,6 +389,7 @@ def overlay_volume_from_array(
         raise MRMLBridgeError(f"overlay {name!r} holds NaN or infinite values; clean the map before display")
     node = volume_node_from_array(scene, array, geometry, name)
     table = color_table_node(scene, colormap, name=f"{name} colours")
+    table.SetAttribute("ReCoKD.Owner", node.GetID())  # removed with the overlay (remove_node)
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(table.GetID())
     low, high = window if window is not None else _default_window(array, colormap)
@@ -407,6 +402,37 @@ def overlay_volume_from_array(
         display.SetThreshold(float(threshold), float(max(high, threshold)))
     node.SetAttribute("ReCoKD.Overlay", colormap)
     return node
+
+
+def set_overlay_threshold(node, fraction: float) -> None:
+    """Make the weak values of an overlay transparent, so the image shows through them.
+
+    ``fraction`` in [0, 1) of the display range: for a signed map on a diverging table (the
+    teacher - student difference) values with ``|v| < fraction * max|window|`` are hidden, for
+    other maps values below ``low + fraction * (high - low)``. Works on the colour table's alpha,
+    so the map's values and window stay as they are; 0 shows every voxel.
+
+    Raises:
+        MRMLBridgeError: not an overlay made by :func:`overlay_volume_from_array`, or a fraction outside [0, 1).
+    """
+    if not 0.0 <= float(fraction) < 1.0:
+        raise MRMLBridgeError(f"an overlay threshold is a fraction of the map's range in [0, 1); got {fraction}")
+    display = node.GetDisplayNode() if node is not None else None
+    table = display.GetColorNode() if display is not None else None
+    if table is None or not table.IsA("vtkMRMLColorTableNode") or table.GetType() != table.User:
+        raise MRMLBridgeError("only overlays made by ReCoKD (a user colour table) take a threshold")
+    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    signed = str(node.GetAttribute("ReCoKD.Overlay") or "").lower() in ("diverging", "coolwarm")
+    count = table.GetNumberOfColors()
+    values = np.linspace(low, high, count)
+    hidden = (np.abs(values) < fraction * max(abs(low), abs(high))) if signed else (values < low + fraction * (high - low))
+    if fraction == 0.0:
+        hidden[:] = False
+    rgba = [0.0] * 4
+    for index in range(count):
+        table.GetColor(index, rgba)
+        table.SetColor(index, rgba[0], rgba[1], rgba[2], 0.0 if hidden[index] else 1.0)
+    table.Modified()
 
 
 def _default_window(array: np.ndarray, colormap: str) -> tuple[float, float]:
@@ -450,6 +476,32 @@ def place_beside(node, reference_node) -> int:
     item = item_of(node)
     hierarchy.SetItemParent(item, parent or root)
     return item
+
+
+def remove_node(node) -> None:
+    """Remove ``node``, its display nodes (and the colour table made for it) and its subject-hierarchy
+    item from its scene.
+
+    In Slicer the subject-hierarchy module logic drops the item of a removed node; in ``slicer-core``
+    (``recokd serve``) nothing does, and the hierarchy then reports "DataNodeCache inconsistency"
+    at the next change. Removing the item first (with its data node) keeps both in step. A node
+    already gone, or ``None``, is left alone.
+    """
+    scene = node.GetScene() if node is not None else None
+    if scene is None or scene.GetNodeByID(node.GetID()) is None:
+        return
+    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+        if hasattr(node, "GetNumberOfDisplayNodes") else []
+    for display in [d for d in displays if d is not None]:
+        table = display.GetColorNode() if hasattr(display, "GetColorNode") else None
+        scene.RemoveNode(display)
+        if table is not None and table.GetAttribute("ReCoKD.Owner") == node.GetID():
+            scene.RemoveNode(table)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = hierarchy.GetItemByDataNode(node) if hierarchy is not None else 0
+    if item:  # the item first, keeping the node (removing both at once leaves the item behind)
+        hierarchy.RemoveItem(item, False, True)
+    scene.RemoveNode(node)
 
 
 def render_window_pixels(render_window) -> np.ndarray:
