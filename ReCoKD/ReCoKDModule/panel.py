@@ -351,8 +351,8 @@ class ReCoKDPanel(VTKObservationMixin):
 
     def onSegmentButton(self) -> None:
         if self.logic.isRunning(SEGMENT):
+            self.ui.segmentStatusLabel.text = _("Stopping...")  # before: the job may end inside cancel()
             self.logic.cancel(SEGMENT)
-            self.ui.segmentStatusLabel.text = _("Stopping...")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to segment."), waitCursor=True):
             if not self.logic.setupPythonRequirements(confirm=True):

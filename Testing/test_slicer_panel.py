@@ -1,0 +1,397 @@
+"""The panel (``ReCoKDModule/panel.py``) driven through a stand-in of the real ``ReCoKD.ui``.
+
+Every widget of the ``.ui`` becomes a small fake with the signals the panel and Slicer's wrapper
+use; the parameter node is a fake ``@parameterNodeWrapper`` whose ``connectGui`` follows
+Slicer's ``wrapper.py`` (v5.10.0) ``_connectParametersToGui``: build a connector for every
+``SlicerParameterName`` first (with the rules of ``test_slicer_ui_contract.slicer_connector``, so
+a pair Slicer refuses raises here too), then write each value and connect each widget. Qt calls
+a signal's slots in connection order, and so do the fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import types
+import typing
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import slicer_stubs
+from test_slicer_module_logic import FakeRunner, IniSettings
+from test_slicer_ui_contract import UI_PATH, slicer_connector
+
+ToolTipRole = 3
+
+
+class Signal:
+    def __init__(self):
+        self.slots = []
+
+
+class FakeWidget:
+    def __init__(self, cls, name, properties):
+        self.className, self.name, self._properties = cls, name, properties
+        self._signals, self._blocked = {}, False
+        self.text, self.toolTip, self.enabled, self.value, self.maximum = "", "", True, 0, 1000
+        self.currentPath, self.checked, self.node = "", False, None
+
+    def property(self, name):
+        return self._properties.get(name)
+
+    def connect(self, signal, slot):
+        self._signals.setdefault(signal.split("(")[0], Signal()).slots.append(slot)
+
+    def emit(self, signal, *args):
+        """Calls the slots in connection order, each with as many arguments as it takes
+        (PythonQt ``src/PythonQtSignalReceiver.cpp`` ``PythonQtSignalTarget::call``: the count is cut
+        to the callable's ``co_argcount``, less ``self`` for a bound method)."""
+        if self._blocked:
+            return
+        for slot in list(self._signals.get(signal, Signal()).slots):
+            code = getattr(slot, "__code__", None) or getattr(getattr(slot, "__func__", None), "__code__", None)
+            if code is not None and not code.co_flags & 0x04:  # no *args
+                takes = code.co_argcount - (1 if hasattr(slot, "__self__") else 0)
+                slot(*args[:takes])
+            else:
+                slot(*args)
+
+    def disconnectAll(self, signal):
+        self._signals.pop(signal, None)
+
+    def blockSignals(self, value):
+        self._blocked = bool(value)
+
+    # the odd methods the panel calls
+    def setMRMLScene(self, scene): pass
+    def setMenu(self, menu): self.menu = menu
+    def setPopupMode(self, mode): pass
+    def setSegmentationNode(self, node): self.node = node
+    def setMRMLPlotViewNode(self, node): self.node = node
+    def clear(self): self.lines = []
+    def appendPlainText(self, line): self.lines = getattr(self, "lines", []) + [line]
+
+
+class FakeCombo(FakeWidget):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.items, self._current = [], -1
+
+    def addItem(self, text, data=None):
+        self.items.append({"text": text, "data": data, "tip": None})
+        if self._current < 0:
+            self.setCurrentIndex(0)
+
+    def clear(self):
+        self.items, self._current = [], -1
+
+    def setItemData(self, index, value, role):
+        assert role == ToolTipRole
+        self.items[index]["tip"] = value
+
+    def findData(self, value):
+        return next((i for i, item in enumerate(self.items) if item["data"] == value), -1)
+
+    def setCurrentIndex(self, index):
+        if index != self._current:
+            self._current = index
+            self.emit("currentIndexChanged", index)
+
+    @property
+    def currentIndex(self):
+        return self._current
+
+    @currentIndex.setter
+    def currentIndex(self, index):
+        self.setCurrentIndex(index)
+
+    @property
+    def currentData(self):
+        return self.items[self._current]["data"] if 0 <= self._current < len(self.items) else None
+
+    def userPicks(self, data):
+        self.setCurrentIndex(self.findData(data))
+
+
+def fake_ui():
+    root = ET.parse(UI_PATH).getroot()
+    widgets = {}
+    for element in root.iter("widget"):
+        props = {p.get("name"): p.findtext("string") for p in element.findall("property")}
+        cls = element.get("class")
+        widgets[element.get("name")] = (FakeCombo if cls == "QComboBox" else FakeWidget)(cls, element.get("name"), props)
+    return widgets
+
+
+class FakeParameterNode:
+    """Fields and defaults of ``ReCoKDParameterNode``; setting a field fires ``ModifiedEvent``."""
+
+    def __init__(self, parameters_module, stubs):
+        cls = parameters_module.ReCoKDParameterNode
+        object.__setattr__(self, "_fields", typing.get_type_hints(cls, include_extras=True))
+        object.__setattr__(self, "_stubs", stubs)
+        object.__setattr__(self, "observers", [])
+        object.__setattr__(self, "guis", {})
+        for name, annotation in self._fields.items():
+            base = typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+            default = getattr(cls, name, None)
+            if default is None:
+                default = pathlib.Path() if base is pathlib.Path else None  # PathSerializer.default
+            object.__setattr__(self, name, default)
+
+    def __setattr__(self, name, value):
+        assert name in self._fields, name
+        if getattr(self, name) != value:
+            object.__setattr__(self, name, value)
+            for observer in list(self.observers):
+                observer(self, "ModifiedEvent")
+
+    def connectGui(self, ui):
+        bound = {w.property("SlicerParameterName"): w for w in vars(ui).values() if w.property("SlicerParameterName")}
+        connectors = {name: slicer_connector(w.className, self._fields[name], self._stubs) for name, w in bound.items()}
+        tag = len(self.guis) + 1
+        self.guis[tag] = bound
+        for name, widget in bound.items():
+            self._write(widget, connectors[name], getattr(self, name))
+            signal = {"ctkPathLineEditToPathConnector": "currentPathChanged",
+                      "qMRMLNodeComboBoxToNodeConnector": "currentNodeChanged",
+                      "QCheckBoxToBoolConnector": "stateChanged"}.get(connectors[name], "valueChanged")
+            if connectors[name] == "QComboBoxToStringableConnector":
+                signal = "currentIndexChanged"
+            widget.connect(signal, lambda *args, name=name, widget=widget, connector=connectors[name]:
+                           setattr(self, name, self._read(widget, connector, name)))
+        return tag
+
+    def disconnectGui(self, tag):
+        self.guis.pop(tag, None)
+
+    @staticmethod
+    def _write(widget, connector, value):
+        if connector == "ctkPathLineEditToPathConnector":
+            widget.currentPath = str(value)
+        elif connector == "qMRMLNodeComboBoxToNodeConnector":
+            widget.node = value
+        elif connector == "QComboBoxToStringableConnector":
+            widget.value = value
+        else:
+            widget.value = value
+
+    def _read(self, widget, connector, name):
+        if connector == "ctkPathLineEditToPathConnector":
+            return pathlib.Path(widget.currentPath)  # ctkPathLineEditToPathConnector.read
+        if connector == "qMRMLNodeComboBoxToNodeConnector":
+            return widget.node
+        return widget.value
+
+
+class FakeNode:
+    def __init__(self, name):
+        self.name = name
+
+    def GetName(self):
+        return self.name
+
+
+@pytest.fixture()
+def harness(monkeypatch, tmp_path):
+    keep = slicer_stubs.loaded_modules()
+    stubs = slicer_stubs.stub_modules()
+    ui = fake_ui()
+    qt, util, vtk = stubs["qt"], stubs["slicer.util"], stubs["vtk"]
+    qt.Qt = types.SimpleNamespace(ToolTipRole=ToolTipRole)
+    qt.QToolButton = types.SimpleNamespace(InstantPopup=2)
+    qt.QMenu = lambda parent=None: types.SimpleNamespace(addAction=lambda text: FakeWidget("QAction", text, {}))
+    qt.QFileDialog = types.SimpleNamespace(getOpenFileName=lambda *a: "", getExistingDirectory=lambda *a: "")
+    qt.QTimer = types.SimpleNamespace(singleShot=lambda ms, fn: None)
+    vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent="ModifiedEvent")
+    scene = types.SimpleNamespace(StartCloseEvent="StartClose", EndCloseEvent="EndClose", observers=[],
+                                  GetFirstNodeByClass=lambda cls: None)
+    stubs["slicer"].mrmlScene = scene
+    root = FakeWidget("qMRMLWidget", "ReCoKD", {})
+    util.loadUI = lambda path: root
+    util.childWidgetVariables = lambda widget: types.SimpleNamespace(**ui)
+    errors = []
+    util.errorDisplay = lambda text, **kw: errors.append((text, kw))
+
+    class TryWithErrorDisplay:
+        def __init__(self, message, waitCursor=False):
+            self.message = message
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, exc, tb):
+            if exc is not None:
+                errors.append((self.message, str(exc)))
+            return True
+
+    util.tryWithErrorDisplay = TryWithErrorDisplay
+
+    def addObserver(self, obj, event, callback):
+        obj.observers.append(callback)
+
+    def removeObserver(self, obj, event, callback):
+        if callback in obj.observers:
+            obj.observers.remove(callback)
+
+    util.VTKObservationMixin = type("VTKObservationMixin", (), {
+        "__init__": lambda self: None, "addObserver": addObserver, "removeObserver": removeObserver,
+        "removeObservers": lambda self: None})
+    slicer_stubs.install(monkeypatch, stubs)
+    parameters = slicer_stubs.import_module_code("parameters")
+    logic_module = slicer_stubs.import_module_code("logic")
+    panel_module = slicer_stubs.import_module_code("panel")
+    runners = []
+
+    def make_logic():
+        logic = logic_module.ReCoKDLogic(runnerFactory=lambda: runners.append(FakeRunner()) or runners[-1],
+                                         schedule=lambda ms, fn: None, python="python")
+        node = FakeParameterNode(parameters, stubs)
+        logic.getParameterNode = lambda: node
+        logic.gpuNames = lambda: ["Test GPU"]
+        logic.setupPythonRequirements = lambda confirm=True: True
+        return logic
+
+    settings = IniSettings()
+
+    def make_panel(logic=None):
+        for widget in ui.values():  # a fresh .ui: no slots left from an earlier panel
+            widget._signals = {}
+        return panel_module.ReCoKDPanel(types.SimpleNamespace(addWidget=lambda w: None), UI_PATH,
+                                        logic or make_logic(), panel_module.RecentModels(settings))
+
+    yield types.SimpleNamespace(ui=ui, make_panel=make_panel, runners=runners, errors=errors, settings=settings,
+                                stubs=stubs, logic_module=logic_module, tmp=tmp_path)
+    slicer_stubs.forget_module_code(keep)
+
+
+def _model(path, classes):
+    """A model file whose card the panel reads without torch (the sidecar .json of save_model)."""
+    torch = pytest.importorskip("torch")
+    from ReCoKDLib import checkpoint, networks
+
+    config = networks.preset("tiny", num_classes=len(classes))
+    card = checkpoint.ModelCard(architecture={"kind": "dynunet", "config": config.to_dict()}, classes=list(classes),
+                                spacing=[2.0, 1.0, 1.0], normalization={"scheme": "zscore"}, patch_size=[8, 16, 16])
+    torch.manual_seed(0)
+    return checkpoint.save_model(path, networks.build_unet(config).state_dict(), card)
+
+
+def test_the_panel_connects_and_fills_its_lists(harness):
+    panel = harness.make_panel()
+    ui = harness.ui
+    assert panel._parameterNodeGuiTag is not None, "connectGui must succeed with Slicer's connector rules"
+    methods = ui["methodComboBox"].items
+    assert methods[0]["data"] == "recokd" and methods[0]["text"] == "ReCo-KD (regions + context)"
+    assert all(item["tip"] for item in methods) and len(methods) == 12
+    assert [i["data"] for i in ui["deviceComboBox"].items] == ["auto", "cpu", "cuda:0"]
+    assert "hd-bet" in [i["data"] for i in ui["teacherPresetComboBox"].items]
+    # nothing chosen yet: every action says what is missing
+    assert not ui["segmentButton"].enabled and "Select a volume" in ui["segmentButton"].toolTip
+    assert not ui["startButton"].enabled and "labelled data" in ui["startButton"].toolTip
+    assert not ui["trainTeacherButton"].enabled and "output folder" in ui["trainTeacherButton"].toolTip
+
+
+def test_the_teacher_description_follows_the_chosen_file_at_once(harness, tmp_path):
+    """Issue 16 defect 6: a ``currentPathChanged`` slot connected before the wrapper's own read the
+    previous path (Qt calls slots in connection order). The description is now computed from the
+    parameter node's ModifiedEvent."""
+    first = _model(tmp_path / "a" / "teacher.pt", ["background", "liver"])
+    second = _model(tmp_path / "b" / "teacher.pt", ["background", "liver", "spleen", "kidney"])
+    panel = harness.make_panel()
+    edit = harness.ui["teacherPathLineEdit"]
+    for model, expected in ((first, "1 classes (liver)"), (second, "3 classes (liver, spleen, kidney)")):
+        edit.currentPath = str(model)
+        edit.emit("currentPathChanged", str(model))
+        assert expected in harness.ui["teacherInfoLabel"].text
+    assert [i["data"] for i in harness.ui["classComboBox"].items] == ["", "liver", "spleen", "kidney"]
+    harness.ui["classComboBox"].userPicks("spleen")
+    assert panel._parameterNode.inspectClass == "spleen"
+
+
+def test_an_emptied_path_edit_disables_what_needs_the_folder(harness, tmp_path):
+    """Issue 16 defect 4 at the panel: an empty edit reads back as Path(".") (an existing folder)."""
+    panel = harness.make_panel()
+    ui = harness.ui
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, value in (("dataFolderLineEdit", str(data)), ("outputFolderLineEdit", str(tmp_path / "out"))):
+        ui[name].currentPath = value
+        ui[name].emit("currentPathChanged", value)
+    assert ui["trainTeacherButton"].enabled
+    ui["dataFolderLineEdit"].currentPath = ""
+    ui["dataFolderLineEdit"].emit("currentPathChanged", "")
+    assert panel._parameterNode.dataFolder == pathlib.Path(".")
+    assert not ui["trainTeacherButton"].enabled and "labelled data" in ui["trainTeacherButton"].toolTip
+
+
+def test_segment_runs_in_the_background_with_cancel_and_remembers_the_model(harness, tmp_path, monkeypatch):
+    model = _model(tmp_path / "student.pt", ["background", "liver"])
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    started = []
+
+    def segmentInBackground(volume, source, roi, device, callback, finished):
+        job = panel.logic._startJob("segment", ["-m", "ReCoKDLib", "segment"], {}, None, callback,
+                                    lambda job: finished(job, None if job.cancelled else FakeSegmentation()))
+        started.append((volume, source, device))
+        return job
+
+    class FakeSegmentation:
+        def GetAttribute(self, name):
+            return "2.5"
+
+        def GetSegmentation(self):
+            return types.SimpleNamespace(GetNumberOfSegments=lambda: 1)
+
+    monkeypatch.setattr(panel.logic, "segmentInBackground", segmentInBackground)
+    p.inputVolume = FakeNode("CT")
+    assert not ui["segmentButton"].enabled and "Choose a model" in ui["segmentButton"].toolTip
+    p.segmentModel = str(model)
+    assert ui["segmentButton"].enabled and "1 classes (liver)" in ui["modelInfoLabel"].text
+    ui["deviceComboBox"].userPicks("cuda:0")
+    ui["segmentButton"].emit("clicked", True)
+    assert started == [(p.inputVolume, str(model), "cuda:0")]
+    assert ui["segmentButton"].text == "Cancel" and ui["segmentButton"].enabled
+    runner = harness.runners[-1]
+    runner.onLine(json.dumps({"event": "progress", "stage": "segment", "step": 1, "total": 4, "eta_s": 3}))
+    assert ui["segmentProgressBar"].value == 250 and "1/4" in ui["segmentStatusLabel"].text
+    runner.finish([json.dumps({"event": "done", "stage": "segment", "path": "x"})])
+    assert ui["segmentButton"].text == "Segment" and "1 segments in 2 s" in ui["segmentStatusLabel"].text
+    assert harness.errors == []
+    # cancel while running
+    ui["segmentButton"].emit("clicked", True)
+    ui["segmentButton"].emit("clicked", True)
+    assert harness.runners[-1].calls[-1] == ("terminate",)
+    assert ui["segmentStatusLabel"].text == "Cancelled"
+    # a new session (new panel, same settings) starts with the last used model
+    again = harness.make_panel()
+    assert again._parameterNode.segmentModel == str(model)
+    assert harness.ui["modelComboBox"].currentData == str(model)
+
+
+def test_distillation_log_and_result(harness, tmp_path, monkeypatch):
+    teacher = _model(tmp_path / "teacher.pt", ["background", "liver"])
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    monkeypatch.setattr(panel, "_showPlot", lambda: None)
+    monkeypatch.setattr(panel.logic, "updatePlot", lambda progress: None)
+    data = tmp_path / "data"
+    data.mkdir()
+    p.teacherPath, p.dataFolder, p.outputFolder = teacher, data, tmp_path / "out"
+    ui["methodComboBox"].userPicks("cirkd")
+    assert p.method == "cirkd" and ui["startButton"].enabled
+    ui["startButton"].emit("clicked", True)
+    runner = harness.runners[-1]
+    arguments = runner.calls[0][2]
+    assert arguments[arguments.index("--kd") + 1] == "cirkd"
+    for step in (1, 2, 3):
+        runner.onLine(json.dumps({"event": "progress", "stage": "distill", "step": step, "total": 3,
+                                  "losses": {"total": 1.0}}))
+    runner.onLine(json.dumps({"event": "log", "stage": "distill", "message": "hello"}))
+    student = tmp_path / "out" / "model_best.pt"
+    runner.finish([json.dumps({"event": "done", "stage": "distill", "best_path": str(student)})])
+    assert ui["logTextEdit"].lines == ["[distill] hello", "[distill] done"]
+    assert p.studentPath == student and p.segmentModel == str(student)
