@@ -42,7 +42,7 @@ def test_top_level_metadata_and_modules():
         assert (ROOT / relative).is_file(), f"{key} points at {relative}, which is not in the repository"
     assert "RECOKD_REPOSITORY_URL" in text and "PLACEHOLDER" in text
     assert re.findall(r"add_subdirectory\((\w+)\)", text) == ["ReCoKDLib", "ReCoKD"]
-    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+    for line in ("find_package(Slicer ${RECOKD_MINIMUM_SLICER_VERSION} REQUIRED)", "include(${Slicer_USE_FILE})",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text
 

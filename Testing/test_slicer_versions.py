@@ -164,3 +164,18 @@ def test_the_library_imports_on_python_312():
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("12 ['hd-bet'")
+
+
+def test_the_extension_build_states_the_same_minimum(stubs):
+    """``find_package(Slicer 5.10 REQUIRED)`` is refused by an older Slicer's
+    ``CMake/SlicerConfigVersion.cmake`` (v5.10.0: ``PACKAGE_VERSION`` is ``Slicer_VERSION``, major.minor);
+    the description says it to whoever browses the Extensions Manager."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    versions = slicer_stubs.import_module_code("versions")
+    minimum = ".".join(str(v) for v in versions.MINIMUM_SLICER)
+    assert f"set(RECOKD_MINIMUM_SLICER_VERSION {minimum})" in text
+    assert "find_package(Slicer ${RECOKD_MINIMUM_SLICER_VERSION} REQUIRED)" in text
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]*)"\)', text).group(1)
+    assert f"3D Slicer {minimum} or later" in description
+    readme = (ROOT / "README.md").read_text()
+    assert f"3D Slicer {minimum} or later" in readme

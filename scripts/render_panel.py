@@ -205,6 +205,45 @@ def _stand_ins():
             ctkMenuButton, qMRMLSegmentationShow3DButton, qMRMLPlotWidget]
 
 
+def show_clinician_state(panel) -> None:
+    """The panel as a clinician meets it while Segment runs: what Slicer and the panel put into
+    the widgets (``ReCoKDModule.panel``: model and device lists; Slicer's ``connectGui``: the
+    ``Choice`` combo boxes), with the research sections collapsed as the .ui declares."""
+    from PySide6.QtWidgets import QComboBox, QLabel, QPushButton, QWidget
+
+    from ReCoKDLib.choices import KD_METHODS
+
+    def combo(name):
+        return panel.findChild(QComboBox, name)
+
+    for name, items in (("reductionComboBox", ["2", "4", "8"]),  # QComboBoxToStringableConnector: str(choice)
+                        ("mapComboBox", ["teacher attention", "student attention", "teacher affinity",
+                                         "student affinity", "difference", "region mask"])):
+        combo(name).addItems(items)
+    combo("reductionComboBox").setCurrentIndex(1)
+    for method in KD_METHODS:
+        combo("methodComboBox").addItem(method.title, method.name)
+    combo("deviceComboBox").addItems(["Automatic", "CPU"])
+    combo("modelComboBox").addItems(["model_best.pt (ct_div4)", "teacher.pt (ct_teacher)", "hd-bet (preset)"])
+    combo("teacherPresetComboBox").addItem("(none: use the file or folder above)")
+    combo("classComboBox").addItem("(all classes)")
+    volume = panel.findChild(QWidget, "inputVolumeSelector")
+    volume.clear()
+    volume.addItem("CT abdomen")
+    panel.findChild(QLabel, "modelInfoLabel").setText(
+        "student: 11 classes (liver, spleen, stomach, pancreas, aorta, inferior_vena_cava, "
+        "portal_vein_and_splenic_vein, autochthon_left, autochthon_right, vertebrae_T11, vertebrae_T12); "
+        "spacing 3 x 3 x 3 mm; patch 16 x 128 x 128")
+    segment = panel.findChild(QPushButton, "segmentButton")
+    segment.setText("Cancel")
+    segment.setEnabled(True)
+    panel.findChild(QWidget, "segmentProgressBar").setValue(625)
+    panel.findChild(QLabel, "segmentStatusLabel").setText("segment: 5/8, 3 s left")
+    for section in panel.findChildren(QWidget):
+        if type(section).__name__ == "ctkCollapsibleButton":  # children exist only now: collapse them
+            section.setCollapsed(section.getCollapsed())
+
+
 def render_panel(out: Path = SCREENSHOT, width: int = 430) -> dict:
     """Load ReCoKD.ui with the stand-ins, save a PNG of it, and describe what was built."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -225,13 +264,7 @@ def render_panel(out: Path = SCREENSHOT, width: int = 430) -> dict:
     if panel is None:
         raise RuntimeError(f"QUiLoader could not build {UI_PATH}: {loader.errorString()}")
 
-    # show a plausible state: the classes of a model card and the Inspect section open
-    panel.findChild(QComboBox, "classComboBox").addItems(["liver", "spleen", "kidney"])
-    panel.findChild(QLabel, "teacherInfoLabel").setText(
-        "teacher: 3 classes (liver, spleen, kidney); spacing 3 x 1.5 x 1.5 mm; patch 32 x 96 x 96")
-    panel.findChild(QLabel, "etaLabel").setText("distill: 120/400, 6 min 40 s left")
-    panel.findChild(QWidget, "progressBar").setValue(300)
-    panel.findChild(QWidget, "inspectCollapsibleButton").setCollapsed(False)
+    show_clinician_state(panel)
     panel.resize(width, 10)
     panel.resize(width, panel.sizeHint().height())
     panel.show()
@@ -241,11 +274,13 @@ def render_panel(out: Path = SCREENSHOT, width: int = 430) -> dict:
         raise RuntimeError(f"could not write {out}")
 
     sections = [w.property("text") for w in panel.findChildren(QWidget) if type(w).__name__ == "ctkCollapsibleButton"]
+    collapsed = {w.property("text"): bool(w.property("collapsed")) for w in panel.findChildren(QWidget)
+                 if type(w).__name__ == "ctkCollapsibleButton"}
     buttons = {w.objectName(): w.text() for w in panel.findChildren(QPushButton)}
     bindings = {w.objectName(): w.property("SlicerParameterName") for w in panel.findChildren(QWidget)
                 if w.property("SlicerParameterName")}
     return {"png": str(out), "size": [panel.width(), panel.height()], "root": type(panel).__name__,
-            "sections": sections, "buttons": buttons, "bindings": bindings,
+            "sections": sections, "collapsed": collapsed, "buttons": buttons, "bindings": bindings,
             "widgets": sorted({type(w).__name__ for w in panel.findChildren(QWidget)})}
 
 
