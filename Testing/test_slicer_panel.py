@@ -395,3 +395,28 @@ def test_distillation_log_and_result(harness, tmp_path, monkeypatch):
     runner.finish([json.dumps({"event": "done", "stage": "distill", "best_path": str(student)})])
     assert ui["logTextEdit"].lines == ["[distill] hello", "[distill] done"]
     assert p.studentPath == student and p.segmentModel == str(student)
+
+
+def test_scene_data_route_is_reachable_with_empty_folder_edits(harness, tmp_path, monkeypatch):
+    """Issue 16 defect 4: with the data folder edit empty (Path(".")), a volume + segmentation from
+    the scene are the training data (they were never used: "." is a folder)."""
+    teacher = _model(tmp_path / "teacher.pt", ["background", "liver"])
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    exported = []
+
+    def exportSceneCase(volume, segmentation, folder):  # writes the one-case dataset (tested in test_scene_logic)
+        folder.mkdir(parents=True)
+        exported.append(folder)
+        return folder
+
+    monkeypatch.setattr(panel.logic, "exportSceneCase", exportSceneCase)
+    monkeypatch.setattr(panel, "_showPlot", lambda: None)
+    p.teacherPath, p.outputFolder = teacher, tmp_path / "out"
+    assert p.dataFolder == pathlib.Path(".") and not ui["startButton"].enabled
+    p.trainingVolume, p.trainingSegmentation = FakeNode("CT"), FakeNode("CT labels")
+    assert ui["startButton"].enabled
+    ui["startButton"].emit("clicked", True)
+    assert exported == [tmp_path / "out" / "scene_dataset"] and harness.errors == []
+    arguments = harness.runners[-1].calls[0][2]
+    assert arguments[arguments.index("--data") + 1] == str(tmp_path / "out" / "scene_dataset")
