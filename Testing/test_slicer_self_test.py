@@ -56,3 +56,80 @@ def test_small_teacher_loads_with_the_datasets_classes(self_test, tmp_path):
     card = read_model_card(path)
     assert card.classes == self_test.CLASSES and card.tap_names
     assert load_model(str(path), "cpu").card.classes == self_test.CLASSES
+
+
+class PopenRunner:
+    """The ``ProcessRunner`` of the self test outside Slicer: a real child process whose lines are
+    delivered on the calling thread when ``slicer.app.processEvents()`` runs (as QProcess signals
+    are delivered by Qt's event loop)."""
+
+    def __init__(self, events):
+        self.events, self.process = events, None
+
+    def start(self, program, arguments, environment, onLine, onFinished):
+        import os
+        import subprocess
+        import threading
+
+        self.process = subprocess.Popen([program, *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env={**os.environ, **environment, "OMP_NUM_THREADS": "1"})
+        self.done = False
+
+        def read():
+            for line in self.process.stdout:
+                self.events.append(lambda line=line: onLine(line))
+            code = self.process.wait()
+            self.events.append(lambda: (setattr(self, "done", True), onFinished(code)))
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def isRunning(self):
+        return self.process is not None and not self.done
+
+    def terminate(self):
+        self.process.terminate()
+
+    def kill(self):
+        self.process.kill()
+
+
+@pytest.mark.mrml
+@pytest.mark.slow
+def test_the_whole_self_test_runs_on_slicer_core(monkeypatch):
+    """``runSelfTest`` itself on a real MRML scene (slicer-core), its child processes real:
+    distillation on the synthetic data, background and in-process Segment, Inspect."""
+    import unittest
+
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the installed 'slicer' is not slicer-core")
+    pytest.importorskip("torch")
+    import ReCoKDLib.mrml  # noqa: F401  (bound to the real slicer before the stubs)
+
+    keep = slicer_stubs.loaded_modules()
+    slicer_stubs.install(monkeypatch, slicer_stubs.stub_modules(), keep_real=("slicer", "slicer.util", "vtk"))
+    events = []
+
+    def processEvents():
+        while events:
+            events.pop(0)()
+
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    monkeypatch.setattr(slicer, "app", type("App", (), {"processEvents": staticmethod(processEvents)})(),
+                        raising=False)
+    try:
+        self_test = slicer_stubs.import_module_code("selfTest")
+        logic_module = slicer_stubs.import_module_code("logic")
+        monkeypatch.setattr(logic_module, "QProcessRunner", lambda: PopenRunner(events))
+
+        class Case(unittest.TestCase):
+            def delayDisplay(self, message):
+                print(message)
+
+            def runTest(self):
+                self_test.runSelfTest(self)
+
+        result = unittest.TextTestRunner(verbosity=0).run(Case())
+        assert result.wasSuccessful(), (result.failures + result.errors)[0][1]
+    finally:
+        slicer_stubs.forget_module_code(keep)
