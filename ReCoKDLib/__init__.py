@@ -5,7 +5,7 @@ torch, no Qt, no Slicer; each submodule imports what it needs.
 
 Layers (a module imports only from the layers below it):
 
-1. ``data``, ``networks``, ``losses``, ``checkpoint``, ``progress``: field primitives.
+1. ``data``, ``networks``, ``losses``, ``checkpoint``, ``progress``, ``choices``: field primitives.
 2. ``teachers``, ``taps``: models in use (loading, feature hooks, adapters).
 3. ``engine``, ``infer``, ``export``: the jobs.
 4. ``evaluate``, ``inspection``: reading results (metrics, reports, the maps a KD loss uses).

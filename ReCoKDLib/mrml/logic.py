@@ -1,4 +1,4 @@
-"""Scene-level work shared by the Slicer module (``ReCoKD/ReCoKD.py``) and ``recokd serve``.
+"""Scene-level work shared by the Slicer module (``ReCoKD/ReCoKDModule/logic.py``) and ``recokd serve``.
 
 :class:`SceneLogic` segments a volume node with a model into a named, coloured segmentation node,
 turns the inspection maps into a region-mask segmentation or a coloured overlay volume, and writes
