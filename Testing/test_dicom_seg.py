@@ -23,16 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CT_CLASSES = ["background", "liver", "spleen", "kidney_left", "unheard_of_structure"]
 
 
-@pytest.fixture(scope="module")
-def s3_dicom_folder(data_root, tmp_path_factory) -> Path:
-    """The S3 series exactly as the TotalSegmentator sdist ships it (``recokd data fetch --only ct``)."""
-    from ReCoKDLib.data.builders import extract_members
-
-    archive = data_root / "downloads" / "totalsegmentator-2.18.0.tar.gz"
-    members = {"s3": "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/"}
-    return extract_members(archive, members, tmp_path_factory.mktemp("s3"))["s3"]
-
-
 def _on_grid(volume, geometry, shape) -> np.ndarray:
     """A highdicom ``Volume`` resampled by index permutation onto ``geometry``'s ``(D, H, W)`` grid;
     fails unless both grids are the same voxels (integer permutation and offset of indices)."""
