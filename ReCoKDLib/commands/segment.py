@@ -5,6 +5,7 @@ Examples::
     recokd segment runs/student/model_best.pt ct.nii.gz ct_seg.nii.gz
     recokd segment student.pt ct.nrrd seg.nrrd --roi 100 120 10 300 320 60 --mirror --probabilities probs.nrrd
     recokd segment student.pt ct.mha seg.mha --roi -80 -60 -400 40 60 -300 --roi-space ras --device cuda
+    recokd segment student.pt scans/*.nii.gz dicom/patient_a/ todo.txt segs/ --dicom-seg segs/dicom/
     recokd segment unet_weights.pt t1.nii.gz seg.nii.gz --entry-point monai.networks.nets:UNet \\
         --kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [16, 32, 64], "strides": [2, 2]}' \\
         --card card.json
@@ -12,13 +13,21 @@ Examples::
 The label map (and the optional ``(K, D, H, W)`` probability image) has the input's exact size,
 spacing, origin and direction. Exit codes: 0 done, 1 error while running (disk, interrupted),
 2 bad input (missing or unsafe model, unreadable image, bad ROI or options).
+
+Many cases (several inputs, a folder of scans or of DICOM series, a glob, a ``.txt`` list; OUT a
+folder): the model is loaded once, a bar runs over the cases, a failing case is reported and the
+others go on, and ``OUT/summary.csv`` lists per case the status, seconds, volume of each segment
+in ml and the error (:mod:`ReCoKDLib.batch`); exit 0 when all cases succeeded, 2 when some had bad
+input, 1 when some failed while running.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,8 +88,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "The output lies on the input's exact voxel grid. Exit codes: 0 done, 1 run error, 2 bad input."
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", help="model: a ReCoKD model file (.pt), a TorchScript file, or a state dict with --entry-point")
-    parser.add_argument("image", help="image: NIfTI, NRRD, MHA file or a DICOM folder")
-    parser.add_argument("out", help="label map to write (.nii.gz, .nii, .nrrd, .mha)")
+    parser.add_argument("image", nargs="+", metavar="IMAGE",
+                        help="image: NIfTI, NRRD, MHA file or a DICOM folder. Several, a folder of them, a glob "
+                             "('scans/*.nii.gz') or a .txt list (one per line) segment many cases with the model "
+                             "loaded once; OUT is then a folder (<case>_seg.nii.gz and summary.csv)")
+    parser.add_argument("out", help="label map to write (.nii.gz, .nii, .nrrd, .mha), or the folder of many cases")
     parser.add_argument("--channel", action="append", default=[], metavar="IMAGE",
                         help="a further input channel on the same grid (repeatable, in channel order)")
     parser.add_argument("--roi", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
@@ -96,21 +108,87 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probabilities", metavar="PATH", help="also write the (K, D, H, W) class probabilities here")
     parser.add_argument("--dicom-seg", metavar="PATH",
                         help="also write the result as a DICOM SEG object referencing the input series, for a PACS "
-                             "(IMAGE must be a DICOM series folder; dicom extra)")
+                             "(IMAGE must be a DICOM series folder; with many cases a folder receiving <case>_seg.dcm "
+                             "for each DICOM case; dicom extra)")
     parser.add_argument("--png", metavar="DIR",
                         help="also write Slicer-rendered axial/coronal/sagittal/3D pictures of the result here (render extra)")
+    parser.add_argument("--format", choices=("nii.gz", "nii", "nrrd", "mha"), default="nii.gz",
+                        help="file format of the label maps of many cases (default nii.gz)")
+    parser.add_argument("--summary", metavar="CSV", help="where many cases' summary goes (default OUT/summary.csv)")
     add_model_arguments(parser)
     add_progress_argument(parser)
 
 
+def _check_window_options(args: argparse.Namespace) -> None:
+    if not 0 <= args.overlap < 1:
+        raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
+    if args.sw_batch_size < 1:
+        raise ValueError(f"--sw-batch-size must be at least 1; got {args.sw_batch_size}")
+
+
+def _batch_job(args: argparse.Namespace, reporter) -> None:
+    """Many cases (:mod:`ReCoKDLib.batch`): one model load, a bar over cases, a failing case
+    reported and skipped, summary.csv; exit 1 when a case failed on a run error, 2 on bad input."""
+    from ReCoKDLib.batch import expand_inputs, segment_cases
+    from ReCoKDLib.infer import ROI, resolve_device
+
+    _check_window_options(args)
+    if args.channel or args.probabilities:
+        raise ValueError("--channel and --probabilities apply to one case; segment those cases one by one")
+    cases = expand_inputs(args.image)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; with several cases OUT is the folder to write them to")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise OSError(f"cannot write to {out}")
+    for folder in (args.png, args.dicom_seg):
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+    if args.png:
+        from ReCoKDLib.mrml.views import require_render_extra
+
+        require_render_extra()
+    if args.dicom_seg:
+        from ReCoKDLib.data.dicom_seg import require_highdicom
+
+        require_highdicom()
+
+    def pictures(case, result) -> None:
+        from ReCoKDLib.data.io import read_image
+        from ReCoKDLib.mrml.views import render_segmentation_pngs
+
+        image, geometry = read_image(case.image, allow_channels=True)
+        render_segmentation_pngs(image, geometry, result.labels, result.class_names, args.png, prefix=f"{case.case_id}_")
+
+    model = load_from_args(args.model, args, "cpu")
+    results = segment_cases(
+        model, cases, out, suffix=f".{args.format}", summary_path=args.summary, dicom_seg_dir=args.dicom_seg,
+        reporter=reporter, after_case=pictures if args.png else None, roi=ROI.parse(args.roi, args.roi_space)
+        if args.roi else None, mirror=args.mirror, overlap=args.overlap, device=resolve_device(args.device),
+        amp=args.amp, sw_batch_size=args.sw_batch_size)
+    failed = [r for r in results if r.status != "ok"]
+    summary = args.summary or out / "summary.csv"
+    message = f"{len(results) - len(failed)} of {len(results)} case(s) segmented into {out}; summary {summary}"
+    if failed:
+        names = ", ".join(r.case.case_id for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
+        error = (OSError if any(r.kind == "run" for r in failed) else ValueError)
+        raise error(f"{message}; failed: {names} (reasons in the summary)")
+    reporter.done("batch", path=str(summary), cases=len(results), message=message)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ReCoKDLib.batch import is_batch
+
+    if isinstance(args.image, list) and is_batch(args.image, args.out):
+        return run_command(args, "batch", partial(_batch_job, args))
+    if isinstance(args.image, list):
+        args.image = args.image[0]
+
     def job(reporter) -> None:
         from ReCoKDLib.infer import ROI, resolve_device, segment_file
 
-        if not 0 <= args.overlap < 1:
-            raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
-        if args.sw_batch_size < 1:
-            raise ValueError(f"--sw-batch-size must be at least 1; got {args.sw_batch_size}")
+        _check_window_options(args)
         device = resolve_device(args.device)
         roi = ROI.parse(args.roi, args.roi_space) if args.roi else None
         if getattr(args, "png", None):
