@@ -7,7 +7,7 @@ Layers (a module imports only from the layers below it):
 
 1. ``data``, ``networks``, ``losses``, ``checkpoint``, ``progress``, ``choices``: field primitives.
 2. ``teachers``, ``taps``: models in use (loading, feature hooks, adapters).
-3. ``engine``, ``infer``, ``export``: the jobs.
+3. ``engine``, ``infer``, ``batch``, ``export``: the jobs.
 4. ``evaluate``, ``inspection``: reading results (metrics, reports, the maps a KD loss uses).
 5. ``mrml``: the MRML bridge, the only module that imports ``slicer``.
 6. ``demo``, ``cli`` and ``commands``: the main job and the ``recokd`` command.
