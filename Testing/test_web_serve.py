@@ -83,6 +83,12 @@ def test_catalogue_titles_models_from_their_cards(tmp_path):
     assert titles[0].endswith("· distilled from teacher/model_last.pt — distilled/model_last.pt"), titles[0]
     assert titles[1].startswith("teacher · liver, spleen · ") and titles[1].endswith("— teacher/model_last.pt")
     assert [c.role for c in found] == ["student", "teacher"]
+    from ReCoKDLib.teachers import load_model
+
+    for choice in found:  # DynUNet saves shared modules twice: each parameter is counted once
+        network = load_model(choice.source, "cpu").network
+        count = sum(p.numel() for p in network.parameters())
+        assert f" · {count / 1e6:.2f} M parameters" in choice.title, (choice.title, count)
     assert found[0].classes == tuple(CLASSES)
     # a folder of runs: the same models, checkpoint.pt (training state) skipped
     assert sorted(c.source for c in find_models([runs], presets=False)) == sorted([str(teacher), str(student)])

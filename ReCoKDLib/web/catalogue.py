@@ -64,8 +64,18 @@ def _is_model_file(path: Path) -> bool:
 
 
 def _parameters(state_dict) -> int:
-    return sum(int(v.numel()) for k, v in state_dict.items()
-               if hasattr(v, "numel") and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    """Parameters in a state dict, each tensor counted once: a network that registers a module
+    under two names (MONAI's DynUNet: ``skip_layers`` and ``downsamples``) saves it twice, sharing
+    storage."""
+    seen, total = set(), 0
+    for key, value in state_dict.items():
+        if not hasattr(value, "numel") or key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if identity not in seen:
+            seen.add(identity)
+            total += int(value.numel())
+    return total
 
 
 def _methods(card) -> str:
