@@ -267,11 +267,12 @@ class _Page:
 
     def error_in_view(self, *expected: str) -> str:
         """The error alert's text, after checking it sits at the top of the view area, fully on screen."""
+        from playwright.sync_api import expect
+
         alert = self.page.locator("#error")
-        alert.wait_for(state="visible")
+        for part in expected:  # the alert may still show the previous error until the new one arrives
+            expect(alert).to_contain_text(part, timeout=90_000)
         text = alert.inner_text()
-        for part in expected:
-            assert part in text, text
         box, view_box = alert.bounding_box(), self.view.bounding_box()
         drawer = self.page.locator(".v-navigation-drawer").first.bounding_box()
         assert box["y"] >= 0 and box["y"] + box["height"] <= self.VIEWPORT["height"], box
@@ -285,6 +286,15 @@ class _Page:
     def choose(self, select_id: str, option_text: str) -> None:
         self.page.locator(f".v-field:has(#{select_id})").click()
         self.page.get_by_role("option").filter(has_text=option_text).first.click()
+
+    def options(self, select_id: str) -> list[str]:
+        """The option texts of a select (its menu opened, read, closed)."""
+        self.page.locator(f".v-field:has(#{select_id})").click()
+        self.page.get_by_role("option").first.wait_for()
+        texts = [t.strip() for t in self.page.get_by_role("option").all_inner_texts()]
+        self.page.keyboard.press("Escape")
+        self.page.get_by_role("option").first.wait_for(state="detached")
+        return texts
 
     def slider_to(self, slider_id: str, key: str) -> None:
         thumb = self.page.locator(f"#{slider_id}").locator("xpath=..").locator(".v-slider-thumb").first
@@ -340,9 +350,7 @@ def test_browser_session_as_a_clinic_uses_it(tmp_path, tiny_ct_case, s3_dicom_fo
                 empty = ui.digest()
 
                 # 1. the pickers title models from their cards: the two model_last.pt are told apart
-                page.locator(".v-field:has(#model)").click()
-                options = [t.strip() for t in page.get_by_role("option").all_inner_texts()]
-                page.keyboard.press("Escape")
+                options = ui.options("model")
                 assert any(o.startswith("teacher · liver, spleen") and o.endswith("teacher/model_last.pt")
                            for o in options), options
                 assert any("distilled from teacher/model_last.pt — distilled/model_last.pt" in o for o in options)
@@ -404,9 +412,7 @@ def test_browser_session_as_a_clinic_uses_it(tmp_path, tiny_ct_case, s3_dicom_fo
                 ui.error_gone()
                 overlay = ui.changed("difference_overlay", unfilled)
                 lap("difference overlay shown")
-                page.locator(".v-field:has(#level)").click()
-                levels = [t.strip() for t in page.get_by_role("option").all_inner_texts()]
-                page.keyboard.press("Escape")
+                levels = ui.options("level")
                 assert levels[0] == "0" and len(levels) >= 2 and levels == sorted(set(levels)), levels
                 ui.choose("level", levels[-1])  # only levels the maps have are offered
                 page.locator("#inspect").click()
