@@ -30,6 +30,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: subcommands that load models named by the user (they take --trust-entry-point)
+MODEL_COMMANDS = frozenset({"distill", "segment", "evaluate", "inspect", "export", "serve"})
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-entry-point SPEC`` (repeatable): code a model card or preset file may name (:mod:`ReCoKDLib.trust`)."""
+    parser.add_argument(
+        "--trust-entry-point", action="append", default=[], metavar="PKG.MODULE:CALLABLE",
+        help="run this entry point when a model card or teacher-preset file names it (repeatable). Model files "
+             "never choose code to run on their own: only ReCoKD's and MONAI's networks are allowed without it. "
+             "Use it only for files from a source you trust")
+
+
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     """Build the top-level parser; only the subcommand named in ``argv_command`` is configured."""
     from ReCoKDLib import __version__
@@ -44,6 +57,8 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == argv_command:
             importlib.import_module(module_name).configure_parser(sub)
+            if name in MODEL_COMMANDS:
+                add_trust_argument(sub)
     return parser
 
 
@@ -54,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    from ReCoKDLib.trust import trusted_entry_points
+
+    with trusted_entry_points(getattr(args, "trust_entry_point", None)):
+        return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ReCoKDLib.checkpoint import ModelCard, safe_torch_load
+from ReCoKDLib.trust import EntryPointError, resolve_entry_point
 
 __all__ = [
     "PRESET_FORMAT",
@@ -132,6 +133,7 @@ class TeacherPreset:
     source: str = ""
     notes: str = ""
     path: str = ""
+    builtin: bool = False  #: shipped with ReCoKD (its entry point and eval hook are trusted); never read from JSON
 
     @property
     def tap_names(self) -> list[str]:
@@ -157,11 +159,11 @@ class TeacherPreset:
         )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], path: str = "") -> "TeacherPreset":
+    def from_dict(cls, data: Mapping[str, Any], path: str = "", builtin: bool = False) -> "TeacherPreset":
         where = f"teacher preset {path or data.get('name', '?')}"
         if data.get("format") != PRESET_FORMAT:
             raise TeacherPresetError(f"{where} is not a teacher preset: it needs \"format\": \"{PRESET_FORMAT}\"")
-        known = set(cls.__dataclass_fields__) - {"path"}
+        known = set(cls.__dataclass_fields__) - {"path", "builtin"}
         fields = {k: v for k, v in data.items() if k in known}
         unknown = sorted(set(data) - known - {"format", "format_version"})
         if unknown:
@@ -184,7 +186,7 @@ class TeacherPreset:
                 raise TeacherPresetError(f"{where}: each tap needs 'module' and a 3-element 'stride', got {tap!r}")
         if len(data["spacing"]) != 3 or len(data["patch_size"]) != 3:
             raise TeacherPresetError(f"{where}: spacing and patch_size need 3 values (D, H, W)")
-        return cls(**fields, path=str(path))
+        return cls(**fields, path=str(path), builtin=builtin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def load_preset(name_or_path: str | os.PathLike) -> TeacherPreset:
         raise TeacherPresetError(f"unknown teacher preset {text!r}; built-in presets: {list_presets()} "
                                  "(or give the path of a preset JSON file)")
     resource = _builtin_folder().joinpath(text + ".json")
-    return TeacherPreset.from_dict(_read_json(resource.read_text(), text), str(resource))
+    return TeacherPreset.from_dict(_read_json(resource.read_text(), text), str(resource), builtin=True)
 
 
 def describe_preset(name: str | os.PathLike) -> str:
@@ -266,14 +268,18 @@ def is_preset_source(source: str | os.PathLike) -> bool:
 # Building
 
 
-def _import(spec: str, preset: TeacherPreset, what: str) -> Any:
-    """The object a ``"package.module:attr"`` field names (:func:`ReCoKDLib.teachers.import_entry_point`),
-    with the preset's install hint when its package is missing."""
-    from ReCoKDLib.teachers import ModelLoadError, import_entry_point
+def _import(spec: str, preset: TeacherPreset, what: str, trusted: Iterable[str] = ()) -> Any:
+    """The object a ``"package.module:attr"`` field names, if :mod:`ReCoKDLib.trust` lets it run
+    (built-in presets are trusted; a preset file's entry points must be allow-listed or trusted by
+    name), with the preset's install hint when its package is missing.
 
+    Raises:
+        UntrustedCodeError: a preset file names code nobody trusted (nothing was imported).
+    """
     try:
-        return import_entry_point(spec)
-    except ModelLoadError as exc:
+        return resolve_entry_point(spec, source=f"teacher preset {preset.path or preset.name}", trusted=trusted,
+                                   builtin=preset.builtin, what=what)
+    except EntryPointError as exc:
         hint = f"; install it with: {preset.install}" if preset.install and "cannot import" in str(exc) else ""
         raise TeacherPresetError(f"preset {preset.name}: {what}: {exc}{hint}") from None
 
@@ -298,13 +304,12 @@ def _resource_path(spec: Any, preset: TeacherPreset, what: str) -> Path:
         package, rel = spec.get("package"), spec.get("path")
         if not package or not rel:
             raise TeacherPresetError(f"preset {preset.name}: {what} {{'package', 'path'}} needs both, got {spec!r}")
-        try:
-            root = importlib.resources.files(package)
-        except ModuleNotFoundError:
+        root = _package_folder(str(package))  # found without importing it: a file never picks code to run
+        if root is None:
             hint = f"; install it with: {preset.install}" if preset.install else ""
             raise TeacherPresetError(f"preset {preset.name}: package {package!r} holding the {what} is not "
-                                     f"installed{hint}") from None
-        path = Path(str(root.joinpath(*Path(rel).parts)))
+                                     f"installed{hint}")
+        path = root.joinpath(*Path(rel).parts)
     else:
         path = Path(os.path.expanduser(str(spec)))
         if not path.is_absolute() and preset.path:
@@ -312,6 +317,17 @@ def _resource_path(spec: Any, preset: TeacherPreset, what: str) -> Path:
     if not path.is_file():
         raise TeacherPresetError(f"preset {preset.name}: {what} file {path} does not exist")
     return path
+
+
+def _package_folder(package: str) -> Path | None:
+    """The folder of an installed top-level package, located without importing it (None if absent)."""
+    import importlib.util
+
+    if not package.isidentifier():
+        raise TeacherPresetError(f"a weights 'package' is a top-level package name; got {package!r}")
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
 class PresetNetwork(nn.Module):
@@ -372,14 +388,18 @@ class PresetNetwork(nn.Module):
         return out
 
 
-def build_preset_network(preset: TeacherPreset, weights: str | os.PathLike | None = None) -> nn.Module:
+def build_preset_network(preset: TeacherPreset, weights: str | os.PathLike | None = None,
+                         trust_entry_points: Iterable[str] = ()) -> nn.Module:
     """The preset's network with its weights, wrapped in :class:`PresetNetwork`, in eval mode.
 
     Args:
         preset: the preset.
         weights: a state dict file replacing the preset's ``weights`` (e.g. another fold).
+        trust_entry_points: entry points a preset *file* may name beyond the allow-list
+            (built-in presets need none; see :mod:`ReCoKDLib.trust`).
 
     Raises:
+        UntrustedCodeError: a preset file names an entry point or eval hook nobody trusted.
         TeacherPresetError: missing package (the message says what to install), bad entry point,
             weights that do not fit.
     """
@@ -393,7 +413,7 @@ def build_preset_network(preset: TeacherPreset, weights: str | os.PathLike | Non
             raise TeacherPresetError(f"preset {preset.name}: cannot load TorchScript {path}: "
                                      f"{str(exc).splitlines()[0]}") from None
     else:
-        factory = _import(preset.entry_point, preset, "entry_point")
+        factory = _import(preset.entry_point, preset, "entry point", trust_entry_points)
         kwargs = resolve_value(dict(preset.kwargs), f"preset {preset.name} kwargs")
         try:
             network = factory(**kwargs)
@@ -414,7 +434,7 @@ def build_preset_network(preset: TeacherPreset, weights: str | os.PathLike | Non
     hook = None
     if preset.eval_hook:
         spec = dict(preset.eval_hook)
-        hook_factory = _import(spec.get("factory", ""), preset, "eval_hook factory")
+        hook_factory = _import(spec.get("factory", ""), preset, "eval hook", trust_entry_points)
         hook = hook_factory(*resolve_value(list(spec.get("args", []))), **resolve_value(dict(spec.get("kwargs", {}))))
         if not callable(hook):
             raise TeacherPresetError(f"preset {preset.name}: eval_hook {spec.get('factory')} did not give a callable")
@@ -458,7 +478,8 @@ def _probe(network: nn.Module, preset: TeacherPreset, device: torch.device) -> N
 
 
 def load_preset_model(source: str | os.PathLike, device: str | torch.device = "cpu",
-                      weights: str | os.PathLike | None = None, probe: bool = True):
+                      weights: str | os.PathLike | None = None, probe: bool = True,
+                      trust_entry_points: Iterable[str] = ()):
     """``teachers.load_model`` for ``"preset:NAME"`` or a preset JSON: a checked ``LoadedModel``.
 
     ``kind`` is ``"entry_point"`` (feature taps available) or ``"torchscript"`` (logit KD only).
@@ -468,7 +489,7 @@ def load_preset_model(source: str | os.PathLike, device: str | torch.device = "c
 
     preset = load_preset(source)
     dev = resolve_device(device)
-    network = build_preset_network(preset, weights).to(dev).eval()
+    network = build_preset_network(preset, weights, trust_entry_points).to(dev).eval()
     if probe:
         _probe(network, preset, dev)
     card = preset.card()

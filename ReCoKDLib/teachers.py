@@ -43,7 +43,8 @@ monai.networks.nets:UNet --teacher-kwargs '{...}' --teacher-card card.json``. Th
 (:func:`ReCoKDLib.checkpoint.safe_torch_load`): a pickle that needs arbitrary code to rebuild
 (a whole pickled ``nn.Module``, or a malicious ``__reduce__``) is refused with
 :class:`~ReCoKDLib.checkpoint.CheckpointError` and nothing of it runs. Entry points are imported
-only when the caller (or the card of a file the caller chose) names them; TorchScript files run
+only when the caller names them or they are allow-listed (:mod:`ReCoKDLib.trust`: a
+card or preset file never chooses code to run on its own); TorchScript files run
 TorchScript code, not Python.
 
 **Checks.** The network's output channels must equal the card's classes (for the built-in U-Net
@@ -53,20 +54,20 @@ input), and the card's input channels are what the probe feeds.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from ReCoKDLib.checkpoint import CheckpointError, ModelCard, card_path_for, load_model_file, safe_torch_load
+from ReCoKDLib.trust import EntryPointError, resolve_entry_point
 
-__all__ = ["ModelLoadError", "LoadedModel", "load_model", "import_entry_point", "build_network", "is_torchscript_file"]
+__all__ = ["ModelLoadError", "LoadedModel", "load_model", "build_network", "is_torchscript_file"]
 
 #: keys under which checkpoints of other tools keep their state dict
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "network_weights", "model", "weights")
@@ -108,33 +109,24 @@ def is_torchscript_file(path: str | os.PathLike) -> bool:
     return any("/code/" in n or n.endswith("constants.pkl") for n in names)
 
 
-def import_entry_point(spec: str):
-    """Import ``"package.module:attr[.attr]"`` and return the object (a class or a factory)."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ModelLoadError(f"an entry point is 'package.module:callable' (e.g. monai.networks.nets:UNet); got {spec!r}")
-    module_name, attr_path = spec.split(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(f"cannot import module {module_name!r} of entry point {spec!r}: {exc}") from None
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise ModelLoadError(f"module {module_name!r} has no attribute {attr_path!r} (entry point {spec!r})")
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise ModelLoadError(f"entry point {spec!r} is not callable")
-    return obj
+def build_network(architecture: Mapping[str, Any], *, source: str = "the model card",
+                  trusted: Iterable[str] = ()) -> nn.Module:
+    """An untrained network from a card's ``architecture`` (``dynunet``, ``nnunet`` or ``entry_point``).
 
-
-def build_network(architecture: Mapping[str, Any]) -> nn.Module:
-    """An untrained network from a card's ``architecture`` (``dynunet`` or ``entry_point``)."""
+    An ``entry_point`` architecture runs only when :func:`ReCoKDLib.trust.resolve_entry_point`
+    allows it (allow-listed, or named in ``trusted`` / ``--trust-entry-point``); otherwise
+    :class:`~ReCoKDLib.trust.UntrustedCodeError` is raised before anything is imported.
+    """
     kind = architecture.get("kind") if isinstance(architecture, Mapping) else None
     if kind == "dynunet":
         from ReCoKDLib.networks import UNetConfig, build_unet
 
         return build_unet(UNetConfig.from_dict(dict(architecture.get("config", {}))))
     if kind == "entry_point":
-        factory = import_entry_point(architecture.get("factory", ""))
+        try:
+            factory = resolve_entry_point(architecture.get("factory", ""), source=source, trusted=trusted)
+        except EntryPointError as exc:
+            raise ModelLoadError(str(exc)) from None
         try:
             network = factory(**dict(architecture.get("kwargs") or {}))
         except TypeError as exc:
@@ -215,6 +207,7 @@ def load_model(
     entry_point: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
     card: ModelCard | Mapping[str, Any] | str | os.PathLike | None = None,
+    trust_entry_points: Iterable[str] = (),
 ) -> LoadedModel:
     """Load a network for inference or as a frozen teacher (see the module docstring).
 
@@ -224,8 +217,13 @@ def load_model(
         entry_point: ``"package.module:factory"`` building the architecture of a state dict.
         kwargs: keyword arguments of the factory.
         card: the model card (path, dict or ``ModelCard``); for ReCoKD files it replaces the stored one.
+        trust_entry_points: entry points a card, preset or file may name beyond the allow-list
+            (:mod:`ReCoKDLib.trust`; the CLI's ``--trust-entry-point``). ``entry_point`` is trusted
+            because the caller names it.
 
     Raises:
+        UntrustedCodeError: the file's card or preset names code that is neither allow-listed nor
+            trusted (nothing was imported; the message says how to trust it).
         CheckpointError: missing, corrupt or unsafe file (nothing of it was run).
         ModelLoadError: bad entry point, weights that do not fit, or a class-count mismatch.
     """
@@ -233,7 +231,7 @@ def load_model(
     from ReCoKDLib.teacher_presets import is_preset_source, load_preset_model
 
     if is_preset_source(source):  # "preset:hd-bet" or a teacher-preset JSON file (ReCoKDLib.teacher_presets)
-        return load_preset_model(source, device)
+        return load_preset_model(source, device, trust_entry_points=trust_entry_points)
     if Path(source).is_dir():  # an nnU-Net v2 model folder (ReCoKDLib.nnunet): Trainer__Plans__Configuration
         from ReCoKDLib.nnunet.teacher import load_nnunet_model  # NNUNetError naming what the folder lacks
 
@@ -247,7 +245,7 @@ def load_model(
         model_card = _as_card(card, source)
         architecture = {"kind": "entry_point", "factory": entry_point, "kwargs": dict(kwargs or {})}
         model_card.architecture = architecture
-        network = build_network(architecture)
+        network = build_network(architecture, source=f"--entry-point {entry_point}", trusted=[entry_point])
         _load_weights(network, _unwrap_state_dict(safe_torch_load(source), source), source)
         kind = "entry_point"
     elif is_torchscript_file(source):
@@ -261,7 +259,8 @@ def load_model(
     else:
         stored_card, state_dict = load_model_file(source)
         model_card = _as_card(card, source) if card is not None else stored_card
-        network = build_network(model_card.architecture)
+        network = build_network(model_card.architecture, source=f"the model card of {source}",
+                                trusted=trust_entry_points)
         _load_weights(network, state_dict, source)
         kind = "recokd"
 

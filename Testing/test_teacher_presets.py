@@ -21,6 +21,17 @@ from ReCoKDLib.taps import FeatureTaps
 from ReCoKDLib.teachers import load_model
 
 
+@pytest.fixture(autouse=True)
+def _trust_the_stand_ins():
+    """The stand-in network and hook below are code a preset *file* names: like a user passing
+    ``--trust-entry-point`` for a preset they wrote, these tests trust them by name
+    (``Testing/test_trust.py`` shows the refusal without it)."""
+    from ReCoKDLib.trust import trusted_entry_points
+
+    with trusted_entry_points([f"{__name__}:ForeignNet", f"{__name__}:KeepInstanceStats"]):
+        yield
+
+
 def _softmax(x):
     return torch.softmax(x, 1)
 
@@ -168,7 +179,7 @@ def test_whole_volume_zscore_normalisation():
 def test_missing_package_names_what_to_install(tmp_path):
     path, _ = _write_preset(tmp_path, entry_point="not_installed_pkg.nets:Net")
     with pytest.raises(tp.TeacherPresetError, match="pip install foreign-nets"):
-        load_model(path)
+        load_model(path, trust_entry_points=["not_installed_pkg.nets:Net"])
     path, _ = _write_preset(tmp_path, weights={"package": "not_installed_pkg", "path": "w.pt"})
     with pytest.raises(tp.TeacherPresetError, match="not installed.*pip install foreign-nets"):
         load_model(path)

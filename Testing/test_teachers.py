@@ -10,7 +10,7 @@ import torch
 
 from ReCoKDLib.checkpoint import CheckpointError, ModelCard, save_model
 from ReCoKDLib.networks import build_unet, preset
-from ReCoKDLib.teachers import LoadedModel, ModelLoadError, import_entry_point, is_torchscript_file, load_model
+from ReCoKDLib.teachers import LoadedModel, ModelLoadError, is_torchscript_file, load_model
 
 CLASSES = ["background", "liver", "spleen"]
 UNET_KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2]}
@@ -100,7 +100,7 @@ def test_bad_entry_points_and_weights(tmp_path):
     torch.save(UNet(**UNET_KWARGS).state_dict(), weights)
     card = _card().to_dict()
     with pytest.raises(ModelLoadError, match="package.module:callable"):
-        import_entry_point("monai.networks.nets.UNet")
+        load_model(weights, entry_point="monai.networks.nets.UNet", kwargs={}, card=card)
     with pytest.raises(ModelLoadError, match="cannot import module"):
         load_model(weights, entry_point="no_such_pkg.mod:Net", kwargs={}, card=card)
     with pytest.raises(ModelLoadError, match="has no attribute"):
