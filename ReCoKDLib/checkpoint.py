@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,27 +58,97 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _new_name(folder: Path, prefix: str, suffix: str, create) -> Path:
+    """``create(candidate)`` on fresh random names in ``folder`` until one does not exist yet."""
+    for _ in range(1000):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {folder}")
+
+
+def create_temp_file(folder: str | os.PathLike, prefix: str = ".tmp.", suffix: str = "") -> Path:
+    """A new empty file in ``folder`` with the permissions ``open()`` would give it.
+
+    Unlike ``tempfile.mkstemp`` (always ``0600``), the mode follows the process umask
+    (``0666 & ~umask``), so an output renamed into place is readable by whoever may read the
+    user's other files (a colleague, the PACS exporter).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    return _new_name(Path(folder), prefix, suffix, lambda p: os.close(os.open(p, flags, 0o666)))
+
+
+def create_temp_dir(folder: str | os.PathLike, prefix: str = ".tmp.") -> Path:
+    """A new folder in ``folder`` with the permissions ``mkdir`` gives (``0777 & ~umask``; ``tempfile.mkdtemp``
+    makes it ``0700``), for outputs that are built in place and then renamed."""
+    return _new_name(Path(folder), prefix, "", lambda p: os.mkdir(p, 0o777))
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp", verify=None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` (``os.replace``).
 
     On any error the temporary file is removed and ``path`` is left as it was, so readers only
     ever see the old file or the complete new one. ``suffix`` keeps the extension for writers
-    that choose the format from it (``.nii.gz``, ``.nrrd``).
+    that choose the format from it (``.nii.gz``, ``.nrrd``). ``verify(tmp)``, when given, runs
+    after the writer and before the rename; it raises (``OSError``) when the written file is not
+    complete, e.g. a writer that does not report a full disk.
+
+    The new file gets the permissions ``open()`` would give: those of the file it replaces, or
+    ``0666 & ~umask`` for a new one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = create_temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
-        yield Path(tmp)
+        yield tmp
+        if verify is not None:
+            verify(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # replacing a file keeps its mode, as open() does
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+            raise OutputWriteError.of(path, exc) from exc
         raise
+
+
+#: errno values that mean "no room": a full disk, a quota, a file-size limit
+_NO_ROOM = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name))
+
+
+class OutputWriteError(OSError):
+    """An output could not be written completely; the file it would replace is kept as it was.
+
+    ``str()`` is one sentence naming the file, the reason and (for a full disk) the free space.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, exc: BaseException | str) -> "OutputWriteError":
+        """The error for ``path`` from the writer's exception (or a reason text)."""
+        import shutil
+
+        path = Path(path)
+        code = getattr(exc, "errno", None)
+        reason = (getattr(exc, "strerror", None) or str(exc)).strip() or type(exc).__name__
+        if code in _NO_ROOM:
+            try:
+                free = shutil.disk_usage(path.parent).free
+                reason += f" ({free / 2**20:.1f} MiB free on the disk of {path.parent})"
+            except OSError:
+                pass
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        return cls(code or errno.EIO, f"cannot write {path}: {reason}; {kept}", str(path))
 
 
 def _atomic_write(path: Path, write) -> Path:

@@ -15,6 +15,15 @@ both present             MONAI       MONAI (mm)
 Means over cases skip ``None``; a class with no defined value has mean ``None``. ``mean_dice`` is
 the mean over foreground classes of the per-class means.
 
+**Classes are matched by name**, not by label value: a reference label map numbered differently
+from the model (liver = 5 in the reference, 1 in the model) is renumbered through the names of the
+model card's ``classes`` and the reference's label table (a dataset's ``dataset.json`` ``labels``,
+a ``reference_labels`` table, or the segment names a Slicer ``.seg.nrrd`` carries), compared
+without case and with spaces, hyphens and underscores alike. A model class the reference does not
+name is refused (its Dice would be meaningless); reference classes the model does not have count
+as background, with a warning. Without any label table the values are taken to be the model's,
+with a warning.
+
 :func:`evaluate_models` writes ``metrics.json`` (one entry per model, see its docstring) and a
 self-contained ``report.html`` (PNG figures embedded as base64, also written under ``figures/``):
 a table, loss curves when training logs are given, and overlays of prediction vs label on a few
@@ -35,8 +44,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ReCoKDLib.data.io import InputWarning
+
 __all__ = [
     "EvaluationError",
+    "EvaluationWarning",
+    "class_lookup",
+    "reference_label_table",
+    "read_label_table",
     "dice_hd95",
     "evaluate_models",
     "load_loss_curves",
@@ -45,7 +60,111 @@ __all__ = [
 
 
 class EvaluationError(ValueError):
-    """Evaluation cannot run: no models or cases, mismatched label grids, unreadable logs."""
+    """Evaluation cannot run: no models or cases, mismatched label grids or class names, unreadable logs."""
+
+
+class EvaluationWarning(InputWarning):
+    """Reference classes left out of the scores, or a reference without class names."""
+
+
+# --------------------------------------------------------------------------------------------
+# Class names: the model's classes against the reference's label table
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def class_lookup(model_classes: Sequence[str], reference: Mapping[str, int], where: str = "the reference"
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Renumbering of reference label values into the model's class ids, matched by name.
+
+    Args:
+        model_classes: the card's class names, index = class id, ``[0]`` the background.
+        reference: ``{name: label value}`` of the reference label maps (value 0 = background).
+        where: how messages name the reference.
+
+    Returns:
+        ``(lookup, dropped)``: ``lookup[v]`` is the model class id of reference value ``v`` (0 for
+        background and for classes the model does not have), ``dropped`` the reference names that
+        count as background.
+
+    Raises:
+        EvaluationError: a model class has no reference class of the same name, or two names collide.
+    """
+    by_key: dict[str, tuple[str, int]] = {}
+    for name, value in reference.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise EvaluationError(f"{where}: label {name!r} must have a non-negative integer value; got {value!r}")
+        key = _key(name)
+        if key in by_key and by_key[key][1] != int(value):
+            raise EvaluationError(f"{where}: labels {by_key[key][0]!r} and {name!r} cannot be told apart by name")
+        by_key[key] = (str(name), int(value))
+    missing = [c for c in model_classes[1:] if _key(c) not in by_key]
+    if missing:
+        named = [n for n, v in sorted(by_key.values(), key=lambda nv: nv[1]) if v]
+        raise EvaluationError(
+            f"the model's classes {missing} are not in {where}'s label table {named}: Dice cannot be computed for "
+            "classes the reference does not name. Give a reference with the model's class names (or a label table "
+            "that names its values: recokd evaluate --reference-labels)")
+    lookup = np.zeros(max([v for _, v in by_key.values()] + [0]) + 1, dtype=np.int64)
+    model_ids = {_key(c): i for i, c in enumerate(model_classes)}
+    dropped = []
+    for key, (name, value) in by_key.items():
+        if value == 0:
+            continue
+        if key in model_ids:
+            lookup[value] = model_ids[key]
+        else:
+            dropped.append(name)
+    return lookup, dropped
+
+
+def read_label_table(source: str | os.PathLike | Mapping[str, int] | Sequence[str]) -> dict[str, int]:
+    """A reference label table ``{name: value}`` from a mapping, a list of names (index = value),
+    a JSON text or file holding either, or a ``dataset.json`` (its ``labels``)."""
+    data: Any = source
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        path = Path(text).expanduser()
+        try:
+            data = json.loads(path.read_text() if path.is_file() else text)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvaluationError(f"reference labels {text!r} are neither a JSON file nor JSON text: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("labels"), dict):
+        data = data["labels"]
+    if isinstance(data, (list, tuple)):
+        data = {str(n): i for i, n in enumerate(data)}
+    if not isinstance(data, Mapping):
+        raise EvaluationError(f"reference labels must map names to values ({{\"liver\": 1, ...}}) or list the names; "
+                              f"got {type(data).__name__}")
+    return {str(k): v for k, v in data.items() if str(k) != "ignore" and not isinstance(v, (list, tuple))}
+
+
+def reference_label_table(label_path: str | os.PathLike) -> dict[str, int] | None:
+    """The segment names and label values a Slicer segmentation file (``.seg.nrrd``: ``SegmentN_Name``,
+    ``SegmentN_LabelValue``) carries, or ``None`` (other files; the header only is read)."""
+    import SimpleITK as sitk
+
+    if not str(label_path).lower().endswith(".nrrd"):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(label_path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    keys = set(reader.GetMetaDataKeys())
+    table, n = {}, 0
+    while f"Segment{n}_Name" in keys and f"Segment{n}_LabelValue" in keys:
+        try:
+            table[reader.GetMetaData(f"Segment{n}_Name")] = int(reader.GetMetaData(f"Segment{n}_LabelValue"))
+        except ValueError:
+            return None
+        n += 1
+    if not table:
+        return None
+    return {"background": 0, **table}
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +257,36 @@ def _read_case(images: list[Path], label_path: Path):
     label, label_geometry = read_image(label_path, allow_channels=False)
     check_same_grid(geometry, label_geometry, arrays[0].shape, label.shape, str(images[0]), str(label_path))
     return np.concatenate(arrays, axis=0), label, geometry
+
+
+def _renumber(label: np.ndarray, classes: Sequence[str], label_path: Path, model_name: str,
+              reference_labels: Mapping[str, int] | None, told: set[str]) -> np.ndarray:
+    """The reference ``label`` in the model's class ids (matched by name; see the module docstring)."""
+    import warnings
+
+    table = reference_label_table(label_path) or reference_labels
+    values = np.unique(label)
+    if table is None:
+        if "unnamed" not in told:
+            told.add("unnamed")
+            warnings.warn(EvaluationWarning(
+                f"the reference labels ({label_path}) come without class names: their values are taken to be the "
+                f"model's class ids {dict(enumerate(classes))}; give --reference-labels to match them by name"),
+                stacklevel=3)
+        if int(values.max()) >= len(classes) or int(values.min()) < 0:
+            raise EvaluationError(
+                f"label {label_path} holds values up to {int(values.max())} but model {model_name!r} has classes {classes}")
+        return label
+    lookup, dropped = class_lookup(classes, table, f"the reference {label_path}")
+    unknown = [int(v) for v in values if v < 0 or v >= len(lookup) or (v and v not in table.values())]
+    if unknown:
+        raise EvaluationError(f"label {label_path} holds values {unknown[:10]} that its label table "
+                              f"{table} does not name")
+    if dropped and f"dropped:{model_name}" not in told:
+        told.add(f"dropped:{model_name}")
+        warnings.warn(EvaluationWarning(
+            f"model {model_name!r} has no class {dropped}: those reference labels count as background"), stacklevel=3)
+    return lookup[np.asarray(label).astype(np.int64, copy=False)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +460,7 @@ def evaluate_models(
     training_logs: Mapping[str, str | os.PathLike] | None = None,
     overlay_slices: int = 3,
     reporter=None,
+    reference_labels: Mapping[str, int] | Sequence[str] | str | os.PathLike | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate every model on every case; write ``metrics.json`` and ``report.html`` in ``out_dir``.
 
@@ -322,6 +472,9 @@ def evaluate_models(
         overlap, mirror: sliding-window settings of the evaluation runs.
         latency_repeats: whole-volume CPU runs on the first case; the median is reported (0: skip).
         training_logs: ``{name: training log}`` for the loss curves (see :func:`load_loss_curves`).
+        reference_labels: the label table ``{name: value}`` of the reference label maps (see
+            :func:`read_label_table`; a dataset's ``labels``); a ``.seg.nrrd`` reference's own segment
+            names win. Classes are matched by these names (module docstring).
 
     Returns:
         The ``metrics.json`` content: ``{name: {"dice": {class: mean}, "mean_dice": v, "hd95":
@@ -341,6 +494,9 @@ def evaluate_models(
         raise EvaluationError("no test case to evaluate on (a dataset's test cases need labels: labelsTs)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if reference_labels is not None:
+        reference_labels = read_label_table(reference_labels)
+    told: set[str] = set()  # warnings already given
     total = len(models) * len(case_list)
     if reporter is not None:
         reporter.start("evaluate", total=total)
@@ -359,9 +515,7 @@ def evaluate_models(
             ignored = _ignored_voxels(model.card, label)
             if ignored is not None:
                 label = np.where(ignored, 0, label)
-            if int(label.max()) >= len(classes) or int(label.min()) < 0:
-                raise EvaluationError(
-                    f"label {label_path} holds values up to {int(label.max())} but model {name!r} has classes {classes}")
+            label = _renumber(label, classes, label_path, name, reference_labels, told)
             result = segment_volume(model, image, geometry, mirror=mirror, overlap=overlap, device=device)
             spacing_dhw = tuple(reversed(geometry.spacing))
             dice, hd = dice_hd95(result.labels, label, len(classes), spacing_dhw, ignored)

@@ -12,26 +12,41 @@ Conventions (the same as SimpleITK and 3D Slicer's ``arrayFromVolume``):
 
 Files: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``,
 ``.mhd``) through SimpleITK, and DICOM series (a folder) through ``SimpleITK.ImageSeriesReader``.
-Every write goes to a temporary name in the target folder and is then renamed into place, so a
-crash never leaves half a file under the final name.
+Every write goes to a temporary name in the target folder, is checked to hold all its voxel data
+(:func:`~ReCoKDLib.data.image_files.incomplete_reason`: a full disk is caught even where ITK does
+not report it) and flushed to disk, and is then renamed into place, so a crash or a full disk never
+leaves half a file under the final name and a previous file is kept. Every read refuses a file
+that holds less data than its header announces (ITK would fill the rest with zeros) and an image
+with NaN/inf voxels (a network turns those into an all-background result) unless the caller asks
+for them to be replaced (:func:`nonfinite_policy`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from ReCoKDLib.checkpoint import atomic_output
+from ReCoKDLib.checkpoint import OutputWriteError, atomic_output
 
 __all__ = [
     "Geometry",
     "GeometryError",
     "ImageDimensionError",
     "ImageReadError",
+    "TruncatedImageError",
+    "NonFiniteVoxelsError",
+    "InputWarning",
+    "NonFiniteVoxelsWarning",
+    "nonfinite_policy",
+    "count_nonfinite",
+    "check_finite",
     "LPS_TO_RAS",
     "IMAGE_SUFFIXES",
     "image_suffix",
@@ -65,6 +80,89 @@ class ImageDimensionError(ValueError):
 
 class ImageReadError(ValueError):
     """A file or folder could not be read as an image."""
+
+
+class TruncatedImageError(ImageReadError):
+    """An image file holds less voxel data than its header announces (an interrupted copy or a full disk)."""
+
+
+class NonFiniteVoxelsError(ImageReadError):
+    """An image holds NaN or infinite voxels (refused unless they are to be replaced)."""
+
+
+class InputWarning(UserWarning):
+    """Something about an input that works but deserves the user's eye (the CLI shows it as a warning event)."""
+
+
+class NonFiniteVoxelsWarning(InputWarning):
+    """NaN or infinite voxels were replaced on request."""
+
+
+#: what :func:`read_image` does with NaN/inf voxels when not told: "error", "keep" or a number
+_NONFINITE_POLICY: contextvars.ContextVar = contextvars.ContextVar("recokd_nonfinite_policy", default="error")
+
+
+@contextlib.contextmanager
+def nonfinite_policy(policy: str | float) -> Iterator[None]:
+    """Within the block, :func:`read_image` treats NaN/inf voxels by ``policy``: ``"error"`` (the
+    default: refuse with the count), ``"keep"``, ``"min"`` (replace by the smallest finite value)
+    or a number to replace them with (each replacement is announced by a :class:`NonFiniteVoxelsWarning`)."""
+    _parse_policy(policy)
+    token = _NONFINITE_POLICY.set(policy)
+    try:
+        yield
+    finally:
+        _NONFINITE_POLICY.reset(token)
+
+
+def _parse_policy(policy: str | float) -> str | float:
+    if policy in ("error", "keep", "min"):
+        return policy
+    try:
+        value = float(policy)
+    except (TypeError, ValueError):
+        raise ValueError(f"non-finite voxel policy must be 'error', 'keep', 'min' or a number; got {policy!r}") from None
+    if not np.isfinite(value):
+        raise ValueError(f"non-finite voxels must be replaced by a finite number; got {policy!r}")
+    return value
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """Number of NaN/inf voxels of ``array`` (0 at once for integer arrays).
+
+    One summing pass for float arrays (a NaN or inf makes the sum non-finite); the exact count
+    only when that pass finds something.
+    """
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0
+    with np.errstate(all="ignore"):
+        if np.isfinite(array.sum()):
+            return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def check_finite(array: np.ndarray, name: str, policy: str | float | None = None) -> np.ndarray:
+    """``array`` when all its voxels are finite; otherwise by ``policy`` (default: the current
+    :func:`nonfinite_policy`): raise :class:`NonFiniteVoxelsError` with the count, keep them, or
+    return a copy with them replaced (and warn with :class:`NonFiniteVoxelsWarning`)."""
+    policy = _parse_policy(_NONFINITE_POLICY.get() if policy is None else policy)
+    count = 0 if policy == "keep" else count_nonfinite(array)
+    if count == 0:
+        return array
+    nan = int(np.count_nonzero(np.isnan(array)))
+    what = f"{nan} NaN and {count - nan} infinite" if nan and count - nan else ("NaN" if nan else "infinite")
+    what = what if nan and count - nan else f"{count} {what}"
+    share = f"{100.0 * count / array.size:.3g}%"
+    if policy == "error":
+        raise NonFiniteVoxelsError(
+            f"{name} has {what} voxel(s) ({share} of {array.size}); a network turns them into a wrong (all-background) "
+            "segmentation. Fix the image, or replace them explicitly (recokd segment --replace-nonfinite VALUE, a "
+            "number or 'min' for the smallest finite voxel)")
+    finite = np.isfinite(array)
+    value = float(array[finite].min()) if policy == "min" and finite.any() else (0.0 if policy == "min" else policy)
+    warnings.warn(NonFiniteVoxelsWarning(f"{name}: replaced {what} voxel(s) ({share}) by {value:g}"), stacklevel=3)
+    return np.where(finite, array, np.asarray(value, dtype=array.dtype))
 
 
 @dataclass(frozen=True)
@@ -272,39 +370,85 @@ def _read_dicom_series(folder: Path):
     return reader.Execute()
 
 
-def read_image(path: str | os.PathLike, allow_channels: bool = True) -> tuple[np.ndarray, Geometry]:
+def _itk_reason(exc: BaseException) -> str:
+    """The line of an ITK exception text that says what went wrong (not its source location)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    telling = [line for line in lines if any(word in line.lower() for word in (
+        "not read completely", "no space", "cannot", "could not", "unable", "error writing", "wrote only",
+        "not a valid", "unknown", "unsupported", "fread", "expected"))
+        and not line.startswith(("Exception thrown", "/"))]
+    line = (telling or lines or [type(exc).__name__])[-1]
+    return line[len("Reason:"):].strip() if line.startswith("Reason:") else line
+
+
+def read_image(path: str | os.PathLike, allow_channels: bool = True, nonfinite: str | float | None = None
+               ) -> tuple[np.ndarray, Geometry]:
     """Read a NIfTI/NRRD/MHA file or a DICOM series folder.
+
+    Args:
+        nonfinite: what to do with NaN/inf voxels: ``"error"``, ``"keep"``, ``"min"`` or a number to
+            replace them with (default: the current :func:`nonfinite_policy`, ``"error"``).
 
     Returns:
         ``(array, geometry)``: array ``(D, H, W)`` (or ``(C, D, H, W)`` for multi-channel files
         when ``allow_channels``), in the file's own dtype and voxel order (no reorientation).
 
     Raises:
-        ImageReadError: missing/unreadable path. ImageDimensionError: 2D image, or channels when
-        ``allow_channels`` is False.
+        ImageReadError: missing/unreadable path. TruncatedImageError: the file holds less voxel
+        data than its header says. NonFiniteVoxelsError: NaN/inf voxels (policy ``"error"``).
+        ImageDimensionError: 2D image, or channels when ``allow_channels`` is False.
     """
     import SimpleITK as sitk
+
+    from ReCoKDLib.data.image_files import incomplete_reason
 
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"image not found: {path}")
+    if path.is_file():
+        reason = incomplete_reason(path)
+        if reason:
+            raise TruncatedImageError(
+                f"{path} is incomplete: {reason}. It was cut short (an interrupted copy or download, or a full disk "
+                "when it was written); copy or export it again")
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise ImageReadError(f"could not read {path} as an image: {str(exc).strip().splitlines()[-1]}") from exc
+        raise ImageReadError(f"could not read {path} as an image: {_itk_reason(exc)}") from exc
     try:
         array, geometry = from_sitk(image)
         require_3d(array, str(path), allow_channels=allow_channels)
     except ImageDimensionError as exc:
         raise ImageDimensionError(f"{path}: {exc}") from None
-    return array, geometry
+    return check_finite(array, str(path), nonfinite), geometry
+
+
+def _verify_written(path: Path, final: Path) -> None:
+    """Raise :class:`OutputWriteError` unless the image file ``path`` (to become ``final``) holds all
+    its data; then flush it to the disk."""
+    from ReCoKDLib.data.image_files import incomplete_reason
+
+    reason = incomplete_reason(path)
+    if reason:
+        raise OutputWriteError.of(final, OSError(28, f"the written file is incomplete ({reason}): the disk is "
+                                                     "probably full"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write ``array`` (``(D, H, W)`` or ``(C, D, H, W)``) with ``geometry`` to ``path`` atomically.
 
     The format follows the file ending (see :data:`IMAGE_SUFFIXES`). Integer and float dtypes are
-    kept as they are (label maps stay integer); ``bool`` is written as ``uint8``.
+    kept as they are (label maps stay integer); ``bool`` is written as ``uint8``. The written file is
+    checked to hold all its voxel data and flushed before it replaces ``path``.
+
+    Raises:
+        OutputWriteError: the file could not be written completely (a full disk, no permission);
+            ``path`` is left as it was (a previous file is kept) and no temporary file remains.
     """
     import SimpleITK as sitk
 
@@ -314,8 +458,14 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
         raise ImageReadError(
             f"cannot write {path}: use one of .nii.gz, .nii, .nrrd, .mha (single-file formats)")
     image = to_sitk(array, geometry)
-    with atomic_output(path, suffix=f".tmp{suffix}") as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress and suffix != ".nii")
+    with atomic_output(path, suffix=f".tmp{suffix}", verify=lambda tmp: _verify_written(tmp, path)) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress and suffix != ".nii")
+        except RuntimeError as exc:  # ITK's writers name no errno: a nearly full disk is taken as the cause
+            import shutil
+
+            full = "space" in str(exc).lower() or shutil.disk_usage(path.parent).free < np.asarray(array).nbytes
+            raise OutputWriteError.of(path, OSError(28 if full else 5, _itk_reason(exc))) from None
     return path
 
 

@@ -164,11 +164,20 @@ class RawDataset:
             meta = json.loads(json_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetLayoutError(f"{json_path} is not valid JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise DatasetLayoutError(f"{json_path} must hold a JSON object (channel_names, labels, file_ending, ...); "
+                                     f"got a {type(meta).__name__}")
         for key in ("channel_names", "labels", "file_ending"):
             if key not in meta:
                 raise DatasetLayoutError(f"{json_path} lacks the required key {key!r}")
-        channel_names = {str(k): str(v) for k, v in dict(meta["channel_names"]).items()}
-        if sorted(int(k) for k in channel_names) != list(range(len(channel_names))) or not channel_names:
+        for key, example in (("channel_names", '{"0": "CT"}'), ("labels", '{"background": 0, "liver": 1}')):
+            if not isinstance(meta[key], dict):
+                raise DatasetLayoutError(
+                    f"{json_path}: {key!r} must be a JSON object like {example} (name or index -> value); got a "
+                    f"{type(meta[key]).__name__}: {json.dumps(meta[key])[:80]}")
+        channel_names = {str(k): str(v) for k, v in meta["channel_names"].items()}
+        if not channel_names or not all(k.isdigit() for k in channel_names) or sorted(
+                int(k) for k in channel_names) != list(range(len(channel_names))):
             raise DatasetLayoutError(f"{json_path}: channel_names keys must be 0..C-1; got {list(channel_names)}")
         labels = _check_labels_mapping(meta["labels"], str(json_path), meta.get("regions_class_order"))
         ending = str(meta["file_ending"])

@@ -38,15 +38,20 @@ stores spacing/origin in SimpleITK's ``(x, y, z)`` order.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from ReCoKDLib.data.io import Geometry, check_same_grid, require_3d
+from ReCoKDLib.data.io import Geometry, InputWarning, check_finite, check_same_grid, require_3d
 
 __all__ = [
     "PreprocessingError",
+    "ImplausibleGeometryWarning",
+    "PLAUSIBLE_SPACING_MM",
+    "MIN_SLICES",
+    "geometry_warnings",
     "PreprocessedCase",
     "NORMALIZATION_SCHEMES",
     "compute_normalization",
@@ -78,6 +83,43 @@ PREPROCESSING_VERSION = 2
 
 class PreprocessingError(ValueError):
     """Input that preprocessing cannot handle: bad normalisation, labels or target spacing."""
+
+
+class ImplausibleGeometryWarning(InputWarning):
+    """A voxel spacing or image extent that no medical scan has (a wrong header, or 2-D data)."""
+
+
+#: voxel spacings (mm) outside this range are taken for a wrong header (units in m or um, a 0 read as 0.001)
+PLAUSIBLE_SPACING_MM = (0.05, 20.0)
+#: fewer voxels than this along an axis: the image is (nearly) 2-D for a 3-D network
+MIN_SLICES = 4
+_AXES = ("z", "y", "x")
+
+
+def geometry_warnings(shape: Sequence[int], spacing: Sequence[float],
+                      target_spacing: Sequence[float] | None = None) -> list[str]:
+    """Sentences about an implausible geometry and what preprocessing will make of it (empty when plausible).
+
+    Args:
+        shape: ``(D, H, W)`` of the image; spacing: its ``(D, H, W)`` voxel size in mm;
+        target_spacing: the model's ``(D, H, W)`` spacing (then the message gives the resampled shape).
+    """
+    shape, spacing = tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
+    new = resampled_shape(shape, spacing, target_spacing) if target_spacing is not None else shape
+    fmt = lambda values: "(" + ", ".join(f"{v:g}" for v in values) + ")"  # noqa: E731
+    then = (f"; at the model's spacing {fmt(target_spacing)} mm the (D, H, W) grid {shape} becomes {new} "
+            f"({np.prod(new, dtype=float):.3g} voxels)") if target_spacing is not None else ""
+    messages = []
+    lo, hi = PLAUSIBLE_SPACING_MM
+    odd = [f"{axis} {s:g} mm" for axis, s in zip(_AXES, spacing) if not lo <= s <= hi]
+    if odd:
+        messages.append(f"voxel spacing {', '.join(odd)} is outside the {lo:g}-{hi:g} mm of medical scans: the "
+                        f"header is probably wrong (units?){then}; check the spacing before trusting the result")
+    thin = [f"{n} voxel(s) along {axis}" for axis, n in zip(_AXES, shape) if n < MIN_SLICES]
+    if thin:
+        messages.append(f"the image has only {', '.join(thin)} (shape {shape}): it is 2-D data, and a 3-D model sees "
+                        f"it as a thin slab padded to its patch{then if not odd else ''}; expect a poor segmentation")
+    return messages
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +425,7 @@ def preprocess_case(
         ImageDimensionError: 2D/4D input where 3D is expected. GeometryError: label grid differs.
         PreprocessingError: bad spacing, normalisation or label values.
     """
-    image = as_channels(image)
+    image = check_finite(as_channels(image), "image")  # NaN/inf would spread through normalisation
     spatial = tuple(image.shape[1:])
     if label is not None:
         label = np.asarray(label)
@@ -410,6 +452,8 @@ def preprocess_case(
         target = tuple(float(s) for s in target_spacing)
         if len(target) != 3 or not all(np.isfinite(target)) or min(target) <= 0:
             raise PreprocessingError(f"target spacing must be 3 positive numbers in (D, H, W) order; got {target_spacing}")
+    for message in geometry_warnings(oriented_shape, _spacing_dhw(geometry), target if target_spacing is not None else None):
+        warnings.warn(ImplausibleGeometryWarning(message), stacklevel=2)
 
     box: Box = nonzero_bbox(image) if crop_nonzero else tuple((0, s) for s in oriented_shape)  # type: ignore[assignment]
     region = tuple(slice(a, b) for a, b in box)
