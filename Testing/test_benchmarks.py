@@ -121,13 +121,14 @@ def test_report_writes_table_plots_and_readme_block(tmp_path):
     assert "0.45" in block
     assert "2026-01-02" in block and "TestCPU" in block and "python benchmarks/efficacy.py" in block
     assert "nnU-Net X" in block and "0.810 ± 0.020" in block
-    assert "| recokd | 2 | 0.410 ± 0.014 | 0.090 |" in (tmp_path / "report.md").read_text()
+    assert "| recokd | 2 | 0.410 ± 0.014 | +0.090 [-0.037, +0.217] |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
 
 
 def test_report_shows_when_recokd_is_worse(tmp_path):
     readme = _write(tmp_path, _efficacy_json((0.20, 0.22)), f"{report.BEGIN}\n{report.END}\n")
     report.build_report(tmp_path, readme)
-    assert "| recokd | 2 | 0.210 ± 0.014 | -0.110 |" in (tmp_path / "report.md").read_text()
+    assert "| recokd | 2 | 0.210 ± 0.014 | -0.110 [-0.237, +0.017] |" in (tmp_path / "report.md").read_text()
     assert "-0." in readme.read_text().split(report.BEGIN)[1]  # negative gap recovery shown
 
 
@@ -169,19 +170,55 @@ def test_efficacy_smoke_writes_and_resumes(tmp_path, ct_dataset):
     data = json.loads(out.read_text())
     block = data["datasets"]["ct"]
     assert block["train_cases"] == ["totalseg_s1"] and block["test_cases"] == ["totalseg_s3"]
+    # validation: blocks of the training volume, never the test case
+    split = block["validation_split"]["volumes"]["totalseg_s1"]
+    assert split["blocks"] and 0 < split["held_out_fraction"] < 1
+    # selection: three candidates of seed 0 on validation, the chosen one's run in the runs
+    selection = block["selection"]["recokd"]
+    assert len(selection["candidates"]) == 3 and all(c["val_dice"] is not None for c in selection["candidates"])
+    chosen = selection["chosen"]
+    assert selection["candidates"][chosen]["val_dice"] == max(c["val_dice"] for c in selection["candidates"])
     assert [(r["method"], r["seed"]) for r in block["runs"]] == [("none", 0), ("recokd", 0)]
+    assert {r["candidate"] for r in block["runs"] if r["method"] == "recokd"} == {chosen}
     run = block["runs"][1]
     assert set(run["dice"]) == set(block["classes"]) and len(block["classes"]) == 11
     assert run["teacher_mean_dice"] == block["teacher"]["mean_dice"]
     assert run["plain_student_mean_dice"] == block["runs"][0]["mean_dice"]
-    assert run["train_seconds"] > 0 and block["summary"]["recokd"]["n"] == 1
-    assert data["config"]["methods"]["recokd"]["kd_weight"] == 0.01 and data["git_commit"]
-    # a second start skips every finished run (and reuses the cached teacher)
-    logs = []
-    efficacy.run_benchmark(efficacy.SMOKE, ["ct"], ["none", "recokd"], [0], work, out, "cpu", 1, log=logs.append)
-    assert sum("skipped" in line for line in logs) == 2
-    again = json.loads(out.read_text())["datasets"]["ct"]
-    assert again["runs"] == block["runs"] and again["teacher"]["reused"] is True
+    assert run["train_seconds"] > 0 and run["curve"] and run["best_val_dice"] is not None
+    summary = block["summary"]["recokd"]
+    assert summary["n"] == 1 and summary["paired_diff_vs_plain"]["n"] == 1
+    assert len(data["config"]["methods"]["recokd"]["candidates"]) == 3 and data["git_commit"]
+    # a second start trains and evaluates nothing again (finished runs and the teacher are reused)
+    again = efficacy.run_benchmark(efficacy.SMOKE, ["ct"], ["none", "recokd"], [0], work, out, "cpu", 1,
+                                   log=lambda msg: None)["datasets"]["ct"]
+    assert all(r["reused_training"] for r in again["runs"]) and again["teacher"]["reused_training"]
+    assert [r["mean_dice"] for r in again["runs"]] == [r["mean_dice"] for r in block["runs"]]
+
+
+def test_holdout_split_withholds_validation_labels_from_training():
+    from ReCoKDLib.data.sampling import CaseArrays, CaseSet
+
+    label = np.zeros((1, 20, 8, 8), np.int16)
+    label[0, :, 2:6, 2:6] = 1
+    case_set = CaseSet([CaseArrays("a", np.zeros((1, 20, 8, 8), np.float32), label)], ["background", "organ"])
+    split, record = efficacy.holdout_split(case_set, block=4, every=2)
+    assert record["volumes"]["a"]["blocks"] == [(4, 8), (12, 16)]
+    train, val = split.cases
+    assert train.case_id == "a" and val.case_id == "a_val"
+    held = np.zeros(20, bool)
+    held[4:8] = held[12:16] = True
+    assert (train.label[0, held] == -1).all() and (train.label[0, ~held] == label[0, ~held]).all()
+    assert (val.label[0, ~held] == -1).all() and (val.label[0, held] == label[0, held]).all()
+    assert split.label_spec.ignore_label is not None  # the engine counts -1 in no loss and no Dice
+
+
+def test_paired_difference_interval():
+    d = efficacy.paired_difference({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.4, 2: 0.5})
+    assert d["mean"] == pytest.approx(0.1667, abs=1e-4) and d["n"] == 3
+    half = 4.303 * np.std([0.1, 0.2, 0.2], ddof=1) / np.sqrt(3)
+    assert d["ci95"] == pytest.approx([d["mean"] - half, d["mean"] + half])
+    assert efficacy.paired_difference({0: 0.5}, {0: 0.4})["ci95"] is None
+    assert efficacy.select_candidate([0.3, 0.5, 0.5]) == 1 and efficacy.select_candidate([0.3, None]) is None
 
 
 def test_efficacy_rejects_unknown_method(capsys):

@@ -1,4 +1,4 @@
-"""Efficacy benchmark: does distillation help a ÷4 student on real data? (issue 6, part 1)
+"""Efficacy benchmark: does distillation help a ÷4 student on real data, once every model has converged?
 
 Per dataset (both from ``recokd data fetch``):
 
@@ -6,37 +6,49 @@ Per dataset (both from ``recokd data fetch``):
   (11 organs, 3 mm, the demo's anisotropic ``ct_demo`` teacher);
 * ``brain``: ``Dataset902_BrainSubcortical``, train on Colin27 with augmentation (stronger affine
   and intensity augmentation than the default, one training volume), test on MNI ICBM152 2009a
-  (12 subcortical structures, silver labels; 2 mm, an isotropic U-Net of the same widths);
+  (12 subcortical structures, silver labels; 2 mm, an isotropic U-Net of the same widths).
 
-the teacher is trained ONCE (cached under ``--work-dir``: reused while its training
-configuration and the data's hashes are the same), then the same student (every width ÷4) is
-trained with each method of :data:`METHODS` and each seed, same steps and patches. Every model is
-evaluated on the test case on its exact grid (per-class Dice and HD95, ``evaluate.dice_hd95``).
+**Validation split (not the test case).** Each dataset has one training volume, so the
+validation split is carved out of it: every :attr:`Budget.val_every_block`-th block of
+:attr:`Budget.val_block` axial slices has its labels withheld from training (nnU-Net's ignore
+label: those voxels count in no loss) and is the validation case (labels only there). The test
+scan (S3, MNI152) is never seen before the final evaluation.
+
+**Training to the plateau.** The teacher and every student are trained with validation every
+:attr:`Budget.val_every` steps and stop when the validation mean Dice has not improved for
+:attr:`Budget.patience` validations (or at the step cap); the best validation checkpoint
+(``model_best.pt``) is the one evaluated. Every student has the same step cap, patience and seeds.
+The teacher is trained once and cached under ``--work-dir`` (reused while its configuration and
+the data's hashes are the same).
+
+**KD hyper-parameters chosen on validation, the same way for every method.** Each KD method has
+three candidate settings (:attr:`Method.candidates`: the loss weight lambda over a decade around
+the published default, and the temperature for logit KD); seed 0 of each candidate is trained, the
+candidate with the best *validation* Dice is kept, and seeds 1.. are trained with it (seed 0's run
+of the chosen candidate is reused). The plain student has nothing to choose.
+
+**Statistics.** Per method over seeds: mean ± sd of the test mean Dice, gap recovery per seed
+(against the plain student of the same seed), and the paired difference to the plain student
+(mean and a 95 % t-interval over seeds). Learning curves (validation Dice vs step) of every run
+are in the JSON (``curve``) and in the report.
 
 Output (``benchmarks/results/efficacy.json``; ``efficacy_gpu_<gpu>.json`` with ``--gpu``):
-``date``, ``machine``, ``git_commit``, ``command``, ``config`` (budget, datasets, methods with
-their KD weights), ``gap_recovery_definition`` and per dataset ``teacher`` (scores, parameters,
-training time), ``runs`` (one record per method and seed: per-class Dice/HD95, mean Dice/HD95,
-training seconds, the teacher's and the same seed's plain student's mean Dice, gap recovery) and
-``summary`` (per method: mean ± sd of mean Dice over seeds, gap recovery both ways).
+``date``, ``machine``, ``git_commit``, ``command``, ``config``, ``gap_recovery_definition``,
+``validation_split`` and per dataset ``teacher`` (scores, parameters, steps, curve), ``selection``
+(per KD method: candidates with their validation Dice, the chosen one), ``runs`` (one record per
+method and seed: per-class Dice/HD95 on the test case, mean Dice/HD95, best validation Dice,
+steps, training seconds, curve, gap recovery) and ``summary`` (per method ``n``, ``mean_dice``,
+``sd_dice``, ``gap_recovery_per_seed``, ``paired_diff_vs_plain``).
 
-Resuming: every finished run is added to the JSON (atomic write) as soon as it is evaluated, and
-a second start with the same configuration skips the runs already there; an interrupted training
-continues from its checkpoint in ``--work-dir``.
-
-Gap recovery: ``(Dice_KD - Dice_student) / (Dice_teacher - Dice_student)`` on mean Dice (over
-classes) on the test case. ``per_seed``: the KD run of seed s against the plain student of seed s,
-then mean ± sd over seeds. ``of_means``: mean KD Dice against the mean plain-student Dice. When
-the teacher is not better than the plain student by at least :data:`MIN_GAP` the ratio is
-undefined and reported as ``null`` (never divided by ~0 or a negative gap).
-
-Budget: the CPU configuration is sized for 2 cores (bf16 autocast, ~1 thread per 2 cores idle
-otherwise); see the module constant :data:`CPU` and README's benchmark section for measured times.
+Resuming: every finished run is written to the JSON (atomic) as soon as it is evaluated; a second
+start with the same configuration reuses finished runs (their ``DONE.json``) and resumes an
+interrupted one from its checkpoint in ``--work-dir``.
 
 Usage::
 
-    python benchmarks/efficacy.py                          # CPU configuration, all datasets, methods, 3 seeds
+    python benchmarks/efficacy.py                          # CPU configuration: both datasets, default methods, 3 seeds
     python benchmarks/efficacy.py --datasets ct --methods none,recokd --seeds 0,1
+    python benchmarks/efficacy.py --workers 2              # two runs side by side (1 thread each)
     python benchmarks/efficacy.py --gpu                    # on a CUDA machine
     python benchmarks/efficacy.py --smoke --work-dir /tmp/eff --output /tmp/eff/efficacy.json
 """
@@ -74,39 +86,61 @@ GAP_RECOVERY_DEFINITION = (
 
 
 @dataclass(frozen=True)
-class Method:
-    """A student training recipe: ``kd`` spec (``losses.registry``) times ``kd_weight`` (lambda).
+class Candidate:
+    """One KD hyper-parameter setting: lambda (``kd_weight``) and options of the loss (e.g. temperature)."""
 
-    ``kd=None`` is the plain student (Dice + CE only). Lambdas follow the authors' framework presets
-    (kd-methods.md §2.7, §4.1): ReCo-KD and its parts 0.01, CIRKD 0.1, the others 1.0.
+    kd_weight: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in sorted(self.options.items()))
+        return f"lambda={self.kd_weight:g}{extra}"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A student training recipe: a KD loss (``losses.registry`` name, ``None`` = plain student:
+    Dice + CE only) with three candidate settings chosen on validation (:func:`select_candidate`).
+
+    The middle candidate is the published default (kd-methods.md §2.7, §4.1: ReCo-KD and its parts
+    lambda 0.01, CIRKD 0.1, the others 1.0); the others are a decade below and above, and for logit
+    KD the temperature (1 or 4) is chosen too.
     """
 
-    kd: dict[str, dict[str, Any]] | None
-    kd_weight: float = 0.0
+    kd: str | None
+    candidates: tuple[Candidate, ...] = ()
     frozen_aux: bool = False
     description: str = ""
 
+    def kd_spec(self, candidate: Candidate) -> dict[str, dict[str, Any]]:
+        return {self.kd: {"weight": 1.0, **candidate.options}}
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"kd": self.kd, "frozen_aux": self.frozen_aux, "description": self.description,
+                "candidates": [dataclasses.asdict(c) for c in self.candidates]}
 
 
-def _kd(name: str, weight: float, description: str, frozen: bool = False) -> Method:
-    return Method({name: {"weight": 1.0}}, weight, frozen, description)
+def _decade(name: str, default: float, description: str, frozen: bool = False) -> Method:
+    return Method(name, tuple(Candidate(default * f) for f in (0.1, 1.0, 10.0)), frozen, description)
 
 
 METHODS: dict[str, Method] = {
-    "none": Method(None, 0.0, False, "plain student: Dice + CE, no distillation"),
-    "recokd": _kd("recokd", 0.01, "ReCo-KD: MS-SARD + MS-CA, trainable adapters and context blocks"),
-    "ms_sard": _kd("ms_sard", 0.01, "MS-SARD only"),
-    "ms_ca": _kd("ms_ca", 0.01, "MS-CA only"),
-    "recokd_frozen_aux": _kd("recokd", 0.01, "ReCo-KD with the code release's frozen adapters (frozen_aux)", frozen=True),
-    "mskd": _kd("mskd", 1.0, "MSKD: feature filtering + region graph"),
-    "logit": _kd("logit", 1.0, "logit KD (KL, temperature)"),
-    "fitnet": _kd("fitnet", 1.0, "FitNet: adapter + MSE"),
-    "cwd": _kd("cwd", 1.0, "channel-wise distillation"),
-    "ifvd": _kd("ifvd", 1.0, "intra-class feature variation distillation"),
-    "cirkd": _kd("cirkd", 0.1, "cross-image relational KD"),
+    "none": Method(None, (), False, "plain student: Dice + CE, no distillation"),
+    "logit": Method("logit", (Candidate(1.0, {"temperature": 1.0}), Candidate(1.0, {"temperature": 4.0}),
+                              Candidate(10.0, {"temperature": 4.0})), False, "logit KD (KL, temperature)"),
+    "mskd": _decade("mskd", 1.0, "MSKD: feature filtering + region graph"),
+    "recokd": _decade("recokd", 0.01, "ReCo-KD: MS-SARD + MS-CA, trainable adapters and context blocks"),
+    "recokd_frozen_aux": _decade("recokd", 0.01, "ReCo-KD with the code release's frozen adapters (frozen_aux)",
+                                 frozen=True),
+    "ms_sard": _decade("ms_sard", 0.01, "MS-SARD only"),
+    "ms_ca": _decade("ms_ca", 0.01, "MS-CA only"),
+    "fitnet": _decade("fitnet", 1.0, "FitNet: adapter + MSE"),
+    "cwd": _decade("cwd", 1.0, "channel-wise distillation"),
+    "ifvd": _decade("ifvd", 1.0, "intra-class feature variation distillation"),
+    "cirkd": _decade("cirkd", 0.1, "cross-image relational KD"),
 }
+#: what runs without --methods (the issue's default set; the others stay selectable)
+DEFAULT_METHODS = ("none", "logit", "mskd", "recokd", "recokd_frozen_aux")
 
 BRAIN_NETWORK = {
     "filters": [16, 32, 64, 128, 160],
@@ -153,13 +187,24 @@ def dataset_setups(patches: Mapping[str, Sequence[int]], spacings: Mapping[str, 
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps, patches and settings shared by every run of one configuration."""
+    """Step caps, validation, patches and settings shared by every run of one configuration.
+
+    ``teacher_steps`` / ``student_steps`` are caps: a run stops earlier when its validation mean
+    Dice has not improved for ``patience`` validations (one every ``val_every`` steps; students:
+    ``student_patience`` every ``student_val_every``); the poly learning-rate schedule runs over the cap.
+    """
 
     name: str
     teacher_steps: int
     student_steps: int
     patches: dict[str, tuple[int, int, int]]
     spacings: dict[str, tuple[float, float, float]]
+    val_every: int = 100
+    patience: int = 6
+    student_val_every: int = 100
+    student_patience: int = 5
+    val_block: int = 8
+    val_every_block: int = 4
     batch_size: int = 2
     lr: float = 2e-3
     reduction: int = 4
@@ -171,14 +216,15 @@ class Budget:
         return dataclasses.asdict(self)
 
 
-#: 2 CPU cores, ~40 min for both datasets, 2 teachers and 66 students (see the README for the measured costs)
-CPU = Budget("cpu", teacher_steps=600, student_steps=120,
+#: 2 CPU cores (run with --workers 2: two runs side by side, one thread each)
+CPU = Budget("cpu", teacher_steps=6000, student_steps=2000, val_every=150, patience=6,
              patches={"ct": (16, 64, 64), "brain": (32, 32, 32)},
              spacings={"ct": (3.0, 3.0, 3.0), "brain": (2.0, 2.0, 2.0)})
-GPU = Budget("gpu", teacher_steps=3000, student_steps=1000,
+GPU = Budget("gpu", teacher_steps=12000, student_steps=6000, val_every=250, patience=8,
              patches={"ct": (16, 128, 128), "brain": (64, 64, 64)},
              spacings={"ct": (3.0, 3.0, 3.0), "brain": (1.5, 1.5, 1.5)}, batch_size=2, bf16=False, overlap=0.5)
-SMOKE = Budget("smoke", teacher_steps=2, student_steps=2,
+SMOKE = Budget("smoke", teacher_steps=4, student_steps=2, val_every=2, patience=2, student_val_every=2,
+               student_patience=2, val_block=2, val_every_block=2,
                patches={"ct": (16, 32, 32), "brain": (32, 32, 32)},
                spacings={"ct": (6.0, 6.0, 6.0), "brain": (6.0, 6.0, 6.0)}, batch_size=1, overlap=0.0)
 
@@ -206,8 +252,29 @@ def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None,
     return statistics.fmean(defined), sd, len(defined)
 
 
+#: two-sided 95 % Student t quantiles by degrees of freedom (1..30)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(kd: Mapping[int, float | None], plain: Mapping[int, float | None]) -> dict[str, Any]:
+    """Mean and 95 % t-interval of ``kd[seed] - plain[seed]`` over the seeds both have.
+
+    ``ci95`` is ``None`` with fewer than 2 pairs (no spread to estimate).
+    """
+    diffs = [float(kd[s]) - float(plain[s]) for s in sorted(set(kd) & set(plain))
+             if kd[s] is not None and plain[s] is not None]
+    mean, sd, n = mean_sd(diffs)
+    ci = None
+    if n >= 2 and sd is not None:
+        half = _T975[min(n - 1, len(_T975)) - 1] * sd / math.sqrt(n)
+        ci = [mean - half, mean + half]
+    return {"mean": mean, "sd": sd, "n": n, "ci95": ci, "per_seed": diffs}
+
+
 def summarize(runs: Sequence[Mapping[str, Any]], teacher_dice: float | None, methods: Sequence[str]) -> dict[str, Any]:
-    """Per method: mean ± sd of mean Dice and HD95 over seeds, training time, and gap recovery.
+    """Per method: mean ± sd of the test mean Dice and HD95 over seeds, training time and steps, gap
+    recovery (per seed and of the means) and the paired difference to the plain student.
 
     ``runs`` are the records of one dataset (``method``, ``seed``, ``mean_dice``, ``mean_hd95``,
     ``train_seconds``); plain students are the records of method ``"none"``.
@@ -222,6 +289,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], teacher_dice: float | None, met
         dice_m, dice_sd, n = mean_sd([r["mean_dice"] for r in mine])
         hd_m, hd_sd, _ = mean_sd([r.get("mean_hd95") for r in mine])
         t_m, _, _ = mean_sd([r.get("train_seconds") for r in mine])
+        steps_m, _, _ = mean_sd([r.get("steps") for r in mine])
         per_seed = [None if method == "none" else gap_recovery(r["mean_dice"], plain.get(r["seed"]), teacher_dice)
                     for r in mine]
         gr_m, gr_sd, gr_n = mean_sd(per_seed)
@@ -229,12 +297,21 @@ def summarize(runs: Sequence[Mapping[str, Any]], teacher_dice: float | None, met
             "seeds": [r["seed"] for r in mine], "n": n,
             "diverged_seeds": [r["seed"] for r in mine if r.get("status") == "diverged"],
             "mean_dice": dice_m, "sd_dice": dice_sd, "mean_hd95": hd_m, "sd_hd95": hd_sd,
-            "mean_train_seconds": t_m,
+            "mean_train_seconds": t_m, "mean_steps": steps_m,
             "delta_dice_vs_plain": None if dice_m is None or plain_mean is None else dice_m - plain_mean,
-            "gap_recovery_per_seed": {"mean": gr_m, "sd": gr_sd, "n": gr_n},
+            "gap_recovery_per_seed": {"mean": gr_m, "sd": gr_sd, "n": gr_n, "values": per_seed},
             "gap_recovery_of_means": None if method == "none" else gap_recovery(dice_m, plain_mean, teacher_dice),
+            "paired_diff_vs_plain": None if method == "none" else paired_difference(
+                {r["seed"]: r["mean_dice"] for r in mine}, plain),
         }
     return out
+
+
+def select_candidate(scores: Sequence[float | None]) -> int | None:
+    """Index of the best validation Dice (the first on ties); ``None`` until every candidate has one."""
+    if not scores or any(v is None for v in scores):
+        return None
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,14 +321,59 @@ def summarize(runs: Sequence[Mapping[str, Any]], teacher_dice: float | None, met
 @dataclass
 class PreparedData:
     setup: DatasetSetup
-    case_set: Any
+    case_set: Any          # training volume(s) with the validation blocks' labels withheld + the validation case
     class_names: list[str]
     train_ids: list[str]
     test_cases: list[Any]
+    validation: dict[str, Any]
 
 
-def prepare_data(setup: DatasetSetup, data_dir: Path | None, work_dir: Path, reporter) -> PreparedData:
-    """Fetch (idempotent) and preprocess the training case(s) of one dataset; cached in ``work_dir``."""
+def validation_blocks(depth: int, block: int, every: int) -> list[tuple[int, int]]:
+    """Axial slice ranges ``[start, stop)`` held out for validation: blocks ``every-1, 2*every-1, ...``."""
+    if block < 1 or every < 2:
+        raise BenchmarkError(f"validation blocks need block >= 1 and every >= 2, got {block}, {every}")
+    return [(i * block, min((i + 1) * block, depth)) for i in range(every - 1, math.ceil(depth / block), every)]
+
+
+def holdout_split(case_set, block: int, every: int):
+    """``(training + validation CaseSet, record)`` from labelled volumes: the labels of the
+    :func:`validation_blocks` of each volume are withheld from its training copy (ignore label,
+    -1) and kept, alone, in a validation copy appended at the end (``num_val_cases`` = the number
+    of volumes). The images are shared; nothing of the test case is involved.
+    """
+    import numpy as np
+
+    from ReCoKDLib.data.sampling import CaseArrays, CaseSet
+    from ReCoKDLib.nnunet.labels import LabelSpec
+
+    train, val, record = [], [], {}
+    for case in case_set.cases:
+        depth = case.label.shape[1]
+        blocks = validation_blocks(depth, block, every)
+        held = np.zeros(depth, bool)
+        for start, stop in blocks:
+            held[start:stop] = True
+        train_label = case.label.copy()
+        train_label[:, held] = -1
+        val_label = case.label.copy()
+        val_label[:, ~held] = -1
+        train.append(CaseArrays(case.case_id, case.image, train_label, meta=dict(case.meta)))
+        val.append(CaseArrays(f"{case.case_id}_val", case.image, val_label, meta=dict(case.meta)))
+        present = sorted(int(v) for v in np.unique(case.label[:, held]) if v > 0)
+        record[case.case_id] = {"depth": depth, "blocks": blocks, "held_out_fraction": float(held.mean()),
+                                "classes_in_validation": [case_set.class_names[v] for v in present]}
+    names = list(case_set.class_names)
+    spec = LabelSpec(tuple(names), tuple((i,) for i in range(len(names))), ignore_label=len(names))
+    split = CaseSet(train + val, names, spacing=case_set.spacing, normalization=case_set.normalization,
+                    source_hashes=case_set.source_hashes, label_spec=spec)
+    return split, {"method": f"every {every}th block of {block} axial slices of each training volume: labels "
+                             "withheld from training (ignore label), used for validation; the test case is never seen",
+                   "volumes": record}
+
+
+def prepare_data(setup: DatasetSetup, budget: Budget, data_dir: Path | None, work_dir: Path, reporter) -> PreparedData:
+    """Fetch (idempotent) and preprocess the training case(s) of one dataset (cached in ``work_dir``),
+    and carve out the validation split (:func:`holdout_split`)."""
     from ReCoKDLib.data.fetch import fetch_datasets
     from ReCoKDLib.data.layout import RawDataset
     from ReCoKDLib.data.preprocess import compute_normalization, preprocess_case
@@ -274,32 +396,59 @@ def prepare_data(setup: DatasetSetup, data_dir: Path | None, work_dir: Path, rep
     case_set = prepare_cases(raw.training_cases(), raw.class_names, preprocess_case,
                              {"spacing": list(setup.spacing), "normalization": normalization},
                              work_dir / "preprocessed")
-    return PreparedData(setup, case_set, list(raw.class_names), [c.case_id for c in raw.training_cases()],
-                        list(raw.test_cases()))
+    split, record = holdout_split(case_set, budget.val_block, budget.val_every_block)
+    return PreparedData(setup, split, list(raw.class_names), [c.case_id for c in raw.training_cases()],
+                        list(raw.test_cases()), record)
 
 
-def train_config(budget: Budget, setup: DatasetSetup, steps: int, seed: int, device: str, **extra: Any):
+def config_key(*parts: Any, cfg) -> str:
+    """Cache key of a run: ``parts`` plus the configuration's fields that differ from the engine's
+    defaults (so a new engine option with a default does not invalidate finished runs)."""
+    from ReCoKDLib.engine import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    changed = {k: v for k, v in cfg.to_dict().items() if k not in defaults or defaults[k] != v}
+    return _measure.config_hash(*parts, changed)
+
+
+def train_config(budget: Budget, setup: DatasetSetup, steps: int, seed: int, device: str, num_val: int,
+                 student: bool = False, **extra: Any):
     from ReCoKDLib.engine import TrainConfig
 
     aug = {} if setup.augmentation is None else {"augmentation": dict(setup.augmentation)}
+    val_every = budget.student_val_every if student else budget.val_every
     return TrainConfig(patch_size=budget.patches[setup.key], batch_size=budget.batch_size, steps=steps,
-                       num_val_cases=0, val_every=steps, checkpoint_every=max(10, steps // 5), optimizer="adamw",
-                       lr=budget.lr, weight_decay=1e-4, ema_decay=0.0, seed=seed, device=device, bf16=budget.bf16,
-                       log_every=max(1, steps // 20), **aug, **extra)
+                       num_val_cases=num_val, val_every=val_every, val_overlap=budget.overlap,
+                       patience=budget.student_patience if student else budget.patience, checkpoint_every=val_every,
+                       optimizer="adamw", lr=budget.lr, weight_decay=1e-4, ema_decay=0.0, seed=seed, device=device,
+                       bf16=budget.bf16, log_every=max(1, val_every // 5), **aug, **extra)
 
 
-def _train_or_reuse(out_dir: Path, key: str, start, log) -> tuple[Path, float | None, bool]:
-    """``(model_last.pt, training seconds, reused)``: reuse ``out_dir`` when its ``DONE.json`` has ``key``,
-    resume an interrupted run of the same key, or start afresh (a checkpoint of another key is removed)."""
+def _curve(out_dir: Path) -> list[list[float]]:
+    """``[[step, validation mean Dice], ...]`` from the run's ``history.json``."""
+    path = out_dir / "history.json"
+    if not path.is_file():
+        return []
+    history = _measure.read_json(path)
+    return [[int(h["step"]), float(h["mean_dice"])] for h in history.get("val", []) if h.get("mean_dice") is not None]
+
+
+def _train_or_reuse(out_dir: Path, key: str, start, log) -> dict[str, Any]:
+    """Train (or reuse, or resume) one run in ``out_dir``; returns its ``DONE.json`` record:
+    ``key``, ``model`` (best validation checkpoint, else the last), ``train_seconds``, ``step``,
+    ``best_val_dice``, ``best_step``, ``stopped_early``, ``curve``.
+
+    ``out_dir`` is reused when its ``DONE.json`` has ``key``; an interrupted run of the same key
+    resumes from its checkpoint; a checkpoint of another key is removed.
+    """
     done = out_dir / "DONE.json"
-    model = out_dir / "model_last.pt"
-    if done.is_file() and model.is_file():
+    if done.is_file():
         try:
             record = _measure.read_json(done)
         except BenchmarkError:
             record = {}
-        if record.get("key") == key:
-            return model, record.get("train_seconds"), True
+        if record.get("key") == key and Path(record.get("model", "")).is_file():
+            return dict(record, reused=True)
     checkpoint = out_dir / "checkpoint.pt"
     stamp = out_dir / "KEY"
     resume = checkpoint.is_file() and stamp.is_file() and stamp.read_text().strip() == key
@@ -313,8 +462,14 @@ def _train_or_reuse(out_dir: Path, key: str, start, log) -> tuple[Path, float | 
     seconds = time.perf_counter() - t0
     if result.cancelled:
         raise KeyboardInterrupt(f"{out_dir} was cancelled; run the same command again to resume")
-    _measure.write_json(done, {"key": key, "train_seconds": seconds, "resumed": resume, "step": result.step})
-    return result.last_model, seconds, False
+    previous = out_dir / "SECONDS"  # training time of the interrupted attempts, so a resume reports the total
+    total = seconds + (float(previous.read_text()) if resume and previous.is_file() else 0.0)
+    record = {"key": key, "model": str(result.best_model or result.last_model), "train_seconds": total,
+              "resumed": resume, "step": result.step, "best_val_dice": result.metrics.get("best_mean_dice"),
+              "best_step": result.metrics.get("best_step"), "stopped_early": bool(result.stopped_early),
+              "curve": _curve(out_dir)}
+    _measure.write_json(done, record)
+    return dict(record, reused=False)
 
 
 def dice_hd95_cropped(prediction, reference, num_classes: int, spacing: Sequence[float] | None):
@@ -322,7 +477,8 @@ def dice_hd95_cropped(prediction, reference, num_classes: int, spacing: Sequence
 
     The same values as on the whole grid (voxels outside the box are true negatives, and a
     one-voxel margin keeps every surface voxel a surface voxel), but HD95 costs the box's size
-    instead of the whole scan's: ~10x faster on a 20x512x512 CT with small organs.
+    instead of the whole scan's: ~10x faster on a 20x512x512 CT with small organs. A class absent
+    from both gives Dice 1 and HD95 0 (callers average over the classes the reference has).
     """
     import numpy as np
 
@@ -347,9 +503,13 @@ def dice_hd95_cropped(prediction, reference, num_classes: int, spacing: Sequence
 
 
 def evaluate_model(model_path: Path, test_cases: Sequence[Any], overlap: float, device: str) -> dict[str, Any]:
-    """Per-class Dice and HD95 (mm) of one model on the test cases (mean over cases), on their own grids."""
+    """Per-class Dice and HD95 (mm) of one model on the test cases, on their own grids; means over the
+    classes each test reference has (a class absent from the reference is not scored)."""
+    import numpy as np
+
     from ReCoKDLib.data.io import read_image
     from ReCoKDLib.infer import segment_volume
+    from ReCoKDLib.networks import count_parameters
     from ReCoKDLib.teachers import load_model
 
     model = load_model(model_path, device="cpu")
@@ -361,60 +521,138 @@ def evaluate_model(model_path: Path, test_cases: Sequence[Any], overlap: float, 
         result = segment_volume(model, image, geometry, overlap=overlap, device=device)
         seconds += result.seconds
         dice, hd = dice_hd95_cropped(result.labels, label, len(classes) + 1, tuple(reversed(geometry.spacing)))
-        dice_cases.append(dice)
-        hd_cases.append(hd)
+        present = {int(v) for v in np.unique(label)}
+        dice_cases.append([d if i + 1 in present else None for i, d in enumerate(dice)])
+        hd_cases.append([h if i + 1 in present else None for i, h in enumerate(hd)])
     dice = {c: mean_sd([d[i] for d in dice_cases])[0] for i, c in enumerate(classes)}
     hd95 = {c: mean_sd([h[i] for h in hd_cases])[0] for i, c in enumerate(classes)}
     return {"dice": dice, "hd95": hd95, "mean_dice": mean_sd(list(dice.values()))[0],
-            "mean_hd95": mean_sd(list(hd95.values()))[0], "eval_seconds": seconds}
+            "mean_hd95": mean_sd(list(hd95.values()))[0], "eval_seconds": seconds,
+            "params": count_parameters(model.network)}
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark
+# Jobs: one training run + its evaluation, runnable in a worker process
 
 
-def _teacher(budget: Budget, data: PreparedData, work: Path, device: str, reporter, log) -> dict[str, Any]:
-    from ReCoKDLib.engine import train_teacher
-    from ReCoKDLib.networks import build_unet, count_parameters, UNetConfig
+@dataclass(frozen=True)
+class Job:
+    """One run of the benchmark: the teacher of a dataset, or a student (method, candidate, seed)."""
 
-    cfg = train_config(budget, data.setup, budget.teacher_steps, budget.teacher_seed, device,
-                       network=dict(data.setup.network))
-    key = _measure.config_hash("teacher", cfg.to_dict(), data.case_set.source_hashes, data.case_set.normalization)
-    out_dir = work / f"teacher-{key}"
-    log(f"{data.setup.key}: teacher ({budget.teacher_steps} steps) in {out_dir}")
-    model, seconds, reused = _train_or_reuse(
-        out_dir, key, lambda resume: train_teacher(cfg, data.case_set, out_dir, reporter, resume=resume), log)
-    net = dict(data.setup.network, in_channels=data.case_set.in_channels, num_classes=data.case_set.num_classes)
-    params = count_parameters(build_unet(UNetConfig.from_dict(net)))
-    return {"model": model, "key": key, "train_seconds": seconds, "reused": reused, "params": params}
+    dataset: str
+    role: str                       # "teacher" or "student"
+    method: str = ""
+    candidate: int = -1             # index into METHODS[method].candidates (-1: plain student / teacher)
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.role == "teacher":
+            return f"{self.dataset} teacher"
+        cand = "" if self.candidate < 0 else f" candidate {self.candidate}"
+        return f"{self.dataset} {self.method}{cand} seed {self.seed}"
 
 
-def _student_run(budget: Budget, data: PreparedData, teacher: Mapping[str, Any], method: str, seed: int,
-                 work: Path, device: str, reporter, log) -> tuple[dict[str, Any], str, Path]:
-    """Train (or reuse) one student; returns ``(record without scores, key, model path)``."""
-    from ReCoKDLib.engine import distill, train_teacher
+@dataclass(frozen=True)
+class Context:
+    """What every job needs, picklable for worker processes."""
+
+    budget: Budget
+    work_dir: Path
+    device: str
+    threads: int
+    data_dir: Path | None = None
+
+
+_DATA: dict[str, PreparedData] = {}  # per process: prepared datasets (preprocessing is cached on disk)
+
+
+def _data(ctx: Context, dataset: str) -> PreparedData:
+    if dataset not in _DATA:
+        from ReCoKDLib.progress import Reporter
+
+        setup = dataset_setups(ctx.budget.patches, ctx.budget.spacings)[dataset]
+        _DATA[dataset] = prepare_data(setup, ctx.budget, ctx.data_dir, ctx.work_dir / dataset, Reporter())
+    return _DATA[dataset]
+
+
+def teacher_key(ctx: Context, dataset: str) -> tuple[str, Any]:
+    data = _data(ctx, dataset)
+    cfg = train_config(ctx.budget, data.setup, ctx.budget.teacher_steps, ctx.budget.teacher_seed, ctx.device,
+                       len(data.train_ids), network=dict(data.setup.network))
+    return config_key("teacher", data.case_set.source_hashes, data.case_set.normalization, data.validation,
+                      cfg=cfg), cfg
+
+
+def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[str, Any]:
+    """Train (or reuse/resume) and evaluate one run; returns its record (scores on the test case)."""
+    import torch
+
+    from ReCoKDLib.engine import TrainingDivergedError, distill, train_teacher
     from ReCoKDLib.networks import UNetConfig, derive_student_config
+    from ReCoKDLib.progress import Reporter
 
-    spec = METHODS[method]
-    teacher_net = UNetConfig.from_dict(dict(data.setup.network, in_channels=data.case_set.in_channels,
-                                            num_classes=data.case_set.num_classes))
-    if spec.kd is None:
-        student_net = derive_student_config(teacher_net, budget.reduction).to_dict()
-        cfg = train_config(budget, data.setup, budget.student_steps, seed, device, network=student_net)
-        start = lambda out, resume: train_teacher(cfg, data.case_set, out, reporter, resume=resume, role="student")  # noqa: E731
+    torch.set_num_threads(ctx.threads)
+    reporter, log = Reporter(), (lambda msg: print(msg, flush=True))
+    data = _data(ctx, job.dataset)
+    work = ctx.work_dir / job.dataset
+    num_val = len(data.train_ids)
+    budget = ctx.budget
+    if job.role == "teacher":
+        key, cfg = teacher_key(ctx, job.dataset)
+        out_dir = work / f"teacher-{key}"
+        start = lambda resume: train_teacher(cfg, data.case_set, out_dir, reporter, resume=resume)  # noqa: E731
+        record = {"dataset": job.dataset, "role": "teacher"}
     else:
-        cfg = train_config(budget, data.setup, budget.student_steps, seed, device, student_reduction=budget.reduction,
-                           kd=spec.kd, kd_weight=spec.kd_weight, frozen_aux=spec.frozen_aux)
-        start = lambda out, resume: distill(cfg, teacher["model"], data.case_set, out, reporter, resume=resume)  # noqa: E731
-    key = _measure.config_hash("student", method, cfg.to_dict(), teacher["key"], budget.overlap)
-    out_dir = work / f"{method}-seed{seed}-{key}"
-    model, seconds, reused = _train_or_reuse(out_dir, key, lambda resume: start(out_dir, resume), log)
-    return {"dataset": data.setup.key, "method": method, "seed": seed, "train_seconds": seconds,
-            "reused_training": reused, "steps": budget.student_steps}, key, model
+        spec = METHODS[job.method]
+        teacher_net = UNetConfig.from_dict(dict(data.setup.network, in_channels=data.case_set.in_channels,
+                                                num_classes=data.case_set.num_classes))
+        if spec.kd is None:
+            student_net = derive_student_config(teacher_net, budget.reduction).to_dict()
+            cfg = train_config(budget, data.setup, budget.student_steps, job.seed, ctx.device, num_val, student=True,
+                               network=student_net)
+            start = lambda resume: train_teacher(cfg, data.case_set, out_dir, reporter, resume=resume,  # noqa: E731
+                                                 role="student")
+            choice: dict[str, Any] = {}
+        else:
+            candidate = spec.candidates[job.candidate]
+            cfg = train_config(budget, data.setup, budget.student_steps, job.seed, ctx.device, num_val, student=True,
+                               student_reduction=budget.reduction, kd=spec.kd_spec(candidate),
+                               kd_weight=candidate.kd_weight, frozen_aux=spec.frozen_aux)
+            start = lambda resume: distill(cfg, teacher_model, data.case_set, out_dir, reporter,  # noqa: E731
+                                           resume=resume)
+            choice = {"candidate": job.candidate, "hyperparameters": dataclasses.asdict(candidate)}
+        key = config_key("student", job.method, str(Path(teacher_model or "").parent.name), cfg=cfg)
+        tag = "" if job.candidate < 0 else f"-c{job.candidate}"
+        out_dir = work / f"{job.method}{tag}-seed{job.seed}-{key}"
+        record = {"dataset": job.dataset, "method": job.method, "seed": job.seed, **choice}
+    try:
+        done = _train_or_reuse(out_dir, key, start, log)
+    except TrainingDivergedError as exc:  # recorded, not hidden; a rerun resumes from its checkpoint
+        return {**record, "key": key, "status": "diverged", "error": str(exc), "mean_dice": None,
+                "mean_hd95": None, "dice": {}, "hd95": {}, "best_val_dice": None}
+    scores = done.get("test_scores")
+    if not done["reused"] or not scores:  # evaluated once per finished run, stored with it
+        scores = evaluate_model(Path(done["model"]), data.test_cases, budget.overlap, ctx.device)
+        _measure.write_json(out_dir / "DONE.json", {k: v for k, v in dict(done, test_scores=scores).items()
+                                                    if k != "reused"})
+    return {**record, "key": key, "status": "done", "model": done["model"], "train_seconds": done["train_seconds"],
+            "reused_training": done["reused"], "steps": done["step"], "best_step": done["best_step"],
+            "best_val_dice": done["best_val_dice"], "stopped_early": done["stopped_early"], "curve": done["curve"],
+            **scores}
+
+
+def _run_job_in_worker(args: tuple[Context, Job, str | None]) -> tuple[Job, dict[str, Any]]:
+    ctx, job, teacher_model = args
+    return job, run_job(ctx, job, teacher_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark: teachers, then plain students and every candidate's seed 0, then the chosen seeds
 
 
 def _dataset_block(data: PreparedData, teacher: Mapping[str, Any] | None, runs: list[dict[str, Any]],
-                   methods: Sequence[str]) -> dict[str, Any]:
+                   selection: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     teacher_dice = None if teacher is None else teacher.get("mean_dice")
     plain = {r["seed"]: r["mean_dice"] for r in runs if r["method"] == "none"}
     for r in runs:
@@ -424,7 +662,8 @@ def _dataset_block(data: PreparedData, teacher: Mapping[str, Any] | None, runs: 
     return {
         "dataset": data.setup.raw_name, "train_cases": data.train_ids,
         "test_cases": [c.case_id for c in data.test_cases], "classes": data.class_names[1:],
-        "setup": data.setup.to_dict(), "teacher": teacher, "runs": runs,
+        "setup": data.setup.to_dict(), "validation_split": data.validation, "teacher": teacher,
+        "selection": dict(selection), "runs": sorted(runs, key=lambda r: (list(methods).index(r["method"]), r["seed"])),
         "summary": summarize(runs, teacher_dice, list(methods)),
     }
 
@@ -439,80 +678,131 @@ def default_output(budget: Budget) -> Path:
     return _measure.RESULTS_DIR / f"efficacy_gpu_{safe}.json"
 
 
+class _Pool:
+    """Runs jobs in ``workers`` processes (``workers == 1``: in this process), yielding results as they finish."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor = None
+        if workers > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, items: Sequence[tuple[Context, Job, str | None]]):
+        if self._executor is None:
+            for item in items:
+                yield _run_job_in_worker(item)
+            return
+        import concurrent.futures
+
+        futures = [self._executor.submit(_run_job_in_worker, item) for item in items]
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+
+
 def run_benchmark(budget: Budget, datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
                   work_dir: Path, output: Path, device: str, threads: int, data_dir: Path | None = None,
-                  argv: Sequence[str] | None = None, log=print) -> dict[str, Any]:
-    """Run (or resume) the benchmark; the JSON at ``output`` is rewritten after every finished run."""
-    import torch
+                  argv: Sequence[str] | None = None, log=print, workers: int = 1) -> dict[str, Any]:
+    """Run (or resume) the benchmark; the JSON at ``output`` is rewritten after every finished run.
 
-    from ReCoKDLib.engine import TrainingDivergedError
-    from ReCoKDLib.progress import Reporter
-
-    torch.set_num_threads(threads)
-    reporter = Reporter()  # silent: the benchmark prints one line per run
-    setups = dataset_setups(budget.patches, budget.spacings)
-    previous: dict[tuple, dict[str, Any]] = {}
-    if output.is_file():
-        old = _measure.read_json(output)
-        for key, block in old.get("datasets", {}).items():
-            for r in block.get("runs", []):
-                previous[(key, r["method"], r["seed"], r.get("key"))] = r
-            if block.get("teacher"):
-                previous[(key, "teacher", None, block["teacher"].get("key"))] = block["teacher"]
+    Three phases, each spread over ``workers`` processes of ``threads // workers`` threads: (1) the
+    teachers, (2) every plain student and seed 0 of every KD candidate, (3) the other seeds of the
+    candidate each KD method chose on validation (:func:`select_candidate`).
+    """
+    methods = ["none"] + [m for m in methods if m != "none"] if "none" in methods else list(methods)
+    ctx = Context(budget, Path(work_dir), device, max(1, threads // max(1, workers)), data_dir)
     result: dict[str, Any] = {
         "benchmark": "efficacy", **_measure.provenance(threads, argv),
         "config": {"budget": budget.to_dict(), "device": device, "datasets": list(datasets), "seeds": list(seeds),
+                   "workers": workers, "threads_per_worker": ctx.threads,
                    "methods": {m: METHODS[m].to_dict() for m in methods}},
         "gap_recovery_definition": GAP_RECOVERY_DEFINITION,
         "datasets": {},
     }
     t_start = time.perf_counter()
-    for ds in datasets:
-        setup = setups[ds]
-        work = work_dir / ds
-        data = prepare_data(setup, data_dir, work, reporter)
-        teacher_info = _teacher(budget, data, work, device, reporter, log)
-        prev_teacher = previous.get((ds, "teacher", None, teacher_info["key"]))
-        if prev_teacher is not None:
-            teacher = dict(prev_teacher, reused=True)
-        else:
-            scores = evaluate_model(teacher_info["model"], data.test_cases, budget.overlap, device)
-            teacher = {"key": teacher_info["key"], "params": teacher_info["params"], "steps": budget.teacher_steps,
-                       "train_seconds": teacher_info["train_seconds"], "reused": teacher_info["reused"], **scores}
-        teacher["model"] = str(teacher_info["model"])
-        log(f"{ds}: teacher mean Dice {teacher['mean_dice']:.3f}")
-        runs: list[dict[str, Any]] = []
-        result["datasets"][ds] = _dataset_block(data, teacher, runs, methods)
-        _measure.write_json(output, result)
-        order = ["none"] + [m for m in methods if m != "none"] if "none" in methods else list(methods)
-        for method in order:
-            for seed in seeds:
-                try:
-                    record, key, model = _student_run(budget, data, teacher_info, method, seed, work, device,
-                                                      reporter, log)
-                except TrainingDivergedError as exc:  # recorded, not hidden; a rerun resumes from its checkpoint
-                    runs.append({"dataset": ds, "method": method, "seed": seed, "status": "diverged",
-                                 "error": str(exc), "mean_dice": None, "mean_hd95": None, "dice": {}, "hd95": {}})
-                    log(f"{ds} {method} seed {seed}: DIVERGED ({exc})")
-                    result["datasets"][ds] = _dataset_block(data, teacher, runs, methods)
-                    _measure.write_json(output, result)
-                    continue
-                done = previous.get((ds, method, seed, key))
-                if done is not None:
-                    log(f"{ds} {method} seed {seed}: already in {output}, skipped")
-                    runs.append(done)
-                else:
-                    scores = evaluate_model(model, data.test_cases, budget.overlap, device)
-                    from ReCoKDLib.networks import count_parameters
-                    from ReCoKDLib.teachers import load_model
+    teachers: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {ds: [] for ds in datasets}
+    candidates: dict[tuple[str, str], list[dict[str, Any] | None]] = {}
+    selection: dict[str, dict[str, Any]] = {ds: {} for ds in datasets}
 
-                    record.update(key=key, params=count_parameters(load_model(model, device="cpu").network), **scores)
-                    runs.append(record)
-                    log(f"{ds} {method} seed {seed}: mean Dice {scores['mean_dice']:.3f} "
-                        f"(train {record['train_seconds'] or 0:.0f} s, total {time.perf_counter() - t_start:.0f} s)")
-                result["datasets"][ds] = _dataset_block(data, teacher, runs, methods)
-                result["elapsed_seconds"] = time.perf_counter() - t_start
-                _measure.write_json(output, result)
+    def publish() -> None:
+        for ds in datasets:
+            if ds in teachers:
+                result["datasets"][ds] = _dataset_block(_data(ctx, ds), teachers[ds], runs[ds], selection[ds], methods)
+        result["elapsed_seconds"] = time.perf_counter() - t_start
+        _measure.write_json(output, result)
+
+    def record_student(job: Job, record: dict[str, Any]) -> None:
+        if job.candidate >= 0 and job.seed == seeds[0]:
+            candidates[(job.dataset, job.method)][job.candidate] = record
+        else:
+            runs[job.dataset].append(record)
+        if record.get("status") == "diverged":
+            log(f"{job.name}: DIVERGED ({record.get('error')})")
+        else:
+            log(f"{job.name}: test mean Dice {record['mean_dice']:.3f}, validation {record['best_val_dice'] or 0:.3f} "
+                f"(best step {record['best_step']} of {record['steps']}, train {record['train_seconds'] or 0:.0f} s, "
+                f"total {time.perf_counter() - t_start:.0f} s)")
+
+    def choose(ds: str, method: str) -> None:
+        records = candidates[(ds, method)]
+        scores = [None if r is None else (r.get("best_val_dice") if r.get("status") == "done" else -1.0)
+                  for r in records]
+        best = select_candidate(scores)
+        if best is None:
+            return
+        spec = METHODS[method]
+        selection[ds][method] = {
+            "chosen": best, "chosen_hyperparameters": dataclasses.asdict(spec.candidates[best]),
+            "candidates": [{"hyperparameters": dataclasses.asdict(c), "label": c.label(),
+                            "val_dice": None if r is None else r.get("best_val_dice"),
+                            "test_mean_dice": None if r is None else r.get("mean_dice"),
+                            "curve": None if r is None else r.get("curve")}
+                           for c, r in zip(spec.candidates, records)],
+            "rule": "best validation mean Dice of seed 0 (ties: the earlier candidate)"}
+        runs[ds].append(records[best])
+
+    pool = _Pool(workers)
+    try:
+        # phase 1: teachers
+        for job, record in pool.run([(ctx, Job(ds, "teacher"), None) for ds in datasets]):
+            teachers[job.dataset] = dict(record, steps_cap=budget.teacher_steps)
+            log(f"{job.dataset}: teacher test mean Dice {record['mean_dice']:.3f}, validation "
+                f"{record['best_val_dice'] or 0:.3f} (best step {record['best_step']} of {record['steps']})")
+            publish()
+        # phase 2: plain students (all seeds) and seed 0 of every candidate
+        items = []
+        for ds in datasets:
+            tm = teachers[ds]["model"]
+            for method in methods:
+                spec = METHODS[method]
+                if spec.kd is None:
+                    items += [(ctx, Job(ds, "student", method, -1, seed), tm) for seed in seeds]
+                else:
+                    candidates[(ds, method)] = [None] * len(spec.candidates)
+                    items += [(ctx, Job(ds, "student", method, i, seeds[0]), tm) for i in range(len(spec.candidates))]
+        for job, record in pool.run(items):
+            record_student(job, record)
+            if job.candidate >= 0:
+                choose(job.dataset, job.method)
+            publish()
+        # phase 3: the other seeds of each chosen candidate
+        items = [(ctx, Job(ds, "student", method, selection[ds][method]["chosen"], seed), teachers[ds]["model"])
+                 for ds in datasets for method in methods if METHODS[method].kd is not None and method in selection[ds]
+                 for seed in seeds[1:]]
+        for job, record in pool.run(items):
+            record_student(job, record)
+            publish()
+    finally:
+        pool.close()
+    publish()
     return result
 
 
@@ -523,16 +813,19 @@ def _csv(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="larger patches and more steps, for a CUDA machine")
-    parser.add_argument("--smoke", action="store_true", help="tiny configuration (tests): 2 steps, coarse spacing")
+    parser.add_argument("--smoke", action="store_true", help="tiny configuration (tests): a few steps, coarse spacing")
     parser.add_argument("--datasets", default="ct,brain", help="comma-separated: ct, brain (default both)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, of: {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds (default 0,1,2)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-efficacy"),
                         help="models, checkpoints and the preprocessing cache (default runs/bench-efficacy)")
     parser.add_argument("--output", type=Path, help="JSON to write (default benchmarks/results/efficacy.json, "
                                                     "or efficacy_gpu_<gpu>.json with --gpu)")
     parser.add_argument("--data-dir", type=Path, help="where 'recokd data fetch' keeps the datasets")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads in all (default 2)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs side by side, each with threads/workers threads (default 1)")
     parser.add_argument("--device", default=None, help="training/evaluation device (default: cuda with --gpu, else cpu)")
     args = parser.parse_args(argv)
 
@@ -548,8 +841,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = [int(s) for s in _csv(args.seeds)]
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
-    if not seeds or args.threads < 1:
-        parser.error("give at least one seed and --threads >= 1")
+    if not seeds or args.threads < 1 or args.workers < 1:
+        parser.error("give at least one seed, --threads >= 1 and --workers >= 1")
     device = args.device or ("cuda" if args.gpu else "cpu")
     if device.startswith("cuda"):
         import torch
@@ -558,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--gpu/--device cuda needs CUDA, which is not available here")
     output = args.output or default_output(budget)
     run_benchmark(budget, datasets, methods, seeds, args.work_dir, output, device, args.threads, args.data_dir,
-                  argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
+                  argv=[__file__, *(sys.argv[1:] if argv is None else argv)], workers=args.workers)
     print(f"wrote {output}")
     return 0
 

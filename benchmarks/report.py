@@ -7,6 +7,8 @@ Reads from ``--results-dir`` (default ``benchmarks/results/``): ``efficacy.json`
 
 * ``dice_per_method.png``: mean Dice ± sd over seeds per method, one panel per dataset, the
   teacher as a line;
+* ``learning_curves.png``: validation mean Dice vs step of every run (teacher, every student and
+  every KD candidate), one panel per dataset;
 * ``latency_params_vs_width.png``: parameters and CPU latency (whole S1, fp32 and bf16) vs width;
 * ``report.md``: every table.
 
@@ -81,16 +83,6 @@ def source_line(data: Mapping[str, Any], what: str) -> str:
 # Tables
 
 
-def _latency_by_role(performance: Mapping[str, Any] | None) -> dict[str, float | None]:
-    models = (performance or {}).get("models", {})
-
-    def get(name: str) -> float | None:
-        entry = models.get(name, {})
-        return (entry.get("cpu_fp32") or {}).get("seconds")
-
-    return {"teacher": get("teacher"), "none": get("student_div4"), "recokd": get("student_div4")}
-
-
 def _reference_dice(entry: Mapping[str, Any]) -> str:
     refs = entry.get("dice_vs_reference") or {}
     return ", ".join(f"{fmt(v, 3)} ({k})" for k, v in refs.items()) or "–"
@@ -114,11 +106,19 @@ def pretrained_table(pretrained: Mapping[str, Any]) -> str:
         "architecture: their latency differences are measurement noise (the runs shared the machine)."])
 
 
+def diff_ci(s: Mapping[str, Any] | None) -> str:
+    """The paired difference to the plain student: ``+0.031 [−0.010, 0.072]`` (95 % t-interval)."""
+    d = (s or {}).get("paired_diff_vs_plain") or {}
+    if d.get("mean") is None:
+        return "–"
+    ci = d.get("ci95")
+    return f"{d['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
 def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] | None,
              pretrained: Mapping[str, Any] | None = None) -> str:
     """The README block: per dataset, teacher vs plain vs ReCo-KD student, with sources."""
     parts: list[str] = []
-    latency = _latency_by_role(performance)
     if efficacy:
         rows = []
         for key, block in efficacy.get("datasets", {}).items():
@@ -136,12 +136,12 @@ def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] 
                     extra = "–" if method == "none" else fmt(s["gap_recovery_per_seed"]["mean"], 2)
                 n = "1" if method == "teacher" else str(summary.get(method, {}).get("n", "–"))
                 rows.append([f"{block.get('dataset', key)}", label, dice, n, fmt(params), extra,
-                             fmt(latency.get(method), 2) if key == "ct" else "–"])  # measured for CT only
+                             "–" if method in ("teacher", "none") else diff_ci(summary.get(method))])
         parts.append(table(["dataset", "model", "mean Dice (test case)", "seeds", "parameters",
-                            "gap recovery", "CPU latency fp32, whole S1 (s)"], rows))
-        parts.append("Dice: mean ± sd over seeds on the held-out test case; gap recovery: "
-                     "(Dice_KD − Dice_plain) / (Dice_teacher − Dice_plain), per seed, mean. Latency: the CT "
-                     "networks on the whole S1 scan (performance benchmark).")
+                            "gap recovery", "Δ Dice vs plain, paired [95 % CI]"], rows))
+        parts.append("Dice: mean ± sd over seeds on the held-out test case, every model trained until its "
+                     "validation Dice stopped improving; gap recovery: (Dice_KD − Dice_plain) / (Dice_teacher − "
+                     "Dice_plain), per seed, mean; Δ: paired by seed, with a 95 % t-interval.")
         parts.append("- " + source_line(efficacy, "efficacy"))
     if performance:
         parts.append("- " + source_line(performance, "performance"))
@@ -157,20 +157,33 @@ def efficacy_section(efficacy: Mapping[str, Any]) -> str:
            source_line(efficacy, "Produced"), "", efficacy.get("gap_recovery_definition", "")]
     for key, block in efficacy.get("datasets", {}).items():
         teacher = block.get("teacher") or {}
+        split = (block.get("validation_split") or {}).get("method")
         out += ["", f"### {block.get('dataset', key)}: train {', '.join(block.get('train_cases', []))}, "
                     f"test {', '.join(block.get('test_cases', []))}",
                 f"Teacher: mean Dice {fmt(teacher.get('mean_dice'))}, mean HD95 {fmt(teacher.get('mean_hd95'), 1)} mm, "
-                f"{fmt(teacher.get('params'))} parameters.", ""]
+                f"{fmt(teacher.get('params'))} parameters; best validation Dice {fmt(teacher.get('best_val_dice'))} at "
+                f"step {fmt(teacher.get('best_step'))} of {fmt(teacher.get('steps'))} "
+                f"({'stopped at the plateau' if teacher.get('stopped_early') else 'step cap reached'})."]
+        if split:
+            out.append(f"Validation split: {split}.")
+        out.append("")
         rows = []
         for method, s in block.get("summary", {}).items():
             gr = s["gap_recovery_per_seed"]
             diverged = s.get("diverged_seeds") or []
             seeds = f"{s['n']} (+{len(diverged)} diverged)" if diverged else s["n"]
-            rows.append([method, seeds, pm(s["mean_dice"], s["sd_dice"]), fmt(s["delta_dice_vs_plain"]),
+            rows.append([method, seeds, pm(s["mean_dice"], s["sd_dice"]), diff_ci(s) if method != "none" else "–",
                          pm(gr["mean"], gr["sd"], 2), fmt(s["gap_recovery_of_means"], 2), pm(s["mean_hd95"], s["sd_hd95"], 1),
-                         fmt(s["mean_train_seconds"], 0)])
-        out.append(table(["method", "seeds", "mean Dice", "Δ vs plain", "gap recovery (per seed)",
-                          "gap recovery (of means)", "mean HD95 (mm)", "train (s)"], rows))
+                         fmt(s.get("mean_steps"), 0), fmt(s["mean_train_seconds"], 0)])
+        out.append(table(["method", "seeds", "mean Dice", "Δ vs plain, paired [95 % CI]", "gap recovery (per seed)",
+                          "gap recovery (of means)", "mean HD95 (mm)", "steps", "train (s)"], rows))
+        selection = block.get("selection") or {}
+        if selection:
+            out += ["", "KD hyper-parameters chosen on the validation split (seed 0, best validation Dice):", ""]
+            rows = [[method, c["label"], fmt(c.get("val_dice")), fmt(c.get("test_mean_dice")),
+                     "**chosen**" if i == sel.get("chosen") else ""]
+                    for method, sel in selection.items() for i, c in enumerate(sel.get("candidates", []))]
+            out.append(table(["method", "candidate", "validation Dice", "test Dice", ""], rows))
         classes = block.get("classes", [])
         if classes and block.get("summary"):
             out += ["", "Per-class Dice (mean over seeds):", ""]
@@ -249,6 +262,40 @@ def plot_dice(efficacy: Mapping[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_curves(efficacy: Mapping[str, Any], path: Path) -> Path:
+    """Validation mean Dice vs step of every run, one panel per dataset (teacher in black)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = efficacy.get("datasets", {})
+    fig, axes = plt.subplots(1, max(1, len(blocks)), figsize=(7 * max(1, len(blocks)), 4.5), squeeze=False)
+    for ax, (key, block) in zip(axes[0], blocks.items()):
+        methods = list(block.get("summary", {}))
+        colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
+        teacher = block.get("teacher") or {}
+        if teacher.get("curve"):
+            ax.plot(*zip(*teacher["curve"]), color="black", lw=2, label="teacher")
+        seen = set()
+        for run in block.get("runs", []):
+            if run.get("curve"):
+                label = run["method"] if run["method"] not in seen else None
+                seen.add(run["method"])
+                ax.plot(*zip(*run["curve"]), color=colors.get(run["method"], "gray"), lw=1, label=label)
+        for method, sel in (block.get("selection") or {}).items():
+            for i, cand in enumerate(sel.get("candidates", [])):
+                if cand.get("curve") and i != sel.get("chosen"):
+                    ax.plot(*zip(*cand["curve"]), color=colors.get(method, "gray"), lw=0.7, ls=":")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation mean Dice")
+        ax.set_title(f"{block.get('dataset', key)} (dotted: KD candidates not chosen)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_width(performance: Mapping[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -323,7 +370,9 @@ def build_report(results_dir: Path, readme: Path | None = None) -> dict[str, Pat
                 "## Headline", "", headline(res["efficacy"], res["performance"], res["pretrained"])]
     if res["efficacy"]:
         written["dice_plot"] = plot_dice(res["efficacy"], results_dir / "dice_per_method.png")
-        sections += ["", efficacy_section(res["efficacy"]), "", "![Dice per method](dice_per_method.png)"]
+        written["curves"] = plot_curves(res["efficacy"], results_dir / "learning_curves.png")
+        sections += ["", efficacy_section(res["efficacy"]), "", "![Dice per method](dice_per_method.png)", "",
+                     "![Learning curves](learning_curves.png)"]
     for name, data in res["efficacy_gpu"].items():
         stem = Path(name).stem
         written[stem] = plot_dice(data, results_dir / f"dice_per_method_{stem}.png")
