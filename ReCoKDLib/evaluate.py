@@ -286,7 +286,7 @@ def _renumber(label: np.ndarray, classes: Sequence[str], label_path: Path, model
         told.add(f"dropped:{model_name}")
         warnings.warn(EvaluationWarning(
             f"model {model_name!r} has no class {dropped}: those reference labels count as background"), stacklevel=3)
-    return lookup[np.asarray(label).astype(np.int64, copy=False)]
+    return lookup.astype(np.min_scalar_type(len(classes) - 1))[np.asarray(label).astype(np.int64, copy=False)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,6 +154,28 @@ def load_trained_kd_state(student_path) -> dict | None:
     return payload["aux"]
 
 
+def _load_kd_state(pair: nn.Module, loss: nn.Module, name: str, kd_state: dict, student_card) -> None:
+    """Load the trained adapters and KD-loss modules, or say clearly that they belong to another teacher.
+
+    Raises:
+        InspectionError: their shapes do not fit this teacher/student pair (a teacher other than the
+            one the student was distilled from).
+    """
+    try:
+        pair.adapters.load_state_dict(kd_state["adapters"])
+        prefix = f"losses.{name}."
+        own = {k[len(prefix):]: v for k, v in kd_state.get("kd_loss", {}).items() if k.startswith(prefix)}
+        if own or not list(loss.state_dict()):
+            loss.load_state_dict(own)
+    except (RuntimeError, KeyError) as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).strip())
+        sha = str((student_card.provenance or {}).get("teacher_sha256") or "")
+        raise InspectionError(
+            f"the student's trained KD modules (checkpoint.pt beside it) do not fit this teacher (its tapped features "
+            f"have {list(pair.teacher_channels)} channels; {detail[:200]}): inspect the student with the teacher it "
+            f"was distilled from" + (f" (SHA-256 {sha[:16]}...)" if sha else "")) from None
+
+
 def _single_method(card_kd: dict, method: str | None) -> str:
     methods = list((card_kd or {}).get("methods") or {})
     if method is not None:
@@ -233,11 +255,7 @@ def inspect_volume(
     loss = build_kd_loss(name, teacher_channels=pair.teacher_channels, student_channels=pair.student_channels,
                          num_classes=num_classes)
     if kd_state is not None:
-        pair.adapters.load_state_dict(kd_state["adapters"])
-        prefix = f"losses.{name}."
-        own = {k[len(prefix):]: v for k, v in kd_state.get("kd_loss", {}).items() if k.startswith(prefix)}
-        if own or not list(loss.state_dict()):
-            loss.load_state_dict(own)
+        _load_kd_state(pair, loss, name, kd_state, student.card)
     try:
         maps = compute_maps(pair, loss, images, label_tensor, num_classes=num_classes, regions=regions,
                             image_grid=True)

@@ -113,11 +113,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(setup):
 def test_cli_errors_are_clear(setup, tmp_path):
     bad_kd = subprocess.run(_distill_cmd(setup, tmp_path / "x", 2)[:-2] + ["--progress", "none", "--kd", "recokk"],
                             capture_output=True, text=True, env=ENV, timeout=120)
-    assert bad_kd.returncode == 1 and "Did you mean 'recokd'" in bad_kd.stderr
+    assert bad_kd.returncode == 2 and "Did you mean 'recokd'" in bad_kd.stderr  # bad input (the CLI convention)
     no_classes = subprocess.run(
         [sys.executable, "-m", "ReCoKDLib", "train-teacher", "--pairs", setup["pair"], "--out", str(tmp_path / "y"),
          "--progress", "json"], capture_output=True, text=True, env=ENV, timeout=120)
-    assert no_classes.returncode == 1
+    assert no_classes.returncode == 2
     errors = [e for e in _json_lines(no_classes.stdout) if e["event"] == "error"]
     assert len(errors) == 1 and "--classes" in errors[0]["message"]
 

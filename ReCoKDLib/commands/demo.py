@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ReCoKDLib.progress import add_progress_argument, make_reporter
+from ReCoKDLib.progress import add_progress_argument
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -40,18 +39,11 @@ def run(args: argparse.Namespace) -> int:
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.no_bf16:
         config = replace(config, bf16=False)
-    reporter = make_reporter(args.progress)
-    try:
+    from ReCoKDLib.commands.runner import run_command
+
+    def job(reporter) -> None:
         run_demo(Path(args.out), data_dir=args.data, config=config, device=args.device, reporter=reporter)
-    except KeyboardInterrupt as exc:
-        reporter.error("demo", f"interrupted ({exc}); run the same command again to resume")
-        return 130
-    except (ValueError, OSError) as exc:
-        if not getattr(exc, "recokd_reported", False):
-            reporter.error("demo", str(exc))
-        if args.progress != "json":
-            print(f"recokd demo: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        reporter.close()
-    return 0
+
+    return run_command(args, "demo", job, lock=args.out,
+                       resume_hint="run the same command again: finished stages are reused, training resumes",
+                       memory_hint="the configuration (leave out --full), or close other programs")

@@ -23,8 +23,8 @@ labels of labelled cases always take precedence. The teacher may be a preset (``
 
 The student is the teacher's architecture with every width divided by ``--reduction`` (ReCo-KD's
 ``2**t``), or ``--student-json``. Cases are preprocessed on the teacher's spacing and
-normalisation (from its model card). Exit codes as ``recokd train-teacher``: 0 done (or cancelled),
-1 error, 2 bad usage.
+normalisation (from its model card). One run at a time per ``--out`` folder; exit codes as ``recokd
+train-teacher`` (0 done, 1 failure, 2 bad input or a busy folder, 130 interrupted, 143 SIGTERM).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ Example::
 
 Test cases are the dataset's ``imagesTs`` with labels in ``labelsTs`` (nnU-Net raw layout), or
 ``--pairs IMAGE:LABEL``. Writes ``OUT/metrics.json`` (one entry per model) and ``OUT/report.html``
-(self-contained) and prints a table. Exit codes: 0 done, 1 run error, 2 bad input.
+(self-contained) and prints a table. Classes are matched with the reference labels by name (the
+dataset's ``dataset.json``, ``--reference-labels``, or a ``.seg.nrrd``'s segment names); a model class
+the reference does not name is refused. Exit codes (:mod:`ReCoKDLib.commands.runner`): 0 done,
+1 failure while running, 2 bad input, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ReCoKDLib.commands.segment import run_command
+from ReCoKDLib.commands.runner import run_command
 from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "evaluate"
@@ -36,6 +39,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", metavar="DIR", help="dataset in nnU-Net raw layout; its labelled test cases are used")
     data.add_argument("--pairs", nargs="+", metavar="IMAGE:LABEL", help="test cases as image:label file pairs")
+    parser.add_argument("--reference-labels", metavar="JSON",
+                        help="names of the reference label values, to match them with the model's classes by name: a "
+                             "JSON object {\"liver\": 1, ...}, a list of names (index = value), or a file holding "
+                             "either, e.g. a dataset.json (default: the dataset's dataset.json; .seg.nrrd references "
+                             "carry their own)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and report.html")
     parser.add_argument("--device", default="auto", help="device of the evaluation runs (latency is always CPU) (default auto)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
@@ -47,14 +55,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(parser)
 
 
-def _cases(args: argparse.Namespace) -> list:
+def _cases(args: argparse.Namespace) -> tuple[list, dict | None]:
+    """The test cases and the reference label table (the dataset's ``labels``, or ``--reference-labels``)."""
     from ReCoKDLib.data.layout import Case, RawDataset
+    from ReCoKDLib.evaluate import read_label_table
 
+    table = read_label_table(args.reference_labels) if args.reference_labels else None
     if args.dataset:
-        cases = [c for c in RawDataset.open(args.dataset).test_cases() if c.label_path is not None]
+        dataset = RawDataset.open(args.dataset)
+        cases = [c for c in dataset.test_cases() if c.label_path is not None]
         if not cases:
             raise ValueError(f"{args.dataset} has no labelled test case (imagesTs with labelsTs); use --pairs")
-        return cases
+        return cases, table or dict(dataset.labels)
     cases = []
     for n, pair in enumerate(args.pairs):
         image, sep, label = pair.rpartition(":")
@@ -64,7 +76,7 @@ def _cases(args: argparse.Namespace) -> list:
             if not Path(path).exists():
                 raise ValueError(f"--pairs {pair!r}: {path} does not exist")
         cases.append(Case(f"case_{n:03d}", [Path(image)], Path(label)))
-    return cases
+    return cases, table
 
 
 def format_table(metrics: dict) -> str:
@@ -95,10 +107,15 @@ def run(args: argparse.Namespace) -> int:
         for name, path in args.model:
             if not Path(path).is_file():
                 raise ValueError(f"--model {name}={path}: no such file")
-        metrics = evaluate_models(dict(args.model), _cases(args), args.out, device=args.device, overlap=args.overlap,
+        from ReCoKDLib.outputs import check_destination
+
+        cases, table = _cases(args)
+        check_destination(args.out, "--out", folder=True)
+        metrics = evaluate_models(dict(args.model), cases, args.out, device=args.device, overlap=args.overlap,
                                   mirror=args.mirror, latency_repeats=args.latency_repeats,
-                                  training_logs=dict(args.log) or None, reporter=reporter)
+                                  training_logs=dict(args.log) or None, reporter=reporter, reference_labels=table)
         if args.progress != "json":
             print(format_table(metrics), file=sys.stdout)
 
-    return run_command(args, STAGE, job)
+    return run_command(args, STAGE, job, memory_hint="--latency-repeats (0 skips the latency runs), or evaluate "
+                                                      "one model at a time; on a GPU, --device cpu has more memory")

@@ -13,14 +13,15 @@ The second writes ``ROOT/DatasetNNN_Name/nnUNetTrainer__<Plans>__<config>_recokd
 the student's configuration, ``dataset.json``, ``fold_0/checkpoint_final.pth``): run it with
 ``nnUNetv2_predict`` (``nnUNet_results=ROOT``) or SlicerNNUnet (point it at ROOT); see
 :mod:`ReCoKDLib.nnunet.export`.
-Exit codes: 0 done, 1 run error, 2 bad input.
+Exit codes (:mod:`ReCoKDLib.commands.runner`): 0 done, 1 failure while running, 2 bad input, 130/143
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ReCoKDLib.commands.segment import run_command
+from ReCoKDLib.commands.runner import run_command
 from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "export"
@@ -51,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("give the model file once, as MODEL or --model MODEL")
         if not args.nnunet and not args.out:
             raise ValueError("give --out DIR (TorchScript/ONNX) or --nnunet ROOT (nnU-Net model folder)")
+        from ReCoKDLib.outputs import check_destination
+
+        for what, folder in (("--nnunet", args.nnunet), ("--out", args.out)):
+            if folder:
+                check_destination(folder, what, folder=True)
         if args.nnunet:
             from ReCoKDLib.nnunet.export import export_student
 

@@ -23,7 +23,8 @@ method; trained adapters and context blocks come from ``checkpoint.pt`` beside i
 ==================================  ===============================================================
 
 Every volume lies on the image's exact grid (size, spacing, origin, direction). Inputs are all
-checked before anything is written. Exit codes: 0 done, 1 run error, 2 bad input.
+checked before anything is written, the destination included. Exit codes (:mod:`ReCoKDLib.commands.runner`):
+0 done, 1 failure while running, 2 bad input, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ReCoKDLib.commands.segment import run_command
+from ReCoKDLib.commands.runner import run_command
 from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "inspect"
@@ -356,10 +357,13 @@ def run(args: argparse.Namespace) -> int:
     def job(reporter) -> None:
         from ReCoKDLib.infer import ROI, resolve_device
 
+        from ReCoKDLib.outputs import check_destination
+
         roi = ROI.parse(args.roi, args.roi_space) if args.roi else None
+        check_destination(args.out, "--out", folder=True)
         inspect_to_folder(args.image, args.teacher, args.student, args.out, labels_path=args.labels,
                           levels=args.levels, roi=roi, fmt=args.format, device=str(resolve_device(args.device)),
                           render=not args.no_png, size=(args.size, args.size),
                           window_level=tuple(args.window_level) if args.window_level else None, reporter=reporter)
 
-    return run_command(args, STAGE, job)
+    return run_command(args, STAGE, job, memory_hint="--roi (inspect a box), or fewer --levels")

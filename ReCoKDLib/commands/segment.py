@@ -11,8 +11,11 @@ Examples::
         --card card.json
 
 The label map (and the optional ``(K, D, H, W)`` probability image) has the input's exact size,
-spacing, origin and direction. Exit codes: 0 done, 1 error while running (disk, interrupted),
-2 bad input (missing or unsafe model, unreadable image, bad ROI or options).
+spacing, origin and direction. Every destination is checked to be writable, and never to be an
+input (``--overwrite-input`` forces that), before the model is loaded. Exit codes
+(:mod:`ReCoKDLib.commands.runner`): 0 done, 1 failure while running (a full disk, out of memory),
+2 bad input (missing or unsafe model, unreadable or truncated image, NaN voxels, bad ROI, options
+or destination), 130 interrupted, 143 stopped by SIGTERM.
 
 Many cases (several inputs, a folder of scans or of DICOM series, a glob, a ``.txt`` list; OUT a
 folder): the model is loaded once, a bar runs over the cases, a failing case is reported and the
@@ -25,37 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from ReCoKDLib.progress import add_progress_argument, make_reporter
+from ReCoKDLib.commands.runner import run_command
+from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "segment"
-
-
-def run_command(args: argparse.Namespace, stage: str, job: Callable[[Any], None]) -> int:
-    """Run ``job(reporter)``: exit 0 when done, 2 for bad input (``ValueError``), 1 for other
-    failures (``OSError``), 130 when interrupted; every error is reported once, clearly."""
-    reporter = make_reporter(getattr(args, "progress", "auto"))
-    code, message = 0, None
-    try:
-        job(reporter)
-    except KeyboardInterrupt:
-        code, message = 130, "interrupted"
-    except ValueError as exc:
-        code, message = 2, str(exc)
-    except OSError as exc:
-        code, message = 1, str(exc)
-    finally:
-        if message is not None:
-            reporter.error(stage, message)
-            if getattr(args, "progress", "auto") == "none":  # the bar reporter prints errors itself
-                print(f"recokd {stage}: error: {message}", file=sys.stderr)
-        reporter.close()
-    return code
+#: what to lower when memory runs out while segmenting
+MEMORY_HINT = ("--sw-batch-size (default 1), or segment a box with --roi; drop --mirror and --probabilities; on a GPU, "
+               "--device cpu has more memory")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +69,8 @@ def load_from_args(path: str, args: argparse.Namespace, device: str = "cpu"):
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "The output lies on the input's exact voxel grid. Exit codes: 0 done, 1 run error, 2 bad input."
+    parser.epilog = ("The output lies on the input's exact voxel grid. Exit codes: 0 done, 1 failure while running, "
+                     "2 bad input, 130 interrupted, 143 stopped by SIGTERM.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", help="model: a ReCoKD model file (.pt), a TorchScript file, or a state dict with --entry-point")
     parser.add_argument("image", nargs="+", metavar="IMAGE",
@@ -115,6 +100,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("nii.gz", "nii", "nrrd", "mha"), default="nii.gz",
                         help="file format of the label maps of many cases (default nii.gz)")
     parser.add_argument("--summary", metavar="CSV", help="where many cases' summary goes (default OUT/summary.csv)")
+    parser.add_argument("--replace-nonfinite", metavar="VALUE", default=None,
+                        help="replace NaN/inf voxels of the image by VALUE (a number, or 'min': the smallest finite "
+                             "voxel) and say how many; without it such an image is refused")
+    parser.add_argument("--overwrite-input", action="store_true",
+                        help="allow an output to be the input file itself (refused otherwise: it would destroy the scan)")
     add_model_arguments(parser)
     add_progress_argument(parser)
 
@@ -124,6 +114,27 @@ def _check_window_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
     if args.sw_batch_size < 1:
         raise ValueError(f"--sw-batch-size must be at least 1; got {args.sw_batch_size}")
+
+
+def _check_destinations(args: argparse.Namespace, inputs: list, folders: bool = False) -> None:
+    """Every output can be written, and none is an input, before any model is loaded."""
+    from ReCoKDLib.outputs import check_destination, check_not_input
+
+    targets = [("OUT", args.out, folders), ("--probabilities", args.probabilities, False),
+               ("--dicom-seg", args.dicom_seg, folders or args.dicom_seg and str(args.dicom_seg).endswith("/")),
+               ("--png", args.png, True), ("--summary", getattr(args, "summary", None) if folders else None, False)]
+    check_not_input([(what, path) for what, path, _ in targets], inputs + list(args.channel or []) + [args.model],
+                    force=args.overwrite_input)
+    for what, path, folder in targets:
+        if path:
+            check_destination(path, what, folder=bool(folder))
+
+
+def _nonfinite(args: argparse.Namespace):
+    """The non-finite voxel policy of ``--replace-nonfinite`` (refuse without it)."""
+    from ReCoKDLib.data.io import nonfinite_policy
+
+    return nonfinite_policy("error" if args.replace_nonfinite is None else args.replace_nonfinite)
 
 
 def _batch_job(args: argparse.Namespace, reporter) -> None:
@@ -139,9 +150,8 @@ def _batch_job(args: argparse.Namespace, reporter) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; with several cases OUT is the folder to write them to")
+    _check_destinations(args, [c.image for c in cases], folders=True)
     out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise OSError(f"cannot write to {out}")
     for folder in (args.png, args.dicom_seg):
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -158,15 +168,16 @@ def _batch_job(args: argparse.Namespace, reporter) -> None:
         from ReCoKDLib.data.io import read_image
         from ReCoKDLib.mrml.views import render_segmentation_pngs
 
-        image, geometry = read_image(case.image, allow_channels=True)
+        image, geometry = read_image(case.image, allow_channels=True, nonfinite="keep")
         render_segmentation_pngs(image, geometry, result.labels, result.class_names, args.png, prefix=f"{case.case_id}_")
 
     model = load_from_args(args.model, args, "cpu")
-    results = segment_cases(
-        model, cases, out, suffix=f".{args.format}", summary_path=args.summary, dicom_seg_dir=args.dicom_seg,
-        reporter=reporter, after_case=pictures if args.png else None, roi=ROI.parse(args.roi, args.roi_space)
-        if args.roi else None, mirror=args.mirror, overlap=args.overlap, device=resolve_device(args.device),
-        amp=args.amp, sw_batch_size=args.sw_batch_size)
+    with _nonfinite(args):
+        results = segment_cases(
+            model, cases, out, suffix=f".{args.format}", summary_path=args.summary, dicom_seg_dir=args.dicom_seg,
+            reporter=reporter, after_case=pictures if args.png else None, roi=ROI.parse(args.roi, args.roi_space)
+            if args.roi else None, mirror=args.mirror, overlap=args.overlap, device=resolve_device(args.device),
+            amp=args.amp, sw_batch_size=args.sw_batch_size)
     failed = [r for r in results if r.status != "ok"]
     summary = args.summary or out / "summary.csv"
     message = f"{len(results) - len(failed)} of {len(results)} case(s) segmented into {out}; summary {summary}"
@@ -181,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from ReCoKDLib.batch import is_batch
 
     if isinstance(args.image, list) and is_batch(args.image, args.out):
-        return run_command(args, "batch", partial(_batch_job, args))
+        return run_command(args, "batch", partial(_batch_job, args), memory_hint=MEMORY_HINT)
     if isinstance(args.image, list):
         args.image = args.image[0]
 
@@ -199,17 +210,20 @@ def run(args: argparse.Namespace) -> int:
             from ReCoKDLib.data.dicom_seg import check_dicom_seg_source
 
             check_dicom_seg_source(args.image)
+        _check_destinations(args, [args.image])
         model = load_from_args(args.model, args, "cpu")
         images = [args.image] + list(args.channel)
-        result = segment_file(model, images if len(images) > 1 else args.image, args.out, roi=roi, mirror=args.mirror,
-                              overlap=args.overlap, device=device, probabilities_path=args.probabilities,
-                              reporter=reporter, amp=args.amp, sw_batch_size=args.sw_batch_size)
+        with _nonfinite(args):
+            result = segment_file(model, images if len(images) > 1 else args.image, args.out, roi=roi,
+                                  mirror=args.mirror, overlap=args.overlap, device=device,
+                                  probabilities_path=args.probabilities, reporter=reporter, amp=args.amp,
+                                  sw_batch_size=args.sw_batch_size)
         counts = {name: int((result.labels == i).sum()) for i, name in enumerate(result.class_names) if i}
         if getattr(args, "png", None):
             from ReCoKDLib.data.io import read_image
             from ReCoKDLib.mrml.views import render_segmentation_pngs
 
-            image, geometry = read_image(args.image, allow_channels=True)
+            image, geometry = read_image(args.image, allow_channels=True, nonfinite="keep")
             render_segmentation_pngs(image, geometry, result.labels, result.class_names, args.png,
                                      prefix=f"{Path(args.out).name.split('.')[0]}_")
         # classes and colours let a parent process (the Slicer module) name and colour the segments
@@ -226,4 +240,4 @@ def run(args: argparse.Namespace) -> int:
                       classes=list(result.class_names), colors=list(colors) if colors else None,
                       message=f"wrote {args.out} ({result.seconds:.1f} s on {result.device})")
 
-    return run_command(args, STAGE, job)
+    return run_command(args, STAGE, job, memory_hint=MEMORY_HINT)

@@ -9,19 +9,21 @@ Example::
 
 The options shared with ``recokd distill`` (data, budget, optimiser, device, resume) are defined
 here (:func:`add_data_arguments`, :func:`add_training_arguments`) and reused there.
-Exit codes: 0 done (also when cancelled by SIGTERM or ``<out>/STOP``: the ``done`` event says
-``"cancelled": true``), 1 a clear error (message on stderr and an ``error`` event), 2 bad usage.
+One run at a time per ``--out`` folder (``OUT/.recokd.lock`` names the owner; a lock left by a killed
+run is taken over with a warning). Exit codes (:mod:`ReCoKDLib.commands.runner`): 0 done (also when
+stopped by ``<out>/STOP``: the ``done`` event says ``"cancelled": true``), 1 a failure while running,
+2 bad input or a busy run folder, 130 interrupted, 143 stopped by SIGTERM (checkpoint written; the
+message gives the command that continues the run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ReCoKDLib.progress import add_progress_argument, make_reporter
+from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "train-teacher"
 
@@ -169,28 +171,12 @@ def prepare_case_set(raw, class_names: Sequence[str], spacing, normalization: di
 
 
 def run_job(args: argparse.Namespace, stage: str, job) -> int:
-    """Run ``job(reporter)`` with the CLI's error handling; returns the exit code."""
-    reporter = make_reporter(args.progress)
-    try:
-        job(reporter)
-        return 0
-    except KeyboardInterrupt:
-        reporter.error(stage, "interrupted; resume with --resume")
-        return 130
-    except (ValueError, OSError) as exc:
-        if not getattr(exc, "recokd_reported", False):  # the engine reports its own errors
-            reporter.error(stage, str(exc))
-        if args.progress != "json":
-            print(f"recokd {stage}: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # an unexpected failure: still one error event, and the traceback on stderr
-        import traceback
+    """Run ``job(reporter)`` under the CLI's convention (:func:`ReCoKDLib.commands.runner.run_command`),
+    holding the run folder ``--out`` (one run at a time) for the whole job; returns the exit code."""
+    from ReCoKDLib.commands.runner import resume_command, run_command
 
-        traceback.print_exc(file=sys.stderr)
-        reporter.error(stage, f"unexpected {type(exc).__name__}: {exc}")
-        return 1
-    finally:
-        reporter.close()
+    return run_command(args, stage, job, lock=args.out, resume_hint=f"continue with: {resume_command()}",
+                       memory_hint="--batch or --patch (or train a thinner student: --reduction)")
 
 
 # ---------------------------------------------------------------------------------------------

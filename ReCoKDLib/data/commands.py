@@ -3,8 +3,8 @@
     recokd data fetch [--dest DIR] [--only ct,brain,spine,heads] [--force] [--progress {auto,json,bar,none}]
     recokd data info [DIR] [--json]
 
-Exit codes: 0 success, 2 bad input or a failed fetch (message on stderr; an ``error`` event in
-``--progress json`` mode).
+Exit codes (:mod:`ReCoKDLib.commands.runner`): 0 success, 2 bad input or a failed fetch (message on
+stderr; an ``error`` event in ``--progress json`` mode), 1 an unexpected failure, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ReCoKDLib.progress import add_progress_argument, make_reporter
+from ReCoKDLib.progress import add_progress_argument
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -42,28 +42,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     info.add_argument("--json", action="store_true", help="print one JSON document instead of text")
 
 
-def _fail(message: str, reporter=None, progress: str = "none") -> int:
-    if reporter is not None:
-        reporter.error("fetch", message)
-        reporter.close()
-    if reporter is None or progress in ("json", "none"):
-        print(f"recokd data: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _run_fetch(args: argparse.Namespace) -> int:
-    from ReCoKDLib.data.fetch import DataFetchError, fetch_datasets
+    from ReCoKDLib.commands.runner import run_command
+    from ReCoKDLib.data.fetch import fetch_datasets
 
-    reporter = make_reporter(args.progress)
-    try:
-        fetch_datasets(args.dest, args.only, reporter, force=args.force)
-    except DataFetchError as exc:
-        return _fail(str(exc), reporter, args.progress)
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing half-written was kept, run the same command again to resume", reporter, args.progress)
-        return 130
-    reporter.close()
-    return 0
+    return run_command(args, "fetch", lambda reporter: fetch_datasets(args.dest, args.only, reporter, force=args.force),
+                       resume_hint="nothing half-written was kept, run the same command again to resume")
 
 
 def _describe(folder: Path) -> dict:

@@ -13,6 +13,9 @@ constant time for the normal case:
 ``.mha``        ``ElementDataFile = LOCAL``: header + ``CompressedDataSize`` (compressed) or + data
 ==============  ===================================================================================
 
+ITK's NIfTI reader also turns NaN/inf voxels of float files into 0 without a word:
+:func:`nifti_nonfinite_voxels` finds them in the file's own bytes.
+
 When a gzip trailer does not match (a file written as several gzip members, or one larger than
 4 GiB written oddly), the stream is decompressed to be sure: a complete file passes, a truncated
 one fails. Detached headers (``.nhdr``, ``.mhd``), other encodings and DICOM are not checked
@@ -26,9 +29,12 @@ import os
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["incomplete_reason"]
+import numpy as np
+
+__all__ = ["incomplete_reason", "nifti_nonfinite_voxels"]
 
 #: bytes per voxel component of NRRD ``type:`` / MetaImage ``ElementType`` names
 _NRRD_TYPES = {
@@ -90,47 +96,128 @@ def _gzip_reason(path: Path, start: int, expected: int, what: str) -> str:
     return f"its {what} holds {_size_text(actual)} where the header announces {_size_text(expected)}"
 
 
-def _nifti_reason(path: Path, compressed: bool) -> str:
-    opener = gzip.open if compressed else open
-    try:
-        with opener(path, "rb") as fh:
-            head = fh.read(540)
-    except EOFError:
-        return "its compressed header stops before the end of the stream (the file is cut short)"
-    except (OSError, zlib.error):
-        return ""  # not gzip data: ITK says what it is
-    if len(head) < 4 or head[:4] not in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c", b"\x1c\x02\x00\x00",
-                                         b"\x00\x00\x02\x1c"):
-        return ""  # not a NIfTI header (sizeof_hdr 348 or 540): ITK says what it is
-    if len(head) < 348:
-        return f"it holds {len(head)} bytes, less than its NIfTI header (348)"
+@dataclass(frozen=True)
+class _NiftiHeader:
+    endian: str
+    sizeof_hdr: int
+    dims: tuple[int, ...]  # (nx, ny, nz, nt, ...) of the used axes
+    datatype: int
+    bitpix: int
+    offset: int
+
+    @property
+    def voxels(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= max(int(d), 1)
+        return n
+
+    @property
+    def data_start(self) -> int:
+        return max(self.offset, self.sizeof_hdr)
+
+    @property
+    def float_dtype(self) -> np.dtype | None:
+        """The numpy type of float voxel data (float32, float64), ``None`` for other types."""
+        kind = {16: "f4", 64: "f8"}.get(self.datatype)
+        return np.dtype(self.endian + kind) if kind else None
+
+
+_NIFTI_MAGIC = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c", b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
+
+
+def _nifti_header(head: bytes) -> _NiftiHeader | None:
+    """The fields of a NIfTI-1/-2 header (``None``: not one, or malformed; ITK says what it is)."""
+    if len(head) < 348 or head[:4] not in _NIFTI_MAGIC:
+        return None
     for endian in "<>":
         (sizeof_hdr,) = struct.unpack(endian + "i", head[:4])
         if sizeof_hdr == 348:
             dims = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
             offset = int(struct.unpack(endian + "f", head[108:112])[0])
             break
         if sizeof_hdr == 540 and len(head) >= 540:
             dims = struct.unpack(endian + "8q", head[16:80])
-            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
             offset = struct.unpack(endian + "q", head[168:176])[0]
             break
     else:
-        return ""  # not a NIfTI header: ITK will say so
+        return None
     ndim = dims[0]
     if not 1 <= ndim <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1:ndim + 1]):
-        return ""  # a malformed header: ITK reports it
-    voxels = 1
-    for d in dims[1:ndim + 1]:
-        voxels *= max(int(d), 1)
-    expected = max(offset, sizeof_hdr) + voxels * bitpix // 8
+        return None
+    return _NiftiHeader(endian, sizeof_hdr, tuple(int(d) for d in dims[1:ndim + 1]), int(datatype), int(bitpix),
+                        int(offset))
+
+
+def _read_nifti_head(path: Path, compressed: bool) -> bytes:
+    with (gzip.open if compressed else open)(path, "rb") as fh:
+        return fh.read(540)
+
+
+def _nifti_reason(path: Path, compressed: bool) -> str:
+    try:
+        head = _read_nifti_head(path, compressed)
+    except EOFError:
+        return "its compressed header stops before the end of the stream (the file is cut short)"
+    except (OSError, zlib.error):
+        return ""  # not gzip data: ITK says what it is
+    if 4 <= len(head) < 348 and head[:4] in _NIFTI_MAGIC:
+        return f"it holds {len(head)} bytes, less than its NIfTI header (348)"
+    header = _nifti_header(head)
+    if header is None:
+        return ""
+    expected = header.data_start + header.voxels * header.bitpix // 8
     if compressed:
         return _gzip_reason(path, 0, expected, "data")
     size = path.stat().st_size
     if size < expected:
         return f"it holds {_size_text(size)} where its header announces {_size_text(expected)}"
     return ""
+
+
+def _nifti_chunks(path: Path, header: _NiftiHeader, compressed: bool, size: int = 1 << 24):
+    """The voxel data of a NIfTI file in blocks of whole voxels."""
+    width = header.bitpix // 8
+    total = header.voxels * width
+    with (gzip.open if compressed else open)(path, "rb") as fh:
+        fh.seek(header.data_start)
+        while total > 0:
+            block = fh.read(min(size - size % width, total))
+            if not block:
+                return
+            total -= len(block)
+            yield block
+
+
+def nifti_nonfinite_voxels(path: str | os.PathLike) -> np.ndarray | None:
+    """The voxels of a float NIfTI file as stored, ``(..., D, H, W)``, when some are NaN/inf;
+    ``None`` when none is (or the file is not a float NIfTI file).
+
+    ITK's NIfTI reader (niftilib) silently turns such voxels into 0, so they are looked for in the
+    file's own bytes: one summing pass over the voxel data (float files only; integer files, as
+    most CT, cost nothing), the mask only when that pass finds something.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    compressed = name.endswith(".nii.gz")
+    if not (compressed or name.endswith(".nii")):
+        return None
+    try:
+        header = _nifti_header(_read_nifti_head(path, compressed))
+    except (OSError, EOFError, zlib.error):
+        return None
+    dtype = header.float_dtype if header is not None else None
+    if dtype is None:
+        return None
+    with np.errstate(all="ignore"):
+        if all(np.isfinite(np.frombuffer(block, dtype).sum()) for block in _nifti_chunks(path, header, compressed)):
+            return None
+    data = np.frombuffer(b"".join(_nifti_chunks(path, header, compressed)), dtype)
+    if data.size != header.voxels:
+        return None
+    return data.reshape(tuple(reversed(header.dims)))
 
 
 def _head(path: Path, limit: int = 1 << 16) -> bytes:

@@ -420,7 +420,23 @@ def read_image(path: str | os.PathLike, allow_channels: bool = True, nonfinite: 
         require_3d(array, str(path), allow_channels=allow_channels)
     except ImageDimensionError as exc:
         raise ImageDimensionError(f"{path}: {exc}") from None
+    if path.is_file() and np.issubdtype(array.dtype, np.floating) and nonfinite != "keep":
+        array = _nifti_nonfinite_back(path, array)
     return check_finite(array, str(path), nonfinite), geometry
+
+
+def _nifti_nonfinite_back(path: Path, array: np.ndarray) -> np.ndarray:
+    """ITK's NIfTI reader turns NaN/inf voxels into 0 silently: put them back from the file's bytes
+    (:func:`~ReCoKDLib.data.image_files.nifti_nonfinite_voxels`) so they are counted and handled."""
+    from ReCoKDLib.data.image_files import nifti_nonfinite_voxels
+
+    raw = nifti_nonfinite_voxels(path)
+    if raw is None:
+        return array
+    if raw.shape != array.shape:
+        raise NonFiniteVoxelsError(f"{path} has {int(np.count_nonzero(~np.isfinite(raw)))} NaN or infinite voxel(s); "
+                                   "a network turns them into a wrong segmentation. Fix the image")
+    return np.where(np.isfinite(raw), array, raw.astype(array.dtype))
 
 
 def _verify_written(path: Path, final: Path) -> None:

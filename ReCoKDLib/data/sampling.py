@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -313,8 +312,19 @@ class CaseCache:
         return CaseArrays(meta["case_id"], image, label, locations, meta, meta.get("labelled"))
 
     def store(self, key: str, case: CaseArrays) -> CaseArrays:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        """Write an entry (atomically, see the class docstring).
+
+        Raises:
+            OutputWriteError: the cache cannot be written (a full disk, no permission); the message
+                names the cache folder and ``--cache-dir``.
+        """
+        from ReCoKDLib.checkpoint import OutputWriteError, create_temp_dir
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = create_temp_dir(self.root, prefix=f".{key}.")
+        except OSError as exc:
+            raise self._write_error(key, exc) from exc
         try:
             np.save(tmp / "image.npy", np.ascontiguousarray(case.image, dtype=np.float32))
             np.save(tmp / "label.npy", np.ascontiguousarray(case.label, dtype=np.int16))
@@ -325,10 +335,19 @@ class CaseCache:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+                raise self._write_error(key, exc) from exc
             raise
         return self.load(key) or case
+
+    def _write_error(self, key: str, exc: OSError):
+        from ReCoKDLib.checkpoint import OutputWriteError
+
+        error = OutputWriteError.of(self.path(key), exc)
+        return OutputWriteError(error.errno, f"{error}; the preprocessing cache can go to another disk with "
+                                             "--cache-dir DIR", error.filename)
 
 
 def _preprocessed_arrays(result: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
