@@ -222,7 +222,9 @@ def _run_folder(lock: str | os.PathLike | None) -> Iterator[None]:
     if lock is None or os.environ.get("RANK", "0") != "0":
         yield
         return
+    from ReCoKDLib.outputs import check_destination
     from ReCoKDLib.runlock import RunFolderLock
 
+    check_destination(lock, "--out", folder=True)
     with RunFolderLock(lock, command=shlex.join(["recokd", *sys.argv[1:]])):
         yield
