@@ -152,7 +152,7 @@ class _NaNInjector(nn.Module):
 
 
 def _patch_kd(monkeypatch, module):
-    monkeypatch.setattr(engine, "build_kd_module", lambda *a, **k: module)
+    monkeypatch.setattr(engine.jobs, "build_kd_module", lambda *a, **k: module)
 
 
 def test_a_nan_loss_skips_the_step_with_a_warning(ct_cases, teacher_file, tmp_path, monkeypatch):
@@ -246,7 +246,7 @@ def test_sigterm_cancels_with_a_final_checkpoint(ct_cases, teacher_file, tmp_pat
 
 def test_early_stopping_keeps_the_best_model(ct_cases, tmp_path, monkeypatch):
     scores = iter([0.5, 0.4, 0.3])
-    monkeypatch.setattr(engine, "validate",
+    monkeypatch.setattr(engine.loop, "validate",
                         lambda *a, **k: {"mean_dice": next(scores), "dice": {}, "cases": 1})
     twin = CaseArrays("twin", np.array(ct_cases.cases[0].image), np.array(ct_cases.cases[0].label))
     cases = CaseSet([ct_cases.cases[0], twin], ct_cases.class_names, [3.0, 3.0, 3.0], CT_NORMALIZATION)

@@ -1,0 +1,130 @@
+"""The two public jobs: :func:`train_teacher` and :func:`distill` (see :mod:`ReCoKDLib.engine`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ReCoKDLib import checkpoint as ckpt
+from ReCoKDLib.data.sampling import CaseSet
+from ReCoKDLib.engine.config import TrainConfig, TrainingError, TrainResult
+from ReCoKDLib.engine.loop import _Job, _check_patch, _prepare_run, _run, _run_scope
+from ReCoKDLib.engine.modules import _DistillModule, _SegModule, build_kd_module
+from ReCoKDLib.engine.pairing import (_check_output_only_teacher, _check_teacher_labels, _dataset_spec, _kd_num_classes,
+                                     _kd_taps, _label_spec_record, _output_channels, _student_config, _teacher_parts)
+from ReCoKDLib.engine.state import _versions
+from ReCoKDLib.networks import UNetConfig, build_unet, encoder_tap_names
+from ReCoKDLib.progress import Reporter
+
+
+def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathLike, reporter: Reporter | None = None,
+                  resume: bool = False, role: str = "teacher") -> TrainResult:
+    """Train the built-in 3D U-Net (``config.network``, default ``preset("nnunet")``) with Dice + CE.
+
+    Args:
+        config: the run (see :class:`TrainConfig`).
+        dataset: preprocessed cases; the last ``config.num_val_cases`` are held out for validation.
+        out_dir: folder of ``checkpoint.pt``, ``model_best.pt``, ``model_last.pt``, ``history.json``.
+        reporter: progress events (stages ``train-teacher`` and ``validate``).
+        resume: continue the run in ``out_dir`` exactly where it stopped.
+        role: the model card's role: ``"teacher"``, or ``"student"`` for a student trained
+            without distillation (the baseline distillation is compared with).
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    out_dir = Path(out_dir)
+    reporter = reporter or Reporter()
+    config, dist_ctx, device = _prepare_run(config, resume, out_dir)
+    with _run_scope("train-teacher", reporter, dist_ctx):
+        if dataset.unlabelled_cases:
+            raise TrainingError(f"training a network needs labels; cases {dataset.unlabelled_cases[:5]} have none "
+                                "(use them with distill, which takes the teacher's predictions as their targets)")
+        net_dict = dict(config.network or UNetConfig().to_dict())
+        net_dict.update(in_channels=dataset.in_channels, num_classes=_output_channels(dataset))
+        net_config = UNetConfig.from_dict(net_dict)
+        network = build_unet(net_config)
+        train_set, val_set = dataset.split(config.num_val_cases)
+        card = ckpt.ModelCard(
+            architecture={"kind": "dynunet", "config": net_config.to_dict()},
+            classes=list(dataset.class_names), spacing=list(dataset.spacing), normalization=dict(dataset.normalization),
+            patch_size=list(config.patch_size), in_channels=dataset.in_channels, role=role,
+            tap_names=encoder_tap_names(net_config), label_spec=_label_spec_record(dataset),
+            provenance={"versions": _versions(), "train_config": config.to_dict(),
+                        "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes},
+        )
+        job = _Job("train-teacher", _SegModule(network), network, net_config, {}, False, card)
+        return _run(job, config, train_set, val_set, out_dir, reporter, resume, device, dist_ctx)
+
+
+
+def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | os.PathLike,
+            reporter: Reporter | None = None, resume: bool = False) -> TrainResult:
+    """Distill a student from a frozen ``teacher`` on ``dataset``.
+
+    Loss: Dice + CE (deep supervision) + ``kd_lambda(step) * KD``, the KD loss built from
+    ``config.kd`` on the features tapped at ``config.teacher_taps`` / ``config.student_taps``
+    (default: encoder stages without the bottleneck) and both networks' logits.
+
+    Args:
+        config: the run (see :class:`TrainConfig`); the student is ``config.student_config`` or the
+            teacher's architecture with widths divided by ``config.student_reduction``.
+        teacher: a ReCoKD model file path, or a loaded model with ``.network`` and ``.card``
+            (``teachers.LoadedModel``). Frozen, eval mode, run under ``torch.no_grad``.
+        dataset: preprocessed cases on the teacher's spacing and normalisation; the last
+            ``config.num_val_cases`` are held out.
+        out_dir, reporter, resume: as in :func:`train_teacher` (stage ``distill``).
+
+    Returns:
+        :class:`TrainResult` (``model_last.pt``/``model_best.pt`` hold the student).
+    """
+    from ReCoKDLib.taps import DistillationPair
+
+    out_dir = Path(out_dir)
+    reporter = reporter or Reporter()
+    config, dist_ctx, device = _prepare_run(config, resume, out_dir)
+    with _run_scope("distill", reporter, dist_ctx):
+        teacher_net, teacher_card, teacher_sha = _teacher_parts(teacher)
+        _check_teacher_labels(teacher_card, dataset)
+        if teacher_card.in_channels != dataset.in_channels:
+            raise TrainingError(f"the teacher takes {teacher_card.in_channels} channel(s), the dataset has {dataset.in_channels}")
+        _check_output_only_teacher(teacher, teacher_card, config.kd)
+        student_config = _student_config(config, teacher_card)
+        _check_patch(config, student_config)
+        nnunet_student = hasattr(student_config, "build")  # nnunet.student.NNUNetStudentConfig
+        student = student_config.build() if nnunet_student else build_unet(student_config)
+        teacher_taps, student_taps = _kd_taps(config, teacher_card, student_config, getattr(teacher, "kind", None))
+        pair = DistillationPair(teacher_net.to(device), student.to(device), teacher_taps, student_taps,
+                                (dataset.in_channels, *config.patch_size))
+        kd_module = build_kd_module(config.kd, pair.teacher_channels, pair.student_channels, _kd_num_classes(dataset))
+        train_set, val_set = dataset.split(config.num_val_cases)
+        if val_set is not None and val_set.unlabelled_cases:
+            reporter.warning("distill", f"held-out cases {val_set.unlabelled_cases} have no labels: no validation "
+                                        "(put labelled cases last, or --val-cases 0)")
+            val_set = None
+        warmup = config.kd_warmup_steps if config.kd_warmup_steps is not None else int(round(0.6 * config.steps))
+        kd_record = {"methods": config.kd, "kd_weight": config.kd_weight, "kd_warmup_steps": warmup,
+                     "frozen_aux": config.frozen_aux, "teacher_taps": teacher_taps, "student_taps": student_taps,
+                     "student_reduction": config.student_reduction if config.student_config is None else None}
+        nnunet_record = {}
+        if nnunet_student:  # what `recokd export --nnunet` needs: the teacher's plans and dataset.json
+            from ReCoKDLib.nnunet.student import nnunet_context
+
+            nnunet_record = {"nnunet": nnunet_context(teacher_card, getattr(teacher, "source", None) or
+                                                      (teacher if isinstance(teacher, (str, os.PathLike)) else None))}
+        card = ckpt.ModelCard(
+            architecture=(student_config.to_dict() if nnunet_student
+                          else {"kind": "dynunet", "config": student_config.to_dict()}),
+            classes=list(teacher_card.classes), spacing=list(teacher_card.spacing),
+            normalization=dict(teacher_card.normalization), patch_size=list(config.patch_size),
+            in_channels=dataset.in_channels, role="student", tap_names=student_taps, kd=kd_record,
+            label_spec=_label_spec_record(dataset) or dict(teacher_card.label_spec),
+            provenance={"teacher_sha256": teacher_sha, "versions": _versions(), "train_config": config.to_dict(),
+                        "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes,
+                        **nnunet_record},
+        )
+        job = _Job("distill", _DistillModule(pair, kd_module, _kd_num_classes(dataset), _dataset_spec(dataset)),
+                   student, student_config, {"adapters": pair.adapters, "kd_loss": kd_module}, not config.frozen_aux,
+                   card, warmup, {"teacher_sha256": teacher_sha})
+        return _run(job, config, train_set, val_set, out_dir, reporter, resume, device, dist_ctx)
