@@ -4,7 +4,7 @@ Files written to ``out_dir`` for a model file ``student.pt``:
 
 * ``student.ts``: TorchScript of the eval-mode network (``torch.jit.script``, falling back to
   ``torch.jit.trace`` when the network cannot be scripted), loadable without ReCoKD by
-  ``torch.jit.load`` and by :func:`ReCoKDLib.teachers.load_model` (which finds the card beside it).
+  ``torch.jit.load`` and by :func:`ReCoKDLib.models.loading.load_model` (which finds the card beside it).
 * ``student.onnx``: ONNX (``torch.onnx.export``, input ``image`` ``(B, C, D, H, W)``, output
   ``logits`` ``(B, K, D, H, W)``), with dynamic batch and spatial axes. Spatial sizes must be
   multiples of ``card.provenance["export"]["spatial_multiple"]`` (the network's total stride, and
@@ -18,7 +18,6 @@ Files written to ``out_dir`` for a model file ``student.pt``:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -44,7 +43,7 @@ def library_versions() -> dict[str, str | None]:
     from ReCoKDLib import __version__
 
     out: dict[str, str | None] = {"recokd": __version__, "python": sys.version.split()[0]}
-    for name in ("torch", "monai", "numpy", "SimpleITK", "onnx", "onnxruntime", "onnxscript"):
+    for name in ("torch", "monai", "numpy", "SimpleITK", "onnx", "onnxruntime", "onnxscript", "openvino"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -78,29 +77,22 @@ def _torchscript(network: torch.nn.Module, example: torch.Tensor, path: Path) ->
 
 
 def _onnx(network: torch.nn.Module, example: torch.Tensor, path: Path) -> float:
-    """Export and check with ONNX Runtime; returns the max absolute difference to torch."""
+    """Export (dynamic batch and spatial axes) and check with ONNX Runtime; returns the max absolute
+    difference to torch."""
     try:
         import onnxruntime
     except ImportError:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'recokd[export]'") from None
-    axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
-    tmp = path.with_name(f".{path.name}.tmp.onnx")
-    import warnings
+    from ReCoKDLib.models.base import InferenceError, network_logits
+    from ReCoKDLib.models.runtimes import export_onnx
 
-    # the exporter prints its steps on stdout, which belongs to --progress json: send them to stderr
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(network, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": axes, "logits": axes}, dynamo=True, external_data=False)
-        except Exception as exc:  # noqa: BLE001 - report any exporter failure as one error type
-            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}") from None
-    os.replace(tmp, path)
+    try:
+        export_onnx(network, example, path, dynamic_axes=True)
+    except InferenceError as exc:
+        raise ExportError(str(exc)) from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ours = session.run(None, {"image": example.numpy()})[0]
     with torch.no_grad():
-        from ReCoKDLib.infer import network_logits
-
         reference = network_logits(network(example)).numpy()
     return float(np.max(np.abs(ours - reference)))
 
@@ -121,7 +113,8 @@ def export_model(
         CheckpointError: the model file is missing or unsafe.
     """
     from ReCoKDLib.checkpoint import atomic_write_text, sha256_file
-    from ReCoKDLib.teachers import load_model
+    from ReCoKDLib.models.loading import load_model
+    from ReCoKDLib.networks import plain_convolutions
 
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
@@ -142,12 +135,13 @@ def export_model(
     written: dict[str, Path] = {}
     record: dict[str, Any] = {"files": {}, "spatial_multiple": multiple, "onnx_input": "image", "onnx_output": "logits"}
     for n, fmt in enumerate(formats, 1):
-        if fmt == "torchscript":
-            path = out_dir / f"{stem}.ts"
-            record["torchscript_method"] = _torchscript(network, example, path)
-        else:
-            path = out_dir / f"{stem}.onnx"
-            record["onnx_max_abs_diff"] = _onnx(network, example, path)
+        with plain_convolutions(network):  # the exporters see plain nn.Conv3d layers
+            if fmt == "torchscript":
+                path = out_dir / f"{stem}.ts"
+                record["torchscript_method"] = _torchscript(network, example, path)
+            else:
+                path = out_dir / f"{stem}.onnx"
+                record["onnx_max_abs_diff"] = _onnx(network, example, path)
         written[fmt] = path
         record["files"][path.name] = {"format": fmt, "sha256": sha256_file(path)}
         if reporter is not None:

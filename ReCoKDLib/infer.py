@@ -3,8 +3,11 @@
 The way of a volume::
 
     image (D, H, W) + Geometry ──preprocess_case──> (C, D', H', W') on the card's spacing
-        ──predict_logits (Gaussian sliding window, optional mirroring)──> (K, D', H', W') logits
-        ──softmax, restore_to_original (linear)──> (K, D, H, W) ──argmax──> labels on the input grid
+        ──predict_logits (Gaussian sliding window, optional mirroring; the network run by the
+          backend ReCoKDLib.models.backends chose, on the window ReCoKDLib.models.window chose)──>
+        (K, D', H', W') logits ──softmax──> probabilities
+        ──restore_labels (exact argmax of their linear resampling; ReCoKDLib.restore)──> labels on the input grid
+          (or restore_to_original: every class map resampled, when probabilities are asked for)
 
 The output label map has exactly the input's shape, spacing, origin and direction (oblique
 directions included): it is computed on the input's own voxels, never re-oriented.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 
 from ReCoKDLib.data.io import Geometry, require_3d
 from ReCoKDLib.data.preprocess import PreprocessedCase, as_channels, preprocess_case, restore_to_original
+from ReCoKDLib.models.base import InferenceError, SegmentationResult, network_logits, resolve_device
 
 __all__ = [
     "InferenceError",
@@ -58,44 +62,8 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 ROI_RESAMPLING_MARGIN = 2
 
 
-class InferenceError(ValueError):
-    """Segmentation cannot run on this input (shapes, ROI, classes, device)."""
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InferenceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"device {device!r} asked for but CUDA is not available here; use --device cpu or auto")
-    return dev
-
-
 # --------------------------------------------------------------------------------------------
 # The functional core: logits of one volume
-
-
-def network_logits(output: Any) -> Tensor:
-    """The full-resolution logits ``(B, K, D, H, W)`` of a network output.
-
-    Accepts a tensor, MONAI ``DynUNet``'s stacked training output ``(B, 1 + S, K, D, H, W)``, or a
-    tuple/list/dict whose first element is the full-resolution output (deep supervision).
-    """
-    if isinstance(output, dict) and output:
-        output = next(iter(output.values()))
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    if not isinstance(output, Tensor):
-        raise InferenceError(f"the network returned {type(output).__name__}; expected a tensor of logits")
-    if output.dim() == 6:
-        output = output[:, 0]
-    if output.dim() != 5:
-        raise InferenceError(f"expected network logits of shape (B, K, D, H, W); got {tuple(output.shape)}")
-    return output
 
 
 def _mirror_sets(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -115,6 +83,7 @@ def predict_logits(
     amp: bool = False,
     sw_batch_size: int = 1,
     progress_callback=None,
+    cval: float = 0.0,
 ) -> Tensor:
     """Whole-volume logits by Gaussian-weighted sliding window (MONAI ``sliding_window_inference``).
 
@@ -130,6 +99,7 @@ def predict_logits(
         amp: autocast (bf16 on CPU, fp16/bf16 on CUDA) for the forward passes.
         sw_batch_size: windows per forward pass.
         progress_callback: called as ``callback(done, total)`` after each batch of windows.
+        cval: the value a volume smaller than the window is padded with.
 
     Returns:
         ``(K, D, H, W)`` float32 logits on the CPU, aggregated there (window outputs only live on
@@ -175,7 +145,7 @@ def predict_logits(
         with torch.no_grad():
             logits = sliding_window_inference(
                 image[None].float(), roi_size=patch, sw_batch_size=sw_batch_size, predictor=predictor,
-                overlap=overlap, mode="gaussian", sw_device=device, device=torch.device("cpu"),
+                overlap=overlap, mode="gaussian", sw_device=device, device=torch.device("cpu"), cval=float(cval),
             )
     finally:
         network.train(was_training)
@@ -296,32 +266,6 @@ def _box_on_preprocessed(box: Box, pre: PreprocessedCase, margin: int) -> Box:
 # Volumes
 
 
-@dataclass
-class SegmentationResult:
-    """What :func:`segment_volume` returns.
-
-    Attributes:
-        labels: ``(D, H, W)`` uint8 (uint16 above 255 classes) on the exact input grid.
-        probabilities: ``(K, D, H, W)`` float32 class probabilities, or ``None``; for a model with
-            nnU-Net region-based labels (card ``label_spec``) ``(R, D, H, W)`` region probabilities
-            (sigmoid), ``labels`` then painted in ``regions_class_order`` (later regions overwrite).
-        geometry: the input geometry (also that of ``labels``).
-        class_names: the card's classes, index = label value.
-        seconds: wall time of the whole call.
-        roi_box: the computed box ``((k0, k1), (j0, j1), (i0, i1))`` on the input grid, or ``None``.
-        device: where the network ran.
-    """
-
-    labels: np.ndarray
-    probabilities: np.ndarray | None
-    geometry: Geometry
-    class_names: list[str]
-    seconds: float
-    roi_box: Box | None = None
-    device: str = "cpu"
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def _label_dtype(num_classes: int):
     return np.uint8 if num_classes <= 256 else np.uint16
 
@@ -339,8 +283,12 @@ def segment_volume(
     *,
     amp: bool = False,
     sw_batch_size: int = 1,
+    backend: str = "auto",
+    precision: str = "auto",
+    window: Sequence[int] | str | None = "auto",
+    restore: str = "auto",
 ) -> SegmentationResult:
-    """Segment one volume with a :class:`~ReCoKDLib.teachers.LoadedModel`.
+    """Segment one volume with a :class:`~ReCoKDLib.models.base.LoadedModel`.
 
     Args:
         model: a ``LoadedModel`` (``network`` + ``card``).
@@ -352,38 +300,75 @@ def segment_volume(
         device: ``"auto"``, ``"cpu"``, ``"cuda[:i]"``; the network is moved there.
         return_probabilities: also return ``(K, D, H, W)`` probabilities.
         reporter: a :class:`~ReCoKDLib.progress.Reporter` (stage ``"segment"``).
+        amp: the same as ``precision="bf16"`` (kept for older callers).
+        sw_batch_size: windows per forward pass.
+        backend, precision: which engine runs the network (:mod:`ReCoKDLib.models.backends`:
+            ``auto``, ``torch``, ``onnxruntime``, ``openvino``; ``auto``, ``fp32``, ``bf16``).
+        window: the sliding window ``(D, H, W)``: ``"auto"`` (as large as memory allows,
+            :func:`ReCoKDLib.models.window.choose_window`; with an ``roi`` the training patch, so that
+            the box equals a whole-volume run with ``window="patch"``), ``"patch"`` or 3 sizes.
+        restore: ``"fast"`` (labels from the probabilities without resampling every class map,
+            :mod:`ReCoKDLib.restore`), ``"probabilities"`` (every class map resampled, then argmax) or
+            ``"auto"`` (``probabilities`` when they are returned or the labels are regions, else ``fast``).
+
+    Returns:
+        a :class:`SegmentationResult`; ``info`` holds the backend (and why), window (and how),
+        overlap, mirroring, restore mode and the seconds of each stage.
 
     Raises:
-        ImageDimensionError: not a 3D volume. InferenceError: wrong channel count, empty ROI, or a
-        network whose output channels do not match the card's classes.
+        ImageDimensionError: not a 3D volume. InferenceError: wrong channel count, empty ROI, a
+        network whose output channels do not match the card's classes, or a backend that cannot run.
     """
+    from ReCoKDLib.models.backends import prepare_runner
+    from ReCoKDLib.models.window import choose_window
+
     t0 = time.perf_counter()
     card = model.card
     image = as_channels(image)
     if image.shape[0] != card.in_channels:
         raise InferenceError(f"the model expects {card.in_channels} image channel(s); got {image.shape[0]} "
                              f"(image shape {image.shape})")
+    from ReCoKDLib.restore import RESTORE_MODES, restore_labels
+
+    if restore not in RESTORE_MODES:
+        raise InferenceError(f"unknown restore mode {restore!r}; choose one of {RESTORE_MODES}")
     dev = resolve_device(device)
-    network = model.network.to(dev).eval()
+    if amp and precision == "auto":
+        precision = "bf16"
     mirror_axes = (0, 1, 2) if mirror is True else (() if mirror is False else tuple(mirror))
+
+    def log(line: str) -> None:
+        if reporter is not None:
+            reporter.log("segment", line)
+
     if getattr(model, "kind", None) == "nnunet":  # an nnU-Net folder: nnU-Net's own preprocessing and window
         from ReCoKDLib.nnunet.predict import segment_volume_nnunet
 
-        return segment_volume_nnunet(model, image, geometry, roi=roi, mirror=mirror, overlap=overlap, device=dev,
-                                     return_probabilities=return_probabilities, reporter=reporter)
+        runner = prepare_runner(model, backend, precision, dev, log=log)
+        result = segment_volume_nnunet(model, image, geometry, roi=roi, mirror=mirror, overlap=overlap, device=dev,
+                                       return_probabilities=return_probabilities, reporter=reporter,
+                                       networks=runner.networks)
+        result.info.update(backend=runner.record(), window=list(card.patch_size))
+        return result
     if reporter is not None:
         reporter.start("segment", total=None, message="preprocessing")
 
     pre = preprocess_case(image, geometry, card.spacing, card.normalization)
+    t_pre = time.perf_counter()
     roi_box = roi.voxel_box(geometry, image.shape) if roi is not None else None
     region = ((0, pre.shape[0]), (0, pre.shape[1]), (0, pre.shape[2]))
+    target = region
     if roi_box is not None:
         target = _box_on_preprocessed(roi_box, pre, ROI_RESAMPLING_MARGIN)
         if any(b <= a for a, b in target):
             target = region  # the ROI lies outside the non-zero crop: nothing to compute there
             region = None
-        else:
-            region = window_aligned_box(pre.shape, target, card.patch_size, overlap)
+    if roi_box is not None and window in (None, "auto"):
+        window = "patch"  # an ROI run equals a whole-volume run on the same (patch) window inside the box
+    win, window_info = choose_window(model, [b - a for a, b in target], window)
+    if region is not None and roi_box is not None:
+        region = window_aligned_box(pre.shape, target, win, overlap)
+    cval = 0.0 if tuple(win) == tuple(int(p) for p in card.patch_size) else float(pre.image.min())
 
     callback = None
     if reporter is not None:
@@ -398,18 +383,26 @@ def segment_volume(
     probs = np.zeros((k,) + pre.shape, np.float32)
     if not regions:
         probs[0] = 1.0
+    runner = None
     if region is not None:
         sl = tuple(slice(a, b) for a, b in region)
         crop = torch.from_numpy(np.ascontiguousarray(pre.image[(slice(None),) + sl]))
-        logits = predict_logits(network, crop, card.patch_size, overlap, mirror_axes, dev, amp, sw_batch_size, callback)
+        runner = prepare_runner(model, backend, precision, dev, probe=_probe_window(crop, win, cval), log=log)
+        logits = predict_logits(runner.network, crop, win, overlap, mirror_axes, runner.device, False, sw_batch_size,
+                                callback, cval=cval)
         if logits.shape[0] != k:
             raise InferenceError(
                 f"the network outputs {logits.shape[0]} channels but its card names "
                 + (f"{k} regions {spec.head_names}" if regions else f"{k} classes {card.classes}"))
         probs[(slice(None),) + sl] = (torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)).numpy()
+    t_infer = time.perf_counter()
+    mode = restore if restore != "auto" else ("probabilities" if return_probabilities or regions else "fast")
+    full = None
     if regions:
         full = restore_to_original(probs, pre, fill="zero")
         labels = regions_to_segmentation(full, spec.regions_class_order)
+    elif mode == "fast" and not return_probabilities:
+        labels = restore_labels(probs, pre, _label_dtype(k))
     else:
         full = restore_to_original(probs, pre)
         labels = np.argmax(full, axis=0).astype(_label_dtype(k))
@@ -422,13 +415,35 @@ def segment_volume(
             if not regions:
                 full[0, ~inside] = 1.0
     seconds = time.perf_counter() - t0
+    backend_record = runner.record() if runner is not None else {"backend": None, "reason": "no window to compute"}
     if reporter is not None:
-        reporter.log("segment", f"segmented {image.shape[1:]} in {seconds:.1f} s on {dev}")
+        reporter.log("segment", f"segmented {image.shape[1:]} in {seconds:.1f} s on {dev} "
+                                f"({backend_record['backend']} {backend_record.get('precision', '')}, window "
+                                f"{'x'.join(map(str, win))})")
     return SegmentationResult(
         labels=labels, probabilities=full if return_probabilities else None, geometry=geometry,
         class_names=list(card.classes), seconds=seconds, roi_box=roi_box, device=str(dev),
-        info={"preprocessed_shape": pre.shape, "computed_region": region, "mirror_axes": mirror_axes},
+        info={"preprocessed_shape": pre.shape, "computed_region": region, "mirror_axes": mirror_axes,
+              "backend": backend_record, "window": list(win), "window_choice": window_info, "overlap": overlap,
+              "restore": "regions" if regions else ("probabilities" if full is not None else "fast"),
+              "stage_seconds": {"preprocess": round(t_pre - t0, 4), "infer": round(t_infer - t_pre, 4),
+                                "restore": round(time.perf_counter() - t_infer, 4)}},
     )
+
+
+def _probe_window(crop: Tensor, window: Sequence[int], cval: float) -> Tensor:
+    """``(1, C, *window)``: the centre of the volume ``crop`` ``(C, D, H, W)``, padded with ``cval``
+    where the volume is smaller (what the backend check and timing run on)."""
+    out = torch.full((1, crop.shape[0], *[int(w) for w in window]), float(cval), dtype=torch.float32)
+    src, dst = [], []
+    for size, w in zip(crop.shape[1:], window):
+        n = min(int(size), int(w))
+        a = (int(size) - n) // 2
+        b = (int(w) - n) // 2
+        src.append(slice(a, a + n))
+        dst.append(slice(b, b + n))
+    out[(0, slice(None), *dst)] = crop[(slice(None), *src)].float()
+    return out
 
 
 def segment_array(
@@ -462,15 +477,14 @@ def segment_file(
     """Segment an image file (or one file per channel) and write the label map on its exact grid.
 
     Args:
-        model: a model path (see :func:`ReCoKDLib.teachers.load_model`) or a ``LoadedModel``.
+        model: a model path (see :func:`ReCoKDLib.models.loading.load_model`) or a ``LoadedModel``.
         image_path: NIfTI/NRRD/MHA file or DICOM folder, or a list of them (one per channel).
         out_path: label map file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``).
         probabilities_path: optional ``(K, D, H, W)`` float32 probability image (vector pixels).
     """
-    from ReCoKDLib.data.io import check_same_grid, read_image, write_image
-    from ReCoKDLib.teachers import LoadedModel, load_model
-
-    from ReCoKDLib.data.io import ImageReadError, image_suffix
+    from ReCoKDLib.data.io import ImageReadError, check_same_grid, image_suffix, read_image, write_image
+    from ReCoKDLib.models.base import LoadedModel
+    from ReCoKDLib.models.loading import load_model
 
     for target in (out_path, probabilities_path):
         if target is not None and image_suffix(target) not in (".nii.gz", ".nii", ".nrrd", ".mha"):

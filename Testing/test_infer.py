@@ -106,7 +106,7 @@ def test_segment_file_keeps_exact_geometry(model, volume, tmp_path):
 
 def test_roi_equals_full_inference_inside(model, volume):
     image, geometry = volume
-    full = segment_volume(model, image, geometry, overlap=0.5, device="cpu", return_probabilities=True)
+    full = segment_volume(model, image, geometry, overlap=0.5, device="cpu", return_probabilities=True, window="patch")
     for roi in (ROI((5, 6, 7), (20, 25, 18)), ROI((30, 40, 30), (52, 56, 48)), ROI((0, 0, 0), (2, 3, 4))):
         part = segment_volume(model, image, geometry, roi=roi, overlap=0.5, device="cpu", return_probabilities=True)
         region = part.info["computed_region"]

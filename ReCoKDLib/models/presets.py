@@ -28,8 +28,8 @@ A preset says everything ReCoKD needs to use a network it did not train as a fro
 
 Built-in presets live in ``ReCoKDLib/presets/teachers/*.json`` (:func:`list_presets`); any other
 JSON file with ``"format": "recokd-teacher-preset"`` works the same (``load_preset(path)``).
-``teachers.load_model("preset:hd-bet")`` or ``load_model("my_preset.json")`` returns a
-:class:`~ReCoKDLib.teachers.LoadedModel` whose network is a :class:`PresetNetwork`: the
+``models.load_model("preset:hd-bet")`` or ``load_model("my_preset.json")`` returns a
+:class:`~ReCoKDLib.models.base.LoadedModel` whose network is a :class:`PresetNetwork`: the
 third-party module wrapped so that its eval hook, padding and output convention always apply, with
 the tap names of its card prefixed by ``network.``.
 
@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ReCoKDLib.checkpoint import ModelCard, safe_torch_load
+from ReCoKDLib.models.base import LoadedModel, ModelLoadError, resolve_device
+from ReCoKDLib.models.files import load_weights, unwrap_state_dict
 from ReCoKDLib.trust import EntryPointError, resolve_entry_point
 
 __all__ = [
@@ -403,8 +405,6 @@ def build_preset_network(preset: TeacherPreset, weights: str | os.PathLike | Non
         TeacherPresetError: missing package (the message says what to install), bad entry point,
             weights that do not fit.
     """
-    from ReCoKDLib.teachers import ModelLoadError, _load_weights, _unwrap_state_dict
-
     if preset.torchscript is not None:
         path = _resource_path(preset.torchscript, preset, "TorchScript file")
         try:
@@ -428,7 +428,7 @@ def build_preset_network(preset: TeacherPreset, weights: str | os.PathLike | Non
             setattr(network, attr, value)
         path = Path(weights) if weights is not None else _resource_path(preset.weights, preset, "weights")
         try:
-            _load_weights(network, _unwrap_state_dict(safe_torch_load(path), path), path)
+            load_weights(network, unwrap_state_dict(safe_torch_load(path), path), path)
         except ModelLoadError as exc:
             raise TeacherPresetError(f"preset {preset.name}: {exc}") from None
     hook = None
@@ -479,14 +479,11 @@ def _probe(network: nn.Module, preset: TeacherPreset, device: torch.device) -> N
 
 def load_preset_model(source: str | os.PathLike, device: str | torch.device = "cpu",
                       weights: str | os.PathLike | None = None, probe: bool = True,
-                      trust_entry_points: Iterable[str] = ()):
-    """``teachers.load_model`` for ``"preset:NAME"`` or a preset JSON: a checked ``LoadedModel``.
+                      trust_entry_points: Iterable[str] = ()) -> LoadedModel:
+    """``models.load_model`` for ``"preset:NAME"`` or a preset JSON: a checked ``LoadedModel``.
 
     ``kind`` is ``"entry_point"`` (feature taps available) or ``"torchscript"`` (logit KD only).
     """
-    from ReCoKDLib.infer import resolve_device
-    from ReCoKDLib.teachers import LoadedModel
-
     preset = load_preset(source)
     dev = resolve_device(device)
     network = build_preset_network(preset, weights, trust_entry_points).to(dev).eval()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ReCoKDLib.models.base import InferenceError, SegmentationResult, network_logits, resolve_device
 from ReCoKDLib.nnunet import NNUNetError
 
 __all__ = [
@@ -88,8 +89,6 @@ def _pad_to_patch(data: Tensor, patch: Sequence[int]) -> tuple[Tensor, tuple[sli
 
 
 def _mirrored_logits(network: nn.Module, x: Tensor, mirror_axes: Sequence[int]) -> Tensor:
-    from ReCoKDLib.infer import network_logits
-
     prediction = network_logits(network(x))
     if mirror_axes:
         dims = [int(a) + 2 for a in mirror_axes]
@@ -191,11 +190,13 @@ def sliding_window_logits(networks: nn.Module | Sequence[nn.Module], data: Tenso
 
 def predict_case(model, image: np.ndarray, spacing: Sequence[float], *, use_mirroring: bool = True,
                  step_size: float = 0.5, device: str | torch.device | None = None, return_probabilities: bool = False,
-                 progress_callback=None, mirror_axes: Sequence[int] | None = None):
+                 progress_callback=None, mirror_axes: Sequence[int] | None = None,
+                 networks: Sequence[nn.Module] | None = None):
     """Labels ``(Z, Y, X)`` (and probabilities) of an image ``(C, Z, Y, X)`` with an nnU-Net teacher.
 
     ``model`` is what :func:`ReCoKDLib.nnunet.teacher.load_nnunet_model` returns; ``mirror_axes``
-    (default: the checkpoint's) apply when ``use_mirroring``.
+    (default: the checkpoint's) apply when ``use_mirroring``; ``networks`` (default the folds'
+    PyTorch networks) are what runs them: a backend's runners (:mod:`ReCoKDLib.models.backends`).
     """
     from ReCoKDLib.nnunet.preprocess import logits_to_segmentation, preprocess_case
 
@@ -203,7 +204,7 @@ def predict_case(model, image: np.ndarray, spacing: Sequence[float], *, use_mirr
     data, properties = preprocess_case(image, spacing, folder)
     allowed = tuple(model.mirror_axes or ()) if mirror_axes is None else tuple(mirror_axes)
     mirror_axes = allowed if use_mirroring else ()
-    logits = sliding_window_logits(model.fold_networks, torch.from_numpy(data), folder.configuration["patch_size"],
+    logits = sliding_window_logits(list(networks or model.fold_networks), torch.from_numpy(data), folder.configuration["patch_size"],
                                    mirror_axes, step_size, device=device, progress_callback=progress_callback)
     return logits_to_segmentation(logits, properties, folder, return_probabilities=return_probabilities)
 
@@ -246,16 +247,16 @@ def predict_file(folder, image_path: str | os.PathLike | Sequence[str | os.PathL
 
 def segment_volume_nnunet(model, image: np.ndarray, geometry, roi=None, mirror: bool | Sequence[int] = False,
                           overlap: float = 0.5, device: str | torch.device | None = "cpu",
-                          return_probabilities: bool = False, reporter=None):
+                          return_probabilities: bool = False, reporter=None,
+                          networks: Sequence[nn.Module] | None = None):
     """:func:`ReCoKDLib.infer.segment_volume` for an nnU-Net model: nnU-Net's preprocessing, window and export.
 
+    ``networks``: the backend's runners of the folds (default their PyTorch networks).
     ``mirror=True`` mirrors on the checkpoint's allowed axes (``nnUNetv2_predict``'s default), ``False`` not at
     all (``--disable_tta``, SlicerNNUnet's default), a tuple on those axes; ``overlap`` is ``1 - step_size``. An
     ROI is applied to the whole-volume result (background outside it).
     """
     import time
-
-    from ReCoKDLib.infer import InferenceError, SegmentationResult, resolve_device
 
     t0 = time.perf_counter()
     image = np.asarray(image)
@@ -285,7 +286,7 @@ def segment_volume_nnunet(model, image: np.ndarray, geometry, roi=None, mirror: 
     spacing = [float(s) for s in reversed(geometry.spacing)]
     result = predict_case(model, image, spacing, use_mirroring=bool(axes), step_size=1.0 - overlap, device=dev,
                           return_probabilities=return_probabilities, progress_callback=callback,
-                          mirror_axes=axes)
+                          mirror_axes=axes, networks=networks)
     labels, probabilities = result if return_probabilities else (result, None)
     roi_box = roi.voxel_box(geometry, image.shape) if roi is not None else None
     if roi_box is not None:

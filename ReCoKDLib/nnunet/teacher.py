@@ -2,7 +2,7 @@
 
 :func:`load_nnunet_model` opens the folder, builds the network from the plans with DNA, loads each
 fold's weights (safely, see :mod:`.checkpoint`) strictly, and returns an :class:`NNUNetModel`
-(a :class:`~ReCoKDLib.teachers.LoadedModel`):
+(a :class:`~ReCoKDLib.models.base.LoadedModel`):
 
 * ``network``: the fold's DNA U-Net, or with several folds an :class:`FoldEnsemble` whose output
   is the mean of the folds' logits (its feature taps are fold 0's: ``folds.0.encoder.stages.i``);
@@ -30,7 +30,7 @@ from ReCoKDLib.nnunet import NNUNetError
 from ReCoKDLib.nnunet.checkpoint import load_nnunet_checkpoint
 from ReCoKDLib.nnunet.folder import NNUNetModelFolder, label_info, open_model_folder
 from ReCoKDLib.nnunet.network import architecture_record, build_from_record, encoder_tap_names
-from ReCoKDLib.teachers import LoadedModel
+from ReCoKDLib.models.base import LoadedModel, network_logits, resolve_device
 
 __all__ = ["FoldEnsemble", "NNUNetModel", "load_nnunet_model", "card_normalization"]
 
@@ -43,8 +43,6 @@ class FoldEnsemble(nn.Module):
         self.folds = nn.ModuleList(networks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ReCoKDLib.infer import network_logits
-
         total = None
         for network in self.folds:
             logits = network_logits(network(x))
@@ -54,7 +52,7 @@ class FoldEnsemble(nn.Module):
 
 @dataclass
 class NNUNetModel(LoadedModel):
-    """A :class:`~ReCoKDLib.teachers.LoadedModel` from an nnU-Net folder (``kind == "nnunet"``)."""
+    """A :class:`~ReCoKDLib.models.base.LoadedModel` from an nnU-Net folder (``kind == "nnunet"``)."""
 
     folder: NNUNetModelFolder | None = None
     mirror_axes: tuple[int, ...] = ()
@@ -122,8 +120,6 @@ def load_nnunet_model(path: str | os.PathLike, folds=None, device: str | torch.d
         NNUNetError: a missing/malformed file, a missing fold, an unsupported network, a checkpoint
             outside the allowlist, or weights that do not fit the plans' network (shape mismatch).
     """
-    from ReCoKDLib.infer import resolve_device
-
     folder = open_model_folder(path, folds=folds, checkpoint_name=checkpoint_name)
     plans_file = folder.path / "plans.json"
     record = architecture_record(folder.plans, folder.dataset_json, folder.configuration_name,

@@ -1,0 +1,195 @@
+"""Exported graphs run by ONNX Runtime or OpenVINO, as ``nn.Module``\\ s the sliding windows call.
+
+* :func:`export_onnx`: a PyTorch network as an ONNX graph (written atomically);
+* :class:`GraphNetwork`: ``forward((B, C, D, H, W)) -> (B, K, D, H, W)`` float32 logits computed by
+  ONNX Runtime (``runtime="onnxruntime"``) or OpenVINO (``"openvino"``, fp32 or bf16 inference
+  precision) on the CPU. It has no parameters; a graph exported for a fixed ``(1, C, *window)``
+  input runs a batch one window at a time;
+* :func:`runtime_version`, :func:`runtime_available`: what is installed.
+
+Both runtimes come from PyPI (``pip install 'recokd[export]'``; pinned in
+``requirements/constraints.txt``). Neither runs Python code from the graph file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ReCoKDLib.models.base import InferenceError, network_logits
+
+__all__ = ["RUNTIMES", "GraphNetwork", "export_onnx", "runtime_available", "runtime_version", "RuntimeMissingError"]
+
+RUNTIMES = ("onnxruntime", "openvino")
+_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+class RuntimeMissingError(InferenceError):
+    """The runtime a backend needs is not installed."""
+
+
+def runtime_version(runtime: str) -> str | None:
+    """The installed version of ``runtime`` (``"onnxruntime"``, ``"openvino"``, ``"onnx"``), or ``None``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(_PACKAGES.get(runtime, runtime))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def runtime_available(runtime: str) -> bool:
+    """Whether ``runtime`` can be imported here."""
+    try:
+        _import_runtime(runtime)
+    except RuntimeMissingError:
+        return False
+    return True
+
+
+def _import_runtime(runtime: str):
+    if runtime not in RUNTIMES:
+        raise InferenceError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    try:
+        if runtime == "onnxruntime":
+            import onnxruntime as module
+        else:
+            import openvino as module
+    except ImportError as exc:
+        raise RuntimeMissingError(
+            f"the {runtime} backend needs the package {_PACKAGES[runtime]!r}: pip install -c requirements/constraints.txt "
+            f"'recokd[export]' ({exc})") from None
+    return module
+
+
+def export_onnx(network: nn.Module, example: Tensor, path: str | os.PathLike, *, dynamic_axes: bool = False) -> Path:
+    """Export ``network`` (eval mode) for inputs shaped like ``example`` ``(B, C, D, H, W)`` to ONNX at
+    ``path``, atomically (a temporary file beside it, then renamed). Input ``image``, output
+    ``logits``; ``dynamic_axes`` makes batch and spatial sizes dynamic.
+
+    The TorchScript-based exporter is tried first (seconds even for a teacher), the ``torch.export``
+    based one (needs ``onnxscript``) when it fails.
+
+    Raises:
+        InferenceError: neither exporter can export the network.
+    """
+    from ReCoKDLib.checkpoint import atomic_output
+    from ReCoKDLib.networks import plain_convolutions
+
+    path = Path(path)
+    axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
+    dynamic = {"image": axes, "logits": axes} if dynamic_axes else None
+
+    class _Logits(nn.Module):  # deep-supervision tuples and stacked outputs -> the full-resolution logits
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Tensor) -> Tensor:
+            return network_logits(self.inner(x))
+
+    errors = []
+    wrapped = _Logits(network).eval()
+    # the exporters print their steps on stdout, which belongs to --progress json: send them to stderr
+    with plain_convolutions(network), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dynamo in (False, True):
+            try:
+                with atomic_output(path, suffix=".onnx") as tmp, torch.no_grad():
+                    kwargs = {"dynamo": True, "external_data": False} if dynamo else {"dynamo": False, "opset_version": 17}
+                    torch.onnx.export(wrapped, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                                      dynamic_axes=dynamic, **kwargs)
+                return path
+            except Exception as exc:  # noqa: BLE001 - report any exporter failure as one error type
+                errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+    raise InferenceError("ONNX export failed: " + "; ".join(errors))
+
+
+class GraphNetwork(nn.Module):
+    """An ONNX graph run by ONNX Runtime or OpenVINO on the CPU.
+
+    Args:
+        path: the ``.onnx`` file (input ``image`` ``(B, C, D, H, W)``, output ``logits``).
+        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        precision: ``"fp32"`` or ``"bf16"`` (OpenVINO's inference precision; ONNX Runtime: fp32 only).
+        threads: intra-op threads (default: ``torch.get_num_threads()``).
+
+    ``forward((B, C, D, H, W))`` returns ``(B, K, D, H, W)`` float32 logits on the CPU. A graph with a
+    fixed batch of 1 runs a batch window by window. Calls are serialised (one inference request).
+    """
+
+    def __init__(self, path: str | os.PathLike, runtime: str, precision: str = "fp32", threads: int | None = None):
+        super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise InferenceError(f"precision must be fp32 or bf16; got {precision!r}")
+        if runtime == "onnxruntime" and precision != "fp32":
+            raise InferenceError("the onnxruntime backend runs fp32 only on the CPU; use --precision fp32 or openvino")
+        self.path = str(path)
+        self.runtime = runtime
+        self.precision = precision
+        self.threads = int(threads or torch.get_num_threads())
+        self._lock = threading.Lock()
+        module = _import_runtime(runtime)
+        if runtime == "onnxruntime":
+            options = module.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            self._session = module.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+            self._input = self._session.get_inputs()[0]
+            shape = self._input.shape
+        else:
+            core = module.Core()
+            config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
+            if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                raise InferenceError("this CPU has no bf16 instructions for OpenVINO; use --precision fp32")
+            compiled = core.compile_model(core.read_model(self.path), "CPU", config)
+            self._request = compiled.create_infer_request()
+            partial = compiled.input(0).get_partial_shape()
+            shape = [d.get_length() if d.is_static else None for d in partial]
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.input_shape = tuple(s if isinstance(s, int) else None for s in shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.runtime} {self.precision}, {Path(self.path).name}, input {self.input_shape}"
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if self.runtime == "onnxruntime":
+                return self._session.run(None, {self._input.name: x})[0]
+            return np.array(self._request.infer({0: x})[0], copy=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5:
+            raise InferenceError(f"a graph network takes (B, C, D, H, W); got {tuple(x.shape)}")
+        expected = self.input_shape[1:]
+        if any(e is not None and e != s for e, s in zip(expected, x.shape[1:])):
+            raise InferenceError(f"the graph {Path(self.path).name} was exported for inputs (B, {', '.join(map(str, expected))}); "
+                                 f"got {tuple(x.shape)}")
+        array = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        if self.fixed_batch == 1 and array.shape[0] != 1:
+            outputs = [self._run(array[n:n + 1]) for n in range(array.shape[0])]
+            out = np.concatenate(outputs, axis=0)
+        else:
+            out = self._run(array)
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def graph_input_shape(path: str | os.PathLike) -> Sequence[int | None]:
+    """The ``image`` input shape declared in an ONNX file (``None`` for dynamic axes), read with ``onnx``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]

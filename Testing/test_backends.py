@@ -1,0 +1,277 @@
+"""The inference backend layer: every backend agrees with PyTorch, exact geometry, the graph cache,
+refusals and fallbacks; the window and the fast restore; the oneDNN convolution of thin layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from ReCoKDLib.checkpoint import ModelCard, save_model
+from ReCoKDLib.data.io import Geometry
+from ReCoKDLib.data.preprocess import preprocess_case, restore_to_original
+from ReCoKDLib.infer import segment_volume
+from ReCoKDLib.models import backends, runtimes
+from ReCoKDLib.models.base import InferenceError
+from ReCoKDLib.models.loading import load_model
+from ReCoKDLib.models.window import choose_window
+from ReCoKDLib.networks import OneDNNConv3d, build_unet, derive_student_config, plain_convolutions, preset
+from ReCoKDLib.restore import restore_labels
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+
+def _geometry(spacing=(1.3, 1.1, 2.2), angle=0.3) -> Geometry:
+    c, s = np.cos(angle), np.sin(angle)
+    return Geometry(spacing, (2.0, -3.0, 5.0), tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()))
+
+
+def _save(folder, name="tiny.pt", seed=0, classes=("bg", "a", "b")):
+    torch.manual_seed(seed)
+    config = preset("tiny", num_classes=len(classes))
+    network = build_unet(config)
+    with torch.no_grad():  # larger logits than at initialisation: classes are decided, not tied
+        for p in network.parameters():
+            p.mul_(3.0)
+    card = ModelCard(architecture={"kind": "dynunet", "config": config.to_dict()}, classes=list(classes),
+                     spacing=[2.0, 1.5, 1.5], normalization={"scheme": "zscore"}, patch_size=[16, 16, 16])
+    return save_model(folder / name, network.state_dict(), card)
+
+
+@pytest.fixture
+def volume():
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 1, (30, 40, 36)).astype(np.float32)
+    image[8:20, 10:30, 10:25] += 3.0
+    return image, _geometry()
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECOKD_CACHE_DIR", str(tmp_path / "user-cache"))
+
+
+@pytest.mark.parametrize("backend,precision", [("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")])
+def test_every_fp32_backend_agrees_with_pytorch_on_the_exact_grid(tmp_path, volume, backend, precision):
+    image, geometry = volume
+    path = _save(tmp_path)
+    reference = segment_volume(load_model(path), image, geometry, device="cpu", backend="torch", precision="fp32",
+                               window="patch", return_probabilities=True)
+    result = segment_volume(load_model(path), image, geometry, device="cpu", backend=backend, precision=precision,
+                            window="patch", return_probabilities=True)
+    assert result.info["backend"]["backend"] == backend and result.info["backend"]["precision"] == precision
+    assert result.labels.shape == image.shape and result.geometry == geometry
+    np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=2e-4)
+    assert np.mean(result.labels == reference.labels) > 0.999
+    if backend != "torch":
+        check = [c for c in result.info["backend"]["checks"] if c["backend"] == backend][0]
+        assert check["status"] == "ok" and check["max_abs_diff"] < 1e-3
+
+
+def test_bf16_backends_keep_the_classes(tmp_path, volume):
+    if not backends.cpu_supports_bf16():
+        pytest.skip("no bf16 instructions on this CPU")
+    image, geometry = volume
+    path = _save(tmp_path)
+    reference = segment_volume(load_model(path), image, geometry, device="cpu", backend="torch", precision="fp32")
+    for backend in ("torch", "openvino"):
+        try:
+            result = segment_volume(load_model(path), image, geometry, device="cpu", backend=backend, precision="bf16")
+        except InferenceError as exc:  # random weights: near-tied classes may flip under bf16; then it says so
+            assert f"backend {backend} bf16 disagrees with PyTorch fp32" in str(exc) and "keep their class" in str(exc)
+            continue
+        check = [c for c in result.info["backend"]["checks"] if c["precision"] == "bf16"][0]
+        assert result.info["backend"]["precision"] == "bf16" and check["agreement"] >= backends.BF16_MIN_AGREEMENT
+        assert np.mean(result.labels == reference.labels) > 0.97
+
+
+def test_auto_measures_once_remembers_and_logs_why(tmp_path, volume):
+    image, geometry = volume
+    path = _save(tmp_path)
+    lines = []
+    runner = backends.prepare_runner(load_model(path), log=lines.append)
+    assert runner.backend in ("torch", "onnxruntime", "openvino")
+    measured = {(c["backend"], c["precision"]) for c in runner.checks}
+    assert {("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")} <= measured
+    assert "fastest" in runner.reason and any(line.startswith("backend: ") for line in lines)
+    record = json.loads(next((tmp_path / ".recokd-cache").glob("*.json")).read_text())
+    assert record["model_sha256"] and list(record["choices"].values())[0]["choice"] == f"{runner.backend} {runner.precision}"
+    again = backends.prepare_runner(load_model(path))  # a new process would do the same: no probe runs
+    assert "remembered" in again.reason and (again.backend, again.precision) == (runner.backend, runner.precision)
+    result = segment_volume(load_model(path), image, geometry, device="cpu")
+    assert result.info["backend"]["backend"] == runner.backend
+
+
+def test_a_graph_dropped_into_the_cache_is_never_loaded(tmp_path):
+    path = _save(tmp_path)
+    backends.prepare_runner(load_model(path), "onnxruntime", "fp32")
+    cache = tmp_path / ".recokd-cache"
+    graph = next(cache.glob("*.onnx"))
+    # someone replaces the graph by another network's (same shapes, other weights)
+    other = _save(tmp_path / "other", seed=1) if (tmp_path / "other").mkdir() is None else None
+    backends.prepare_runner(load_model(other), "onnxruntime", "fp32")
+    foreign = next((tmp_path / "other" / ".recokd-cache").glob("*.onnx"))
+    shutil.copy(foreign, graph)
+    lines = []
+    runner = backends.prepare_runner(load_model(path), "onnxruntime", "fp32", log=lines.append)
+    assert any("ignored" in line and graph.name in line for line in lines)
+    assert runner.checks[-1]["status"] == "ok" and runner.checks[-1]["max_abs_diff"] < 1e-3  # exported again
+    record = json.loads(next(cache.glob("*.json")).read_text())
+    from ReCoKDLib.checkpoint import sha256_file
+
+    assert record["graphs"]["0"]["sha256"] == sha256_file(graph) != sha256_file(foreign)
+
+
+def test_the_cache_key_is_the_model_files_hash(tmp_path):
+    path = _save(tmp_path)
+    backends.prepare_runner(load_model(path), "onnxruntime", "fp32")
+    first = sorted(p.name for p in (tmp_path / ".recokd-cache").iterdir())
+    _save(tmp_path, seed=5)  # the same file name, other weights: another key, another graph
+    backends.prepare_runner(load_model(path), "onnxruntime", "fp32")
+    names = sorted(p.name for p in (tmp_path / ".recokd-cache").iterdir())
+    assert len(names) == 2 * len(first) and set(first) < set(names)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_model_folder_caches_in_the_user_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = _save(folder)
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        runner = backends.prepare_runner(load_model(path), "onnxruntime", "fp32")
+    finally:
+        folder.chmod(stat.S_IRWXU)
+    assert runner.graphs and str(tmp_path / "user-cache") in runner.graphs[0]
+
+
+def test_unwritable_model_folder_falls_back_to_the_user_cache(tmp_path, monkeypatch):
+    """As root cannot be kept out of a folder, the access check is what decides."""
+    path = _save(tmp_path)
+    real = os.access
+    monkeypatch.setattr(backends.os, "access", lambda p, mode: False if str(p).endswith(".recokd-cache") else real(p, mode))
+    runner = backends.prepare_runner(load_model(path), "onnxruntime", "fp32")
+    assert runner.graphs and runner.graphs[0].startswith(str(tmp_path / "user-cache"))
+
+
+def test_missing_runtime_is_an_error_when_asked_and_skipped_by_auto(tmp_path, monkeypatch):
+    path = _save(tmp_path)
+    monkeypatch.setattr(backends, "runtime_available", lambda name: name != "openvino")
+    with pytest.raises(InferenceError, match="openvino"):
+        backends.prepare_runner(load_model(path), "openvino", "fp32")
+    lines = []
+    runner = backends.prepare_runner(load_model(path), log=lines.append)
+    assert runner.backend != "openvino" and any("openvino: not installed" in line for line in lines)
+    assert all(c["backend"] != "openvino" for c in runner.checks)
+
+
+def test_a_disagreeing_backend_is_refused(tmp_path, monkeypatch):
+    path = _save(tmp_path)
+    real = runtimes.GraphNetwork.forward
+    monkeypatch.setattr(runtimes.GraphNetwork, "forward", lambda self, x: real(self, x).flip(1))  # a wrong graph: classes swapped
+    with pytest.raises(InferenceError, match="disagrees with PyTorch"):
+        backends.prepare_runner(load_model(path), "onnxruntime", "fp32")
+    runner = backends.prepare_runner(load_model(path))  # auto: refused, logged, another backend chosen
+    assert runner.backend == "torch"
+    assert any(c["status"] == "refused" for c in runner.checks if c["backend"] in ("onnxruntime", "openvino"))
+
+
+def test_graph_backends_refuse_cuda_and_unknown_names(tmp_path):
+    model = load_model(_save(tmp_path))
+    with pytest.raises(InferenceError, match="unknown backend"):
+        backends.prepare_runner(model, "tensorrt")
+    with pytest.raises(InferenceError, match="unknown precision"):
+        backends.prepare_runner(model, "torch", "int8")
+    if torch.cuda.is_available():
+        with pytest.raises(InferenceError, match="runs on the CPU"):
+            backends.prepare_runner(model, "openvino", device="cuda")
+
+
+def test_exported_onnx_student_segments_through_the_backends(tmp_path, volume):
+    from ReCoKDLib.export import export_model
+
+    image, geometry = volume
+    path = _save(tmp_path)
+    files = export_model(path, tmp_path / "export", formats=["onnx"])
+    graph_model = load_model(files["onnx"])
+    assert graph_model.kind == "onnx" and not graph_model.feature_kd
+    reference = segment_volume(load_model(path), image, geometry, device="cpu", backend="torch", precision="fp32",
+                               window="patch", return_probabilities=True)
+    for backend in ("onnxruntime", "openvino"):
+        result = segment_volume(graph_model, image, geometry, device="cpu", backend=backend, precision="fp32",
+                                window="patch", return_probabilities=True)
+        np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=2e-4)
+    with pytest.raises(InferenceError, match="exported ONNX graph"):
+        segment_volume(graph_model, image, geometry, device="cpu", backend="torch")
+
+
+def test_onednn_convolution_equals_pytorch_and_stays_out_of_exports():
+    torch.manual_seed(0)
+    student = build_unet(derive_student_config(preset("ct_demo", num_classes=12), 4)).eval()
+    assert any(type(m) is OneDNNConv3d for m in student.modules())
+    x = torch.randn(1, 1, 16, 96, 96)
+    with torch.no_grad():
+        ours = student(x)
+        with plain_convolutions(student):
+            assert not any(type(m) is OneDNNConv3d for m in student.modules())
+            plain = student(x)
+    assert any(type(m) is OneDNNConv3d for m in student.modules())
+    torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
+    # the thin layers really run oneDNN now (PyTorch alone picks slow_conv3d_forward for them)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        student(x)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("aten::mkldnn_convolution", 0) >= 8
+    with torch.no_grad(), plain_convolutions(student), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        student(x)
+    assert {e.key: e.count for e in prof.key_averages()}.get("aten::slow_conv3d_forward", 0) >= 8
+    # training keeps PyTorch's choice (gradients)
+    student.train()
+    out = student(torch.randn(1, 1, 16, 96, 96, requires_grad=True))
+    out.float().mean().backward()
+
+
+def test_window_is_as_large_as_memory_allows(tmp_path):
+    model = load_model(_save(tmp_path))
+    window, info = choose_window(model, (30, 70, 41))
+    assert window == (32, 72, 44) and "largest window" in info["how"]  # the volume rounded up to the stride (4)
+    budget = int(info["bytes_per_voxel"] * 32 * 32 * 32)
+    small, info = choose_window(model, (30, 70, 41), budget_bytes=budget)
+    assert np.prod(small) * info["bytes_per_voxel"] <= budget and all(w >= 16 and w % 4 == 0 for w in small)
+    assert np.prod(small) * info["bytes_per_voxel"] > budget / 2  # no smaller than it needs to be
+    assert choose_window(model, (30, 70, 41), budget_bytes=1)[0] == (16, 16, 16)  # never below the patch
+    assert choose_window(model, (30, 70, 41), "patch")[0] == (16, 16, 16)
+    assert choose_window(model, (30, 70, 41), [8, 24, 32])[0] == (8, 24, 32)
+    with pytest.raises(InferenceError, match="multiple"):
+        choose_window(model, (30, 70, 41), [10, 24, 32])
+
+
+def test_large_window_result_is_on_the_exact_grid(tmp_path, volume):
+    image, geometry = volume
+    model = load_model(_save(tmp_path))
+    result = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32")
+    assert result.info["window"] != [16, 16, 16] and result.labels.shape == image.shape
+    patch = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32", window="patch")
+    assert result.info["window_choice"]["how"].startswith("largest") and patch.info["window"] == [16, 16, 16]
+
+
+@pytest.mark.parametrize("spacing,target", [((1.3, 1.1, 2.2), [2.0, 1.5, 1.5]), ((0.7, 0.7, 3.0), [3.0, 1.4, 1.4]),
+                                            ((1.0, 1.0, 1.0), [1.0, 1.0, 1.0])])
+def test_fast_restore_equals_argmax_of_resampled_probabilities(spacing, target):
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (25, 33, 29)).astype(np.float32)
+    pre = preprocess_case(image, _geometry(spacing), target, {"scheme": "zscore"})
+    logits = torch.from_numpy(rng.normal(0, 1, (4,) + pre.shape).astype(np.float32))
+    logits = torch.nn.functional.avg_pool3d(logits[None], 3, 1, 1)[0] * 9  # smooth classes, as networks give
+    probabilities = torch.softmax(logits, 0).numpy()
+    exact = np.argmax(restore_to_original(probabilities, pre), axis=0)
+    fast = restore_labels(probabilities, pre)
+    assert fast.shape == image.shape and fast.dtype == np.uint8
+    assert np.mean(fast == exact) > 0.999, np.mean(fast == exact)
