@@ -500,3 +500,40 @@ def test_out_of_memory_says_how_much_and_what_to_lower(tmp_path, ct, model_path,
         message = events[-1]["message"]
         assert code == 1 and message.startswith("out of memory") and size in message, message
         assert "--sw-batch-size" in message and "--roi" in message and err.count("error:") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. "checkpoint intact" only when there is one
+
+
+@pytest.mark.parametrize("nan_from,checkpoint_every,expect", [
+    (1, 50, r"No checkpoint was written before it \(there is nothing to resume\)"),
+    (4, 1, r"The last good checkpoint .*checkpoint\.pt \(step \d+\) is intact"),
+])
+def test_a_diverged_run_calls_a_checkpoint_intact_only_when_there_is_one(tiny_ct_case, ct_dataset, tmp_path,
+                                                                         monkeypatch, nan_from, checkpoint_every,
+                                                                         expect):
+    import torch
+
+    import ReCoKDLib.engine.loop as loop
+    from ReCoKDLib.data.preprocess import preprocess_case
+    from ReCoKDLib.data.sampling import prepare_cases
+    from ReCoKDLib.engine import TrainConfig, TrainingDivergedError, train_teacher
+    from ReCoKDLib.networks import preset
+
+    cases = prepare_cases([tiny_ct_case], ct_dataset.class_names, preprocess_case,
+                          {"spacing": [3.0, 3.0, 3.0], "normalization": {"scheme": "zscore"}}, tmp_path / "cache")
+    real, calls = loop.pseudo_weighted_seg_loss, [0]
+
+    def diverging(*args, **kwargs):  # the loss turns NaN from step `nan_from` on
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * torch.tensor(float("nan")) if calls[0] >= nan_from else loss
+
+    monkeypatch.setattr(loop, "pseudo_weighted_seg_loss", diverging)
+    config = TrainConfig(network=preset("tiny").to_dict(), patch_size=(16, 32, 32), batch_size=1, steps=20,
+                         num_val_cases=0, checkpoint_every=checkpoint_every, max_nonfinite=2, optimizer="adamw",
+                         lr=1e-3, augmentation={"enabled": False})
+    with pytest.raises(TrainingDivergedError, match=expect) as info:
+        train_teacher(config, cases, tmp_path / "run")
+    assert ("intact" in str(info.value)) == (tmp_path / "run" / "checkpoint.pt").is_file()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["incomplete_reason", "nifti_nonfinite_voxels"]
+__all__ = ["incomplete_reason", "nifti_nonfinite_voxels", "read_float_nifti"]
 
 #: bytes per voxel component of NRRD ``type:`` / MetaImage ``ElementType`` names
 _NRRD_TYPES = {
@@ -104,6 +104,7 @@ class _NiftiHeader:
     datatype: int
     bitpix: int
     offset: int
+    scale: tuple[float, float] = (1.0, 0.0)  # scl_slope, scl_inter
 
     @property
     def voxels(self) -> int:
@@ -136,11 +137,13 @@ def _nifti_header(head: bytes) -> _NiftiHeader | None:
             dims = struct.unpack(endian + "8h", head[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
             offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            scale = struct.unpack(endian + "2f", head[112:120])
             break
         if sizeof_hdr == 540 and len(head) >= 540:
             dims = struct.unpack(endian + "8q", head[16:80])
             datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
             offset = struct.unpack(endian + "q", head[168:176])[0]
+            scale = struct.unpack(endian + "2d", head[176:192])
             break
     else:
         return None
@@ -148,7 +151,7 @@ def _nifti_header(head: bytes) -> _NiftiHeader | None:
     if not 1 <= ndim <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1:ndim + 1]):
         return None
     return _NiftiHeader(endian, sizeof_hdr, tuple(int(d) for d in dims[1:ndim + 1]), int(datatype), int(bitpix),
-                        int(offset))
+                        int(offset), (float(scale[0]), float(scale[1])))
 
 
 def _read_nifti_head(path: Path, compressed: bool) -> bytes:
@@ -189,6 +192,35 @@ def _nifti_chunks(path: Path, header: _NiftiHeader, compressed: bool, size: int 
                 return
             total -= len(block)
             yield block
+
+
+def read_float_nifti(path: str | os.PathLike) -> np.ndarray | None:
+    """The voxels of a float NIfTI file in one pass, ``(D, H, W)`` or ``(T, D, H, W)`` in native byte
+    order, NaN/inf kept; ``None`` where ITK would change the values (``scl_slope`` / ``scl_inter``
+    scaling), for other voxel types, or other than 3 or 4 axes (then read with ITK).
+
+    ITK's NIfTI reader turns NaN/inf voxels into 0; reading float files here sees them at the cost
+    of one read (:func:`nifti_nonfinite_voxels` would be a second one).
+    """
+    path = Path(path)
+    compressed = path.name.lower().endswith(".nii.gz")
+    try:
+        header = _nifti_header(_read_nifti_head(path, compressed))
+    except (OSError, EOFError, zlib.error):
+        return None
+    if header is None or header.float_dtype is None or header.scale[0] not in (0.0, 1.0) or header.scale[1] != 0.0:
+        return None
+    dims = list(header.dims)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) not in (3, 4):
+        return None
+    data = np.empty(header.voxels, header.float_dtype)
+    with (gzip.open if compressed else open)(path, "rb") as fh:
+        fh.seek(header.data_start)
+        if fh.readinto(memoryview(data).cast("B")) != data.nbytes:  # decompressed straight into the array
+            return None
+    return data.reshape(tuple(reversed(dims))).astype(header.float_dtype.newbyteorder("="), copy=False)
 
 
 def nifti_nonfinite_voxels(path: str | os.PathLike) -> np.ndarray | None:

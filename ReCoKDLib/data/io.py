@@ -411,18 +411,51 @@ def read_image(path: str | os.PathLike, allow_channels: bool = True, nonfinite: 
             raise TruncatedImageError(
                 f"{path} is incomplete: {reason}. It was cut short (an interrupted copy or download, or a full disk "
                 "when it was written); copy or export it again")
+    own = _read_float_nifti(path) if image_suffix(path) in (".nii.gz", ".nii") and nonfinite != "keep" else None
+    if own is not None:
+        array, geometry = own
+    else:
+        try:
+            image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise ImageReadError(f"could not read {path} as an image: {_itk_reason(exc)}") from exc
+        try:
+            array, geometry = from_sitk(image)
+        except ImageDimensionError as exc:
+            raise ImageDimensionError(f"{path}: {exc}") from None
+        if path.is_file() and np.issubdtype(array.dtype, np.floating) and nonfinite != "keep":
+            array = _nifti_nonfinite_back(path, array)
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ImageReadError(f"could not read {path} as an image: {_itk_reason(exc)}") from exc
-    try:
-        array, geometry = from_sitk(image)
         require_3d(array, str(path), allow_channels=allow_channels)
     except ImageDimensionError as exc:
         raise ImageDimensionError(f"{path}: {exc}") from None
-    if path.is_file() and np.issubdtype(array.dtype, np.floating) and nonfinite != "keep":
-        array = _nifti_nonfinite_back(path, array)
     return check_finite(array, str(path), nonfinite), geometry
+
+
+def _read_float_nifti(path: Path) -> tuple[np.ndarray, Geometry] | None:
+    """A float NIfTI file's voxels read here in one pass (ITK would turn NaN/inf into 0 unseen) with
+    ITK's geometry from the header; ``None`` when ITK must read it (see
+    :func:`~ReCoKDLib.data.image_files.read_float_nifti`)."""
+    import SimpleITK as sitk
+
+    from ReCoKDLib.data.image_files import read_float_nifti
+
+    array = read_float_nifti(path)
+    if array is None:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # ITK's own read says what is wrong
+    size = tuple(reader.GetSize())
+    pixel = {np.dtype(np.float32): sitk.sitkFloat32, np.dtype(np.float64): sitk.sitkFloat64}[array.dtype]
+    if size != tuple(reversed(array.shape)) or reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != pixel:
+        return None
+    n = len(size)
+    direction = np.reshape(reader.GetDirection(), (n, n))[:3, :3]
+    return array, Geometry(reader.GetSpacing()[:3], reader.GetOrigin()[:3], tuple(direction.ravel()))
 
 
 def _nifti_nonfinite_back(path: Path, array: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ReCoKDLib import checkpoint as ckpt
+from ReCoKDLib import stopping
 from ReCoKDLib.data.sampling import AugmentationConfig, CaseSet, PatchSampler
 from ReCoKDLib.engine.config import CHECKPOINT_NAME, STOP_FILE, TRAIN_STATE_FORMAT, TrainConfig, TrainingDivergedError, TrainingError, TrainResult
 from ReCoKDLib.engine.distributed import _Dist, _all_max, _finish_dist, _gather, _init_distributed
@@ -60,10 +61,20 @@ class _CancelFlag:
 
     def _handle(self, signum, frame) -> None:
         self.set = True
+        stopping.note_signal(signum)  # the CLI ends with 143 and the resume command
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checkpoint_state(ckpt_path: Path, saved_step: int) -> str:
+    """What is left to resume from after a failure: only a checkpoint that exists is called intact."""
+    if saved_step >= 0:
+        return f"The last good checkpoint {ckpt_path} (step {saved_step}) is intact: resume from it with --resume."
+    if ckpt_path.is_file():
+        return f"The checkpoint {ckpt_path} this run started from is intact: resume from it with --resume."
+    return "No checkpoint was written before it (there is nothing to resume): start the run again."
 
 
 def _fresh(job: _Job) -> nn.Module:
@@ -222,11 +233,14 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
             lr = poly_lr(config.lr, step, total, config.poly_power)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, labels = sampler.batch(config.batch_size)
-            images, labels = images.to(device), labels.to(device)
+            drawn = sampler.draw(config.batch_size)
+            images, labels = drawn.images.to(device), drawn.labels.to(device)
+            cached = {} if drawn.teacher_logits is None else {  # the teacher's outputs from its cache
+                "teacher_logits": drawn.teacher_logits.to(device),
+                "teacher_features": [f.to(device) for f in drawn.teacher_features]}
             try:
                 with _autocast(device, dtype):
-                    out, kd_loss, kd_terms, *targets = wrapped(images, labels)
+                    out, kd_loss, kd_terms, *targets = wrapped(images, labels, **cached)
                 labels, unlabelled = targets[0] if targets else (labels, None)  # label-free: teacher argmax
                 seg = pseudo_weighted_seg_loss(seg_loss, [o.float() for o in split_deep_supervision(out)], labels,
                                                unlabelled, config.pseudo_label_weight)
@@ -275,8 +289,8 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                             step=step)
                 if nonfinite >= config.max_nonfinite:
                     raise TrainingDivergedError(
-                        f"{nonfinite} consecutive steps had a NaN/Inf loss or gradients (last at step {step + 1}); stopped. The last "
-                        f"good checkpoint {ckpt_path} is intact. Lower --lr or the KD weight, check the inputs for "
+                        f"{nonfinite} consecutive steps had a NaN/Inf loss or gradients (last at step {step + 1}); stopped. "
+                        f"{_checkpoint_state(ckpt_path, saved_at[0])} Lower --lr or the KD weight, check the inputs for "
                         "NaN, or use fp32 instead of bf16/AMP"
                     )
             else:
@@ -333,7 +347,9 @@ def _prepare_run(config: TrainConfig, resume: bool, out_dir: Path) -> tuple[Trai
     if resume and stored.exists():
         state = ckpt.safe_torch_load(stored)
         if isinstance(state, dict) and "config" in state:
-            saved = TrainConfig.from_dict(json.loads(state["config"]))
+            stored_config = json.loads(state["config"])
+            stored_config.setdefault("teacher_outputs", "live")  # written before the teacher cache existed
+            saved = TrainConfig.from_dict(stored_config)
             # the budget and the device may change on resume; everything else is the stored run's
             config = saved.replace(steps=config.steps, device=config.device, log_every=config.log_every)
     dist_ctx = _init_distributed(config.device)
