@@ -233,6 +233,8 @@ class DistillationPair(nn.Module):
         adapters: ``nn.ModuleList`` of :class:`FeatureAdapter`, trainable; give their parameters
             (and the KD loss's) to the optimiser.
         teacher_channels / student_channels: channels per level.
+        teacher_strides: per level the teacher feature's stride ``(s_D, s_H, s_W)`` relative to the
+            input (from the probe), or ``None`` where the input size is not a whole multiple.
     """
 
     def __init__(
@@ -260,6 +262,11 @@ class DistillationPair(nn.Module):
         s_shapes = probe_feature_shapes(student, student_taps, input_shape)
         self.teacher_channels = [int(s[1]) for s in t_shapes]
         self.student_channels = [int(s[1]) for s in s_shapes]
+        self.teacher_strides = [
+            tuple(int(n) // int(f) for n, f in zip(input_shape[1:], s[2:]))
+            if all(int(f) and int(n) % int(f) == 0 for n, f in zip(input_shape[1:], s[2:])) else None
+            for s in t_shapes
+        ]
         self.adapters = nn.ModuleList(
             FeatureAdapter(cs, ct, always_project) for cs, ct in zip(self.student_channels, self.teacher_channels)
         )
@@ -268,13 +275,20 @@ class DistillationPair(nn.Module):
 
     def train(self, mode: bool = True) -> "DistillationPair":
         super().train(mode)
-        self.teacher.eval()  # the teacher stays in eval mode whatever the pair does
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays in eval mode whatever the pair does
         return self
 
     def remove_taps(self) -> None:
         """Remove the forward hooks from both networks (they keep working as plain models)."""
         self._t_taps.remove()
         self._s_taps.remove()
+
+    def release_teacher(self) -> None:
+        """Drop the teacher (its outputs come from a cache from now on: ``forward(teacher_outputs=...)``),
+        so that it is neither moved to the training device nor kept in memory by the pair."""
+        self._t_taps.remove()
+        self.teacher = None
 
     @torch.no_grad()
     def teacher_forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -292,15 +306,24 @@ class DistillationPair(nn.Module):
         labels: Tensor | None = None,
         num_classes: int | None = None,
         regions: bool = False,
+        teacher_outputs: tuple[Tensor, Sequence[Tensor]] | None = None,
     ) -> tuple[Tensor, KDBatch]:
         """Run both networks on ``images`` ``(B, C_in, D, H, W)``.
+
+        ``teacher_outputs``: the teacher's logits ``(B, K, D, H, W)`` and tapped features for these
+        images, computed beforehand (``engine.teacher_cache``); the teacher is then not run.
 
         Returns:
             the student's raw output (what the segmentation loss reads: possibly MONAI's stacked
             deep-supervision tensor) and a :class:`KDBatch` for the KD losses, whose
             ``student_features`` are adapted lazily (:func:`kd_batch_from_features`).
         """
-        t_logits, t_feats = self.teacher_forward(images)
+        if teacher_outputs is not None:
+            t_logits, t_feats = teacher_outputs[0], list(teacher_outputs[1])
+        elif self.teacher is None:
+            raise TapError("the teacher was released (cached outputs); pass teacher_outputs")
+        else:
+            t_logits, t_feats = self.teacher_forward(images)
         s_out = self.student(images)
         s_feats = self._s_taps.collect()
         s_logits = _first_tensor(s_out)

@@ -65,8 +65,8 @@ class _Events(Reporter):
         self.events: list[dict] = []
         self.callback = self.events.append
 
-    def of(self, event: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == event]
+    def of(self, event: str, stage: str | None = None) -> list[dict]:
+        return [e for e in self.events if e["event"] == event and stage in (None, e.get("stage"))]
 
 
 def test_pure_schedules():
@@ -90,10 +90,10 @@ def test_train_config_round_trip_and_errors():
 def test_distill_lowers_the_loss_and_writes_a_student_card(ct_cases, teacher_file, tmp_path):
     events = _Events()
     result = distill(_config(steps=12, oversample_foreground=1.0), teacher_file, ct_cases, tmp_path / "s", events)
-    totals = [e["losses"]["total"] for e in events.of("progress")]
+    totals = [e["losses"]["total"] for e in events.of("progress", "distill")]
     assert len(totals) == 12 and all(math.isfinite(t) for t in totals)
     assert np.mean(totals[-3:]) < np.mean(totals[:3])
-    assert {"seg", "kd", "logit", "fitnet", "kd_lambda"} <= set(events.of("progress")[0]["losses"])
+    assert {"seg", "kd", "logit", "fitnet", "kd_lambda"} <= set(events.of("progress", "distill")[0]["losses"])
     card, state = load_model_file(result.last_model)
     assert card.role == "student" and card.classes == ct_cases.class_names
     assert card.architecture["config"]["filters"] == [8, 8, 16]  # tiny (8, 16, 32) halved, floor 8
@@ -161,7 +161,7 @@ def test_a_nan_loss_skips_the_step_with_a_warning(ct_cases, teacher_file, tmp_pa
     result = distill(_config(steps=4), teacher_file, ct_cases, tmp_path / "n", events)
     warnings = events.of("warning")
     assert len(warnings) == 1 and "non-finite loss or gradients at step 2" in warnings[0]["message"]
-    assert result.step == 4 and [e["step"] for e in events.of("progress")] == [1, 3, 4]
+    assert result.step == 4 and [e["step"] for e in events.of("progress", "distill")] == [1, 3, 4]
     assert all(torch.isfinite(p).all() for p in result.network.parameters())
 
 

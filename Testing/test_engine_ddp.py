@@ -82,7 +82,8 @@ def test_two_process_gloo_distillation_ends_with_identical_weights(tmp_path):
     events0 = json.loads((out / "events0.json").read_text())
     events1 = json.loads((out / "events1.json").read_text())
     assert events1 == []  # only rank 0 reports
-    assert events0[-1]["event"] == "done" and "2 process(es)" in events0[0]["message"]
+    start = next(e for e in events0 if e["event"] == "start" and e["stage"] == "distill")
+    assert events0[-1]["event"] == "done" and "2 process(es)" in start["message"]
     torch.manual_seed(5)  # distill seeds with config.seed, then builds the student: its initial weights
     initial = build_unet(preset("tiny", num_classes=3, filters=(8, 8, 16))).state_dict()
     assert any(not torch.equal(initial[k], a[k]) for k in a if a[k].is_floating_point())  # it trained

@@ -20,6 +20,14 @@ teacher's predictions: **hard** targets (Dice + CE on the teacher's argmax, weig
 methods (``--kd logit`` is KL to the teacher's softened probabilities); ReCo-KD's class-aware region
 masks come from the teacher's argmax. With partial labels (``--data`` plus ``--images``) the real
 labels of labelled cases always take precedence. The teacher may be a preset (``preset:hd-bet``).
+``--no-labels`` on a dataset whose ``dataset.json`` has a ``label_free_split`` (the T1 heads of
+``recokd data fetch``) trains on its ``train`` cases and leaves its ``test`` cases out.
+
+Teacher outputs (``--teacher-outputs``): ``cache`` computes the frozen teacher's logits (and features
+at the taps, when a KD method reads them) once per training case on the whole volume, stores them
+as float16 and crops/augments them with each patch, so training runs at the student's speed;
+``live`` runs the teacher on every patch; ``auto`` (default) caches when every case fits one exact
+whole-volume pass (see ``ReCoKDLib.engine.teacher_cache``).
 
 The student is the teacher's architecture with every width divided by ``--reduction`` (ReCo-KD's
 ``2**t``), or ``--student-json``. Cases are preprocessed on the teacher's spacing and
@@ -109,6 +117,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="an option of a KD method (repeatable), e.g. stage_alpha=0.5 or logit.temperature=4")
     k.add_argument("--frozen-aux", action="store_true",
                    help="keep adapters and KD-loss modules frozen at initialisation (the authors' release behaviour)")
+    k.add_argument("--teacher-outputs", choices=("auto", "cache", "live"), default="auto",
+                   help="cache: the teacher runs once per training case on the whole volume and its outputs "
+                        "(float16 logits, plus features at the taps when a KD method reads them) are read with each "
+                        "patch, same spatial augmentation; costs 2 x (K + sum C_l / s_l^3) bytes per voxel on disk "
+                        "(HD-BET + ReCo-KD: ~18 B/voxel, ~40 MB per head; logits only: 4 B/voxel) and one teacher pass "
+                        "per case. Exact (the teacher's whole-volume output) when the volume fits one pass; larger "
+                        "volumes run by sliding window (not exact at the seams). live: the teacher runs on every "
+                        "patch (sees the augmented patch only). auto (default): cache when every case fits one "
+                        "exact pass, else live")
+    k.add_argument("--teacher-cache-dir", metavar="DIR",
+                   help="folder of the teacher-output cache (default OUT/teacher_cache); entries are keyed by teacher, "
+                        "case and preprocessing, so one folder can serve many runs")
     lf = parser.add_argument_group("label-free distillation")
     lf.add_argument("--no-labels", action="store_true",
                     help="ignore the dataset's labels: train on the teacher's predictions only")
@@ -181,8 +201,25 @@ def _training_cases(args: argparse.Namespace, teacher_classes: list[str]) -> lis
                          f"{len(teacher_classes)} {teacher_classes}: label maps must use the teacher's classes")
     cases = raw.training_cases()
     if args.no_labels:
+        cases = label_free_cases(raw) or cases
         cases = [Case(c.case_id, c.image_paths, None) for c in cases]
     return cases
+
+
+def label_free_cases(raw) -> list:
+    """The ``train`` cases of ``dataset.json``'s ``label_free_split`` (from imagesTr or imagesTs), or
+    ``[]`` when the dataset has no such split; an id the split names but the folder lacks is an error."""
+    split = raw.meta.get("label_free_split") if isinstance(raw.meta, dict) else None
+    if not split:
+        return []
+    if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not split["train"]:
+        raise ValueError(f"{raw.root}/dataset.json: label_free_split must be an object with a non-empty 'train' list "
+                         "of case ids (and optionally 'test')")
+    available = {c.case_id: c for c in raw.training_cases() + raw.test_cases()}
+    missing = [c for c in split["train"] if c not in available]
+    if missing:
+        raise ValueError(f"{raw.root}: label_free_split names cases {missing} that are in neither imagesTr/ nor imagesTs/")
+    return [available[c] for c in split["train"]]
 
 
 def _load_teacher(args: argparse.Namespace):
@@ -219,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
             student_config=_json_arg(args.student_json) if args.student_json else None,
             teacher_taps=args.teacher_taps.split(",") if args.teacher_taps else None,
             student_taps=args.student_taps.split(",") if args.student_taps else None,
-            pseudo_label_weight=args.pseudo_label_weight,
+            pseudo_label_weight=args.pseudo_label_weight, teacher_outputs=args.teacher_outputs,
+            teacher_cache_dir=args.teacher_cache_dir,
             **fields,
         )
         case_set = prepare_case_set(SimpleNamespace(training_cases=lambda: cases), teacher.card.classes,

@@ -14,13 +14,21 @@ The pipeline of one training batch, each step a small function:
 3. :class:`PatchSampler` draws patches ``(C, *patch)``/``(1, *patch)`` from the cases with
    nnU-Net's foreground oversampling (a share ``oversample_foreground`` of the patches is centred
    on a voxel of a random class present in the case; the rest is uniform), padding volumes
-   smaller than the patch, then augments them with a MONAI dictionary pipeline
-   (:func:`build_augmentation`). All randomness comes from one ``numpy.random.Generator`` the
-   sampler owns; :meth:`PatchSampler.state_dict` / :meth:`PatchSampler.load_state_dict` make a
-   resumed run draw exactly the batches an uninterrupted one would have drawn.
+   smaller than the patch, then augments them: one draw (:func:`draw_augmentation`) per patch,
+   its spatial part (affine rotation/scaling, flips; MONAI ``Affine``) applied identically to the
+   image, the labels and a teacher's cached outputs, its intensity part (noise, brightness, gamma)
+   to the image only. All randomness comes from one ``numpy.random.Generator`` the sampler owns;
+   :meth:`PatchSampler.state_dict` / :meth:`PatchSampler.load_state_dict` make a resumed run draw
+   exactly the batches an uninterrupted one would have drawn.
+4. Cases may carry a frozen teacher's outputs on the whole case (:class:`TeacherTargets`, built
+   by ``ReCoKDLib.engine.teacher_cache``): the sampler then crops the teacher's logits with the
+   same box as the image, and its features at stride ``s`` with the box divided by ``s`` (patch
+   starts are multiples of the largest stride, so the crops are exact), and
+   :meth:`PatchSampler.draw` returns them with the batch.
 
 Shapes: images ``(C, D, H, W)`` float32, labels ``(1, D, H, W)`` integer class ids; batches
-``(B, C, *patch)`` float32 and ``(B, 1, *patch)`` int64. Axis order ``(D, H, W)`` = ``(z, y, x)``.
+``(B, C, *patch)`` float32 and ``(B, 1, *patch)`` int64; teacher logits ``(B, K, *patch)`` and
+features ``(B, C_l, *patch / s_l)`` float32. Axis order ``(D, H, W)`` = ``(z, y, x)``.
 """
 
 from __future__ import annotations
@@ -44,7 +52,11 @@ __all__ = [
     "CaseCache",
     "PatchSampler",
     "AugmentationConfig",
-    "build_augmentation",
+    "AugmentationDraw",
+    "draw_augmentation",
+    "apply_spatial",
+    "TeacherTargets",
+    "PatchBatch",
     "check_image_label",
     "check_label_values",
     "load_raw_case",
@@ -72,6 +84,38 @@ class SamplingError(ValueError):
 
 
 @dataclass
+class TeacherTargets:
+    """A frozen teacher's outputs on one whole preprocessed case (``engine.teacher_cache`` builds them).
+
+    Attributes:
+        logits: ``(K, D, H, W)`` (float16, usually memory-mapped), on the case's grid.
+        features: per tap ``(C_l, ceil(D / s_l), ceil(H / s_l), ceil(W / s_l))``; empty when the KD
+            methods read only logits.
+        strides: per tap its stride ``(s_D, s_H, s_W)`` relative to the input.
+    """
+
+    logits: np.ndarray
+    features: list[np.ndarray] = field(default_factory=list)
+    strides: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.logits.ndim != 4:
+            raise SamplingError(f"teacher logits must be (K, D, H, W), got shape {self.logits.shape}")
+        if len(self.features) != len(self.strides):
+            raise SamplingError(f"{len(self.features)} teacher feature maps but {len(self.strides)} strides")
+        self.strides = [tuple(int(s) for s in stride) for stride in self.strides]  # type: ignore[misc]
+        for feature, stride in zip(self.features, self.strides):
+            expected = tuple(-(-n // s) for n, s in zip(self.logits.shape[1:], stride))
+            if feature.ndim != 4 or tuple(feature.shape[1:]) != expected:
+                raise SamplingError(f"a teacher feature map of stride {stride} must be (C, *{expected}) for logits "
+                                    f"{tuple(self.logits.shape)}, got {tuple(feature.shape)}")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.logits.nbytes + sum(f.nbytes for f in self.features))
+
+
+@dataclass
 class CaseArrays:
     """One preprocessed training case.
 
@@ -84,6 +128,8 @@ class CaseArrays:
         meta: JSON-able record of the preprocessing (spacing, crop box, normalisation...).
         labelled: ``False`` for a case without annotation (its label is :data:`UNLABELLED`
             everywhere); found from the label when not given.
+        teacher: the frozen teacher's outputs on this case (:class:`TeacherTargets`), or ``None``
+            (the teacher then runs on every patch).
     """
 
     case_id: str
@@ -92,6 +138,7 @@ class CaseArrays:
     locations: dict[int, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     labelled: bool | None = None
+    teacher: TeacherTargets | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 4:
@@ -107,6 +154,9 @@ class CaseArrays:
             self.labelled = not bool(self.label.size) or int(np.asarray(self.label).min()) != UNLABELLED
         if not self.locations and self.labelled:
             self.locations = class_locations(self.label)
+        if self.teacher is not None and tuple(self.teacher.logits.shape[1:]) != self.shape:
+            raise SamplingError(f"case {self.case_id}: teacher logits {tuple(self.teacher.logits.shape)} are not on the "
+                                f"case's grid {self.shape}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -170,9 +220,12 @@ class CaseSet:
             return self, None
         if num_val >= len(self.cases):
             raise SamplingError(f"cannot hold out {num_val} of {len(self.cases)} cases; keep at least one for training")
-        keep = dict(class_names=self.class_names, spacing=self.spacing, normalization=self.normalization,
-                    source_hashes=self.source_hashes, label_spec=self.label_spec)
-        return CaseSet(self.cases[:-num_val], **keep), CaseSet(self.cases[-num_val:], **keep)
+        return self.with_cases(self.cases[:-num_val]), self.with_cases(self.cases[-num_val:])
+
+    def with_cases(self, cases: Sequence[CaseArrays]) -> "CaseSet":
+        """The same classes, spacing, normalisation, hashes and label semantics over ``cases``."""
+        return CaseSet(list(cases), self.class_names, self.spacing, self.normalization, self.source_hashes,
+                       label_spec=self.label_spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,31 +557,71 @@ class AugmentationConfig:
         return cls(**data)
 
 
-def build_augmentation(config: AugmentationConfig):
-    """A MONAI dict pipeline over ``{"image": (C, D, H, W), "label": (1, D, H, W)}``, or ``None``.
+@dataclass(frozen=True)
+class AugmentationDraw:
+    """The random choices of one patch's augmentation (:func:`draw_augmentation`).
 
-    Spatial (image bilinear, label nearest): affine rotation ±``rotate_deg`` about each axis and
-    isotropic-ish scaling, optional flips. Intensity (image only): Gaussian noise, multiplicative
-    brightness, gamma (contrast). Seed it with ``set_random_state`` before each patch.
+    Attributes:
+        rotate: radians about each axis, or ``None`` (no affine transform this time).
+        scale: scaling factor per axis (MONAI ``Affine`` ``scale_params``: > 1 samples a larger region).
+        flips: spatial axes (0 = D, 1 = H, 2 = W) flipped.
+        intensity_seed: seed of the intensity transforms (image only).
     """
-    if not config.enabled:
-        return None
+
+    rotate: tuple[float, float, float] | None = None
+    scale: tuple[float, float, float] | None = None
+    flips: tuple[int, ...] = ()
+    intensity_seed: int = 0
+
+    @property
+    def spatial(self) -> bool:
+        return self.rotate is not None or bool(self.flips)
+
+
+def draw_augmentation(config: AugmentationConfig, rng: np.random.Generator) -> AugmentationDraw:
+    """One patch's augmentation drawn from ``rng`` (the same number of draws whatever the outcome,
+    so the stream of patches never depends on which transforms fired)."""
+    rad = float(np.deg2rad(config.rotate_deg))
+    affine = bool(rng.random() < config.p_affine)
+    rotate = tuple(float(a) for a in rng.uniform(-rad, rad, 3))
+    scale = tuple(float(s) for s in rng.uniform(config.scale[0], config.scale[1], 3))
+    flips = tuple(int(a) for a in config.flip_axes if rng.random() < 0.5)
+    seed = int(rng.integers(2**31 - 1))
+    return AugmentationDraw(rotate if affine else None, scale if affine else None, flips, seed)  # type: ignore[arg-type]
+
+
+def apply_spatial(array: torch.Tensor, draw: AugmentationDraw, mode: str) -> torch.Tensor:
+    """The spatial part of ``draw`` on ``array`` ``(C, D, H, W)``: rotation and scaling about the
+    centre (MONAI ``Affine``, zeros outside), then flips.
+
+    The same draw gives the same geometric transform on any grid that covers the patch's box at
+    another resolution (a teacher feature map at stride ``s`` of a patch whose size is a multiple of
+    ``s``): rotation and scaling act about the box's centre, in units of that grid's voxels.
+
+    Args:
+        mode: ``"bilinear"`` (images, logits, features) or ``"nearest"`` (labels).
+    """
+    out = array.float()
+    if draw.rotate is not None:
+        from monai.transforms import Affine
+
+        affine = Affine(rotate_params=draw.rotate, scale_params=draw.scale, mode=mode, padding_mode="zeros",
+                        image_only=True)
+        out = _as_plain_tensor(affine(out))
+    if draw.flips:
+        out = torch.flip(out, [a + 1 for a in draw.flips])
+    return out
+
+
+def _intensity_transforms(config: AugmentationConfig):
+    """MONAI intensity transforms (image only): Gaussian noise, multiplicative brightness, gamma."""
     from monai import transforms as T
 
-    rad = float(np.deg2rad(config.rotate_deg))
-    keys = ["image", "label"]
-    steps = [
-        T.RandAffined(
-            keys=keys, prob=config.p_affine, rotate_range=(rad, rad, rad),
-            scale_range=tuple((config.scale[0] - 1.0, config.scale[1] - 1.0) for _ in range(3)),
-            mode=("bilinear", "nearest"), padding_mode="zeros",
-        ),
-        *(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in config.flip_axes),
-        T.RandGaussianNoised(keys=["image"], prob=config.p_noise, std=config.noise_std),
-        T.RandScaleIntensityd(keys=["image"], factors=config.brightness, prob=config.p_brightness),
-        T.RandAdjustContrastd(keys=["image"], prob=config.p_gamma, gamma=config.gamma),
-    ]
-    return T.Compose(steps)
+    return T.Compose([
+        T.RandGaussianNoise(prob=config.p_noise, std=config.noise_std),
+        T.RandScaleIntensity(factors=config.brightness, prob=config.p_brightness),
+        T.RandAdjustContrast(prob=config.p_gamma, gamma=config.gamma),
+    ])
 
 
 def _as_plain_tensor(x) -> torch.Tensor:
@@ -536,12 +629,37 @@ def _as_plain_tensor(x) -> torch.Tensor:
     return x
 
 
+@dataclass
+class PatchBatch:
+    """One training batch (:meth:`PatchSampler.draw`).
+
+    Attributes:
+        images: ``(B, C, *patch)`` float32, augmented.
+        labels: ``(B, 1, *patch)`` int64 (:data:`UNLABELLED` for unannotated cases).
+        teacher_logits: ``(B, K, *patch)`` float32 from the cases' :class:`TeacherTargets`, or ``None``.
+        teacher_features: per tap ``(B, C_l, *patch / s_l)`` float32 (empty without cached features).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    teacher_features: list[torch.Tensor] = field(default_factory=list)
+
+
+def _lcm(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * int(v) // int(np.gcd(out, int(v)))
+    return out
+
+
 class PatchSampler:
     """Draws augmented training batches from a :class:`CaseSet`, deterministically from ``seed``.
 
     Args:
-        case_set: the training cases.
-        patch_size: ``(D, H, W)`` in voxels.
+        case_set: the training cases; when they carry :class:`TeacherTargets` (all or none), the
+            teacher's outputs are cropped and augmented with each patch.
+        patch_size: ``(D, H, W)`` in voxels (a multiple of every cached feature stride).
         oversample_foreground: share of patches centred on a foreground voxel (nnU-Net: 0.33).
         augmentation: an :class:`AugmentationConfig` (``None`` = none).
         seed: seed of the sampler's own ``numpy.random.Generator``.
@@ -565,10 +683,31 @@ class PatchSampler:
         if not 0.0 <= oversample_foreground <= 1.0:
             raise SamplingError(f"oversample_foreground must be in [0, 1], got {oversample_foreground}")
         self.cases = case_set.cases
-        self.patch_size = patch
         self.oversample_foreground = float(oversample_foreground)
         self.rng = np.random.default_rng(seed)
-        self.augment = build_augmentation(augmentation) if augmentation is not None else None
+        self.augmentation = augmentation if augmentation is not None and augmentation.enabled else None
+        self._intensity = _intensity_transforms(self.augmentation) if self.augmentation is not None else None
+        with_targets = {c.teacher is not None for c in self.cases}
+        if len(with_targets) > 1:
+            raise SamplingError("either every case carries the teacher's cached outputs or none does")
+        self.with_targets = with_targets == {True}
+        strides = self.cases[0].teacher.strides if self.with_targets else []  # type: ignore[union-attr]
+        #: patch starts are multiples of this per axis (exact crops of the cached feature maps)
+        self.align = tuple(_lcm([s[axis] for s in strides]) for axis in range(3))
+        self.patch_size = patch
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return self._patch_size
+
+    @patch_size.setter
+    def patch_size(self, patch: Sequence[int]) -> None:
+        patch = tuple(int(p) for p in patch)
+        bad = [(p, a) for p, a in zip(patch, self.align) if p % a]
+        if bad:
+            raise SamplingError(f"patch_size {patch} must be a multiple of the cached teacher features' strides "
+                                f"{self.align} per axis")
+        self._patch_size = patch  # type: ignore[assignment]
 
     # state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -580,7 +719,7 @@ class PatchSampler:
 
     # sampling -------------------------------------------------------------------------------
     def _start(self, case: CaseArrays, force_foreground: bool) -> list[int]:
-        """Patch start per axis; may be negative or run past the end (then padded)."""
+        """Patch start per axis (a multiple of :attr:`align`); may be negative or run past the end (then padded)."""
         shape = case.shape
         need = [max(p - s, 0) for p, s in zip(self.patch_size, shape)]
         lows = [-(n // 2) for n in need]
@@ -590,8 +729,28 @@ class PatchSampler:
             cls = classes[int(self.rng.integers(len(classes)))]
             coords = case.locations[cls]
             centre = coords[int(self.rng.integers(len(coords)))]
-            return [int(min(max(c - p // 2, lo), hi)) for c, p, lo, hi in zip(centre, self.patch_size, lows, highs)]
-        return [int(self.rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+            start = [int(min(max(c - p // 2, lo), hi)) for c, p, lo, hi in zip(centre, self.patch_size, lows, highs)]
+        else:
+            start = [int(self.rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+        return [s - s % a for s, a in zip(start, self.align)]
+
+    def _crop(self, case: CaseArrays, start: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Image ``(C, *patch)`` float32, label ``(1, *patch)``, and the teacher's logits and features
+        cropped at the same box (``[]`` without targets); outside the volume: zeros (labels 0)."""
+        image = np.array(crop_with_padding(case.image, start, self.patch_size, 0.0), dtype=np.float32)  # a copy
+        label = np.array(crop_with_padding(case.label, start, self.patch_size, 0))
+        targets: list[np.ndarray] = []
+        if case.teacher is not None:
+            targets.append(crop_with_padding(case.teacher.logits, start, self.patch_size, 0.0))
+            for feature, stride in zip(case.teacher.features, case.teacher.strides):
+                targets.append(crop_with_padding(feature, [a // s for a, s in zip(start, stride)],
+                                                 [p // s for p, s in zip(self.patch_size, stride)], 0.0))
+        return image, label, targets
+
+    def _next_crop(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        case = self.cases[int(self.rng.integers(len(self.cases)))]
+        force_foreground = bool(self.rng.random() < self.oversample_foreground)
+        return self._crop(case, self._start(case, force_foreground))
 
     def sample(self, case: CaseArrays | None = None, force_foreground: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One un-augmented patch: ``(C, *patch)`` float32 image and ``(1, *patch)`` int16 label."""
@@ -599,22 +758,39 @@ class PatchSampler:
             case = self.cases[int(self.rng.integers(len(self.cases)))]
         if force_foreground is None:
             force_foreground = bool(self.rng.random() < self.oversample_foreground)
-        start = self._start(case, force_foreground)
-        image = np.array(crop_with_padding(case.image, start, self.patch_size, 0.0), dtype=np.float32)  # a copy
-        label = np.array(crop_with_padding(case.label, start, self.patch_size, 0))
+        image, label, _ = self._crop(case, self._start(case, force_foreground))
         return image, label
+
+    def draw(self, batch_size: int) -> PatchBatch:
+        """A batch of augmented patches, with the teacher's cached outputs when the cases carry them.
+
+        Each patch gets one :func:`draw_augmentation`: its spatial part is applied to the image
+        (bilinear), the labels (nearest) and the teacher's logits and features (bilinear); its
+        intensity part to the image only.
+        """
+        images, labels, targets = [], [], []
+        for _ in range(batch_size):
+            image, label, teacher = self._next_crop()
+            image_t = torch.from_numpy(image)
+            label_t = torch.from_numpy(label.astype(np.float32))
+            teacher_t = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in teacher]
+            if self.augmentation is not None:
+                draw = draw_augmentation(self.augmentation, self.rng)
+                if draw.spatial:
+                    image_t = apply_spatial(image_t, draw, "bilinear")
+                    label_t = apply_spatial(label_t, draw, "nearest")
+                    teacher_t = [apply_spatial(a, draw, "bilinear") for a in teacher_t]
+                self._intensity.set_random_state(seed=draw.intensity_seed)
+                image_t = _as_plain_tensor(self._intensity(image_t))
+            images.append(image_t.float())
+            labels.append(label_t.round().long())
+            targets.append(teacher_t)
+        if not self.with_targets:
+            return PatchBatch(torch.stack(images), torch.stack(labels))
+        levels = [torch.stack([t[i] for t in targets]) for i in range(len(targets[0]))]
+        return PatchBatch(torch.stack(images), torch.stack(labels), levels[0], levels[1:])
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, *patch)`` float32 images and ``(B, 1, *patch)`` int64 labels, augmented."""
-        images, labels = [], []
-        for _ in range(batch_size):
-            image, label = self.sample()
-            if self.augment is not None:
-                self.augment.set_random_state(seed=int(self.rng.integers(2**31 - 1)))
-                out = self.augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.float32))})
-                image_t, label_t = _as_plain_tensor(out["image"]), _as_plain_tensor(out["label"])
-            else:
-                image_t, label_t = torch.from_numpy(image), torch.from_numpy(label.astype(np.float32))
-            images.append(image_t.float())
-            labels.append(label_t.round().long())
-        return torch.stack(images), torch.stack(labels)
+        drawn = self.draw(batch_size)
+        return drawn.images, drawn.labels

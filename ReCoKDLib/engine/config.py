@@ -65,6 +65,12 @@ class TrainConfig:
             (ReCo-KD: 600 of 1000 epochs).
         frozen_aux: keep adapters and KD-loss modules at their initialisation (ablation of the
             authors' release); by default they are optimised.
+        teacher_outputs: ``"auto"`` (default), ``"cache"`` or ``"live"``: the frozen teacher's outputs
+            computed once per training case on the whole volume and read with each patch
+            (``engine.teacher_cache``; ``2 * (K + sum_l C_l / s_l^3)`` bytes per voxel on disk), or the
+            teacher run on every patch. ``auto`` caches when every case fits one exact whole-volume
+            pass, else stays live.
+        teacher_cache_dir: folder of that cache (default ``<out>/teacher_cache``); share one across runs.
     Label-free distillation (``distill`` with unlabelled cases, see :func:`merge_pseudo_labels`):
         pseudo_label_weight: weight of the segmentation loss (Dice + CE) on the teacher's argmax
             for samples without annotation (hard targets); 0 = none, so those samples learn only
@@ -106,6 +112,8 @@ class TrainConfig:
     kd_warmup_steps: int | None = None
     frozen_aux: bool = False
     pseudo_label_weight: float = 1.0
+    teacher_outputs: str = "auto"
+    teacher_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -125,6 +133,8 @@ class TrainConfig:
             problems.append("kd_weight and kd_warmup_steps must be >= 0")
         if self.pseudo_label_weight < 0:
             problems.append(f"pseudo_label_weight must be >= 0, got {self.pseudo_label_weight}")
+        if self.teacher_outputs not in ("auto", "cache", "live"):
+            problems.append(f"teacher_outputs must be 'auto', 'cache' or 'live', got {self.teacher_outputs!r}")
         if self.num_val_cases < 0 or self.patience < 0:
             problems.append("num_val_cases and patience must be >= 0")
         if problems:

@@ -68,3 +68,11 @@ def _finish_dist(dist_ctx: _Dist) -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def _barrier(dist_ctx: _Dist) -> None:
+    """Wait until every rank gets here (nothing in one process)."""
+    if dist_ctx.active:
+        import torch.distributed as dist
+
+        dist.barrier()

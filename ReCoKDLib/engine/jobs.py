@@ -9,9 +9,10 @@ from typing import Any
 from ReCoKDLib import checkpoint as ckpt
 from ReCoKDLib.data.sampling import CaseSet
 from ReCoKDLib.engine.config import TrainConfig, TrainingError, TrainResult
+from ReCoKDLib.engine.distributed import _barrier, _Dist
 from ReCoKDLib.engine.loop import _Job, _check_patch, _prepare_run, _run, _run_scope
 from ReCoKDLib.engine.modules import _DistillModule, _SegModule, build_kd_module
-from ReCoKDLib.engine.pairing import (_check_output_only_teacher, _check_teacher_labels, _dataset_spec, _kd_num_classes,
+from ReCoKDLib.engine.pairing import (OUTPUT_LEVEL_METHODS, teacher_size_step, _check_output_only_teacher, _check_teacher_labels, _dataset_spec, _kd_num_classes,
                                      _kd_taps, _label_spec_record, _output_channels, _student_config, _teacher_parts)
 from ReCoKDLib.engine.state import _versions
 from ReCoKDLib.networks import UNetConfig, build_unet, encoder_tap_names
@@ -94,18 +95,25 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
         _check_patch(config, student_config)
         nnunet_student = hasattr(student_config, "build")  # nnunet.student.NNUNetStudentConfig
         student = student_config.build() if nnunet_student else build_unet(student_config)
-        teacher_taps, student_taps = _kd_taps(config, teacher_card, student_config, getattr(teacher, "kind", None))
+        needs_features = bool(set(config.kd) - OUTPUT_LEVEL_METHODS)
+        if needs_features or config.teacher_outputs == "live":
+            teacher_taps, student_taps = _kd_taps(config, teacher_card, student_config, getattr(teacher, "kind", None))
+        else:  # logits only, read from the cache: nothing to tap
+            teacher_taps, student_taps = [], []
         pair = DistillationPair(teacher_net.to(device), student.to(device), teacher_taps, student_taps,
                                 (dataset.in_channels, *config.patch_size))
         kd_module = build_kd_module(config.kd, pair.teacher_channels, pair.student_channels, _kd_num_classes(dataset))
         train_set, val_set = dataset.split(config.num_val_cases)
         if val_set is not None and val_set.unlabelled_cases:
-            reporter.warning("distill", f"held-out cases {val_set.unlabelled_cases} have no labels: no validation "
-                                        "(put labelled cases last, or --val-cases 0)")
-            val_set = None
+            reporter.warning("distill", f"held-out cases {val_set.unlabelled_cases} have no labels: no validation; "
+                                        "they are trained on (put labelled cases last to validate on them)")
+            train_set, val_set = dataset, None
+        train_set, outputs_record = _teacher_outputs(config, pair, teacher_card, teacher_sha, train_set, out_dir,
+                                                     device, reporter, dist_ctx, needs_features)
         warmup = config.kd_warmup_steps if config.kd_warmup_steps is not None else int(round(0.6 * config.steps))
         kd_record = {"methods": config.kd, "kd_weight": config.kd_weight, "kd_warmup_steps": warmup,
                      "frozen_aux": config.frozen_aux, "teacher_taps": teacher_taps, "student_taps": student_taps,
+                     "teacher_outputs": outputs_record,
                      "student_reduction": config.student_reduction if config.student_config is None else None}
         nnunet_record = {}
         if nnunet_student:  # what `recokd export --nnunet` needs: the teacher's plans and dataset.json
@@ -128,3 +136,43 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
                    student, student_config, {"adapters": pair.adapters, "kd_loss": kd_module}, not config.frozen_aux,
                    card, warmup, {"teacher_sha256": teacher_sha})
         return _run(job, config, train_set, val_set, out_dir, reporter, resume, device, dist_ctx)
+
+
+def _teacher_outputs(config: TrainConfig, pair: Any, teacher_card: ckpt.ModelCard, teacher_sha: str,
+                     train_set: CaseSet, out_dir: Path, device: Any, reporter: Reporter, dist_ctx: _Dist,
+                     needs_features: bool) -> tuple[CaseSet, dict[str, Any]]:
+    """The training cases with their teacher outputs cached (``engine.teacher_cache``), or unchanged
+    when the teacher runs live; and the record the model card keeps of the choice."""
+    from ReCoKDLib.engine.teacher_cache import CachePlan, TeacherCacheError, attach_teacher_targets, choose_mode
+
+    reporter = reporter if dist_ctx.main else Reporter()  # other ranks stay silent
+    taps = tuple(pair.teacher_taps) if needs_features else ()
+    strides = tuple(pair.teacher_strides) if needs_features else ()
+    if any(s is None for s in strides):
+        if config.teacher_outputs == "cache":
+            raise TrainingError(f"cannot cache the teacher's features: their strides are not whole on the patch "
+                                f"{tuple(config.patch_size)}; use teacher_outputs 'live'")
+        strides, taps = (), ()
+    plan = CachePlan(teacher_sha, taps, strides, tuple(int(p) for p in teacher_card.patch_size),  # type: ignore[arg-type]
+                     teacher_size_step(teacher_card, pair.teacher, strides))
+    mode, why = choose_mode(config.teacher_outputs, plan, [c.shape for c in train_set.cases])
+    if needs_features and not taps and mode == "cache":
+        mode, why = "live", "the teacher's feature strides are not whole multiples of the patch"
+    if mode == "live":
+        reporter.log("distill", f"teacher outputs: live ({why})")
+        return train_set, {"mode": "live", "why": why}
+    cache_dir = Path(config.teacher_cache_dir) if config.teacher_cache_dir else out_dir / "teacher_cache"
+    reporter.log("distill", f"teacher outputs: cached in {cache_dir} ({why})")
+    try:
+        for turn in (True, False):  # under DDP the main process computes, the others read
+            if dist_ctx.main == turn:
+                cached, record = attach_teacher_targets(train_set, pair.teacher_forward, plan, cache_dir, device,
+                                                        reporter)
+            _barrier(dist_ctx)
+    except (TeacherCacheError, RuntimeError) as exc:
+        if config.teacher_outputs == "cache" or isinstance(exc, TeacherCacheError) and "write" in str(exc):
+            raise TrainingError(f"caching the teacher's outputs failed: {exc}") from exc
+        reporter.warning("distill", f"the teacher cannot run on a whole volume ({exc}); teacher outputs: live")
+        return train_set, {"mode": "live", "why": f"whole-volume pass failed: {exc}"}
+    pair.release_teacher()
+    return cached, {**record, "why": why}

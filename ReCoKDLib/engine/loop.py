@@ -233,11 +233,14 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
             lr = poly_lr(config.lr, step, total, config.poly_power)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, labels = sampler.batch(config.batch_size)
-            images, labels = images.to(device), labels.to(device)
+            drawn = sampler.draw(config.batch_size)
+            images, labels = drawn.images.to(device), drawn.labels.to(device)
+            cached = {} if drawn.teacher_logits is None else {  # the teacher's outputs from its cache
+                "teacher_logits": drawn.teacher_logits.to(device),
+                "teacher_features": [f.to(device) for f in drawn.teacher_features]}
             try:
                 with _autocast(device, dtype):
-                    out, kd_loss, kd_terms, *targets = wrapped(images, labels)
+                    out, kd_loss, kd_terms, *targets = wrapped(images, labels, **cached)
                 labels, unlabelled = targets[0] if targets else (labels, None)  # label-free: teacher argmax
                 seg = pseudo_weighted_seg_loss(seg_loss, [o.float() for o in split_deep_supervision(out)], labels,
                                                unlabelled, config.pseudo_label_weight)
@@ -344,7 +347,9 @@ def _prepare_run(config: TrainConfig, resume: bool, out_dir: Path) -> tuple[Trai
     if resume and stored.exists():
         state = ckpt.safe_torch_load(stored)
         if isinstance(state, dict) and "config" in state:
-            saved = TrainConfig.from_dict(json.loads(state["config"]))
+            stored_config = json.loads(state["config"])
+            stored_config.setdefault("teacher_outputs", "live")  # written before the teacher cache existed
+            saved = TrainConfig.from_dict(stored_config)
             # the budget and the device may change on resume; everything else is the stored run's
             config = saved.replace(steps=config.steps, device=config.device, log_every=config.log_every)
     dist_ctx = _init_distributed(config.device)

@@ -17,7 +17,7 @@ class _SegModule(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, images: Tensor, labels: Tensor):
+    def forward(self, images: Tensor, labels: Tensor, **_teacher_targets):
         return self.network(images), None, {}
 
 
@@ -25,9 +25,11 @@ class _SegModule(nn.Module):
 class _DistillModule(nn.Module):
     """Student + adapters + KD loss around a frozen teacher (a ``DistillationPair``).
 
-    ``forward(images (B, C, D, H, W), labels (B, 1, D, H, W)) -> (student output, kd loss, terms,
-    (merged labels, unlabelled (B,)))``: unlabelled samples take the teacher's argmax
-    (:func:`merge_pseudo_labels`) before the KD loss reads the labels.
+    ``forward(images (B, C, D, H, W), labels (B, 1, D, H, W)[, teacher_logits, teacher_features]) ->
+    (student output, kd loss, terms, (merged labels, unlabelled (B,)))``: unlabelled samples take the
+    teacher's argmax (:func:`merge_pseudo_labels`) before the KD loss reads the labels. With
+    ``teacher_logits`` (``(B, K, D, H, W)``, and ``teacher_features`` per tap, cropped from the
+    teacher cache with the same patch and spatial augmentation) the teacher is not run.
     """
 
     def __init__(self, pair: nn.Module, kd_loss: nn.Module, num_classes: int, label_spec: Any = None) -> None:
@@ -37,8 +39,10 @@ class _DistillModule(nn.Module):
         self.num_classes = num_classes
         self.label_spec = label_spec  # nnunet.labels.LabelSpec; region-based: KD on region maps
 
-    def forward(self, images: Tensor, labels: Tensor):
-        out, batch = self.pair(images, labels=labels, num_classes=self.num_classes)
+    def forward(self, images: Tensor, labels: Tensor, teacher_logits: Tensor | None = None,
+                teacher_features: Sequence[Tensor] = ()):
+        cached = (teacher_logits, list(teacher_features)) if teacher_logits is not None else None
+        out, batch = self.pair(images, labels=labels, num_classes=self.num_classes, teacher_outputs=cached)
         spec = self.label_spec
         if spec is not None and spec.has_regions:
             # sigmoid heads: pseudo-labels painted from the teacher's regions; the KD losses read

@@ -161,3 +161,24 @@ def _default_student_taps(teacher_card: ckpt.ModelCard, teacher_taps: Sequence[s
 
         return student_taps_for(strides, student_config)
     return encoder_tap_names(student_config)
+
+
+def teacher_size_step(teacher_card: ckpt.ModelCard, teacher_net: nn.Module,
+                      tap_strides: Sequence[Sequence[int] | None] = ()) -> tuple[int, int, int]:
+    """The multiple a whole volume is padded to before the teacher runs on it ``(D, H, W)``: the
+    network's total stride where the card says it (built-in U-Net, nnU-Net plans, a preset's
+    ``pad_multiple``), else the least common multiple of the known tap strides."""
+    import math
+
+    arch = teacher_card.architecture or {}
+    if arch.get("kind") == "dynunet":
+        return tuple(int(d) for d in UNetConfig.from_dict(arch["config"]).divisor)  # type: ignore[return-value]
+    from ReCoKDLib.nnunet.student import NNUNetStudentConfig, is_nnunet_architecture
+
+    if is_nnunet_architecture(arch):
+        return tuple(int(d) for d in NNUNetStudentConfig(arch).divisor)  # type: ignore[return-value]
+    pad = getattr(teacher_net, "pad_multiple", None)
+    if pad:
+        return tuple(int(p) for p in pad)  # type: ignore[return-value]
+    known = [s for s in tap_strides if s is not None]
+    return tuple(math.lcm(*[int(s[a]) for s in known]) if known else 1 for a in range(3))  # type: ignore[return-value]
