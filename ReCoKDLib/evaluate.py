@@ -421,18 +421,22 @@ def _overlay_figure(image: np.ndarray, label: np.ndarray, prediction: np.ndarray
 # The job
 
 
-def _latency(model, image, geometry, repeats: int, overlap: float, amp: bool = False) -> float | None:
-    """Median seconds of a whole-volume ``segment_volume`` on the CPU (``amp``: bf16 autocast).
-
-    Thin students are bandwidth-bound in float32 on CPUs (measured here: a /4 student's window
-    takes 0.30 s against the teacher's 0.33 s in fp32, 0.045 s against 0.137 s in bf16), so both
-    precisions are reported.
-    """
+def _latency(model, image, geometry, repeats: int, overlap: float, amp: bool = False,
+             inference: Mapping[str, Any] | None = None) -> float | None:
+    """Median seconds of a whole-volume ``segment_volume`` on the CPU, through the backend layer
+    (``inference``: ``backend``/``precision``/``window``/``restore``; ``amp``: bf16 only)."""
     from ReCoKDLib.infer import segment_volume
 
     if repeats <= 0:
         return None
-    times = [segment_volume(model, image, geometry, overlap=overlap, device="cpu", amp=amp).seconds
+    options = dict(inference or {})
+    if amp:
+        from ReCoKDLib.models.backends import cpu_supports_bf16
+
+        if not cpu_supports_bf16() or options.get("backend") == "onnxruntime":
+            return None  # no bf16 here
+        options["precision"] = "bf16"
+    times = [segment_volume(model, image, geometry, overlap=overlap, device="cpu", **options).seconds
              for _ in range(repeats)]
     return float(statistics.median(times))
 
@@ -461,6 +465,7 @@ def evaluate_models(
     overlay_slices: int = 3,
     reporter=None,
     reference_labels: Mapping[str, int] | Sequence[str] | str | os.PathLike | None = None,
+    inference: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate every model on every case; write ``metrics.json`` and ``report.html`` in ``out_dir``.
 
@@ -470,6 +475,8 @@ def evaluate_models(
             ``(case_id, image path(s), label path)`` tuples.
         device: where the evaluation inference runs; latency is always measured on the CPU.
         overlap, mirror: sliding-window settings of the evaluation runs.
+        inference: ``backend``, ``precision``, ``window``, ``restore`` of every run
+            (:func:`ReCoKDLib.infer.segment_volume`; default: auto, the fastest agreeing backend).
         latency_repeats: whole-volume CPU runs on the first case; the median is reported (0: skip).
         training_logs: ``{name: training log}`` for the loss curves (see :func:`load_loss_curves`).
         reference_labels: the label table ``{name: value}`` of the reference label maps (see
@@ -479,7 +486,7 @@ def evaluate_models(
     Returns:
         The ``metrics.json`` content: ``{name: {"dice": {class: mean}, "mean_dice": v, "hd95":
         {class: mean mm}, "mean_hd95": v, "params": n, "flops": n (one forward pass on the card's
-        patch), "latency_s": v (fp32), "latency_bf16_s": v (bf16 autocast), "patch_size": [...], "classes": [...], "kind": ..., "source": ...,
+        patch), "latency_s": v (the inference settings), "latency_bf16_s": v (bf16; null without bf16), "patch_size": [...], "classes": [...], "kind": ..., "source": ...,
         "cases": {case_id: {"dice": {...}, "hd95": {...}, "seconds": s}}}}``; undefined values are null.
     """
     from ReCoKDLib.checkpoint import atomic_write_text
@@ -516,7 +523,8 @@ def evaluate_models(
             if ignored is not None:
                 label = np.where(ignored, 0, label)
             label = _renumber(label, classes, label_path, name, reference_labels, told)
-            result = segment_volume(model, image, geometry, mirror=mirror, overlap=overlap, device=device)
+            result = segment_volume(model, image, geometry, mirror=mirror, overlap=overlap, device=device,
+                                    **dict(inference or {}))
             spacing_dhw = tuple(reversed(geometry.spacing))
             dice, hd = dice_hd95(result.labels, label, len(classes), spacing_dhw, ignored)
             per_case[case_id] = {
@@ -541,8 +549,8 @@ def evaluate_models(
             "mean_hd95": _mean(list(hd_mean.values())),
             "params": int(count_parameters(network)),
             "flops": flops,
-            "latency_s": _latency(model, image, geometry, latency_repeats, overlap),
-            "latency_bf16_s": _latency(model, image, geometry, latency_repeats, overlap, amp=True),
+            "latency_s": _latency(model, image, geometry, latency_repeats, overlap, inference=inference),
+            "latency_bf16_s": _latency(model, image, geometry, latency_repeats, overlap, amp=True, inference=inference),
             "latency_repeats": latency_repeats,
             "patch_size": list(model.card.patch_size),
             "classes": classes,

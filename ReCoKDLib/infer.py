@@ -19,8 +19,9 @@ run; the context margin is therefore the rest of those windows, at most one patc
 on each side. The window positions are the ones a whole-volume run would use (the computed region
 starts and ends on window boundaries of the whole-volume window grid), so every voxel of the box
 receives the same windows, the same Gaussian weights, in the same order as in a whole-volume run:
-inside the box the result equals full inference (up to the batching of windows, ``sw_batch_size``,
-which can change the last bits of a convolution). Outside the box the output is background
+inside the box the result equals full inference on the same window (an ROI run uses the training
+patch unless a window is given, so it equals a whole-volume run with ``window="patch"``; up to the
+batching of windows, ``sw_batch_size``, which can change the last bits of a convolution). Outside the box the output is background
 (label 0; probability 1 for class 0). Normalisation and resampling always see the whole volume, so
 per-volume statistics (z-score) do not depend on the box.
 """

@@ -275,3 +275,48 @@ def test_fast_restore_equals_argmax_of_resampled_probabilities(spacing, target):
     fast = restore_labels(probabilities, pre)
     assert fast.shape == image.shape and fast.dtype == np.uint8
     assert np.mean(fast == exact) > 0.999, np.mean(fast == exact)
+
+
+def test_segment_command_takes_backend_window_and_restore(tmp_path, volume, capsys):
+    from ReCoKDLib.cli import main
+    from ReCoKDLib.data.io import read_image, write_image
+
+    image, geometry = volume
+    path = _save(tmp_path)
+    source = write_image(image, geometry, tmp_path / "image.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    code = main(["segment", str(path), str(source), str(out), "--device", "cpu", "--backend", "openvino",
+                 "--precision", "fp32", "--window", "patch", "--restore", "probabilities", "--progress", "json"])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    done = [e for e in events if e["event"] == "done"][-1]
+    assert done["backend"] == "openvino fp32" and done["window"] == [16, 16, 16]
+    assert any(e["event"] == "log" and "backend: openvino fp32" in e.get("message", "") for e in events)
+    labels, _ = read_image(out)
+    reference = segment_volume(load_model(path), image, geometry, device="cpu", backend="torch", precision="fp32",
+                               window="patch")
+    assert np.mean(labels == reference.labels) > 0.999
+    code = main(["segment", str(path), str(source), str(out), "--device", "cpu", "--backend", "onnxruntime",
+                 "--precision", "bf16", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and ("onnxruntime backend runs fp32 only" in err or "no bf16 instructions" in err)
+
+
+def test_segment_speed_benchmark_smoke(tmp_path, ct_dataset):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import segment_speed
+
+    out = tmp_path / "segment_speed.json"
+    assert segment_speed.main(["--smoke", "--in-process", "--reps", "1", "--threads", "1", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"ct_div4_vs_teacher", "fp32_div4_vs_teacher", "nnunet_student_vs_predictor", "hdbet_student_vs_teacher",
+            "max_peak_memory_vs_teacher"} <= set(data["headline"])
+    assert data["headline"]["ct_div4_vs_teacher"] > 0 and len(data["load_average"]["before"]) == 3
+    assert data["date"] and data["machine"] and data["command"].startswith("python benchmarks/segment_speed.py")
+    student = data["results"]["ct_div4"]["s1_ct"]
+    assert student["before"]["dice_vs_fp32_pytorch"] == 1.0 and student["before"]["window"] == [8, 16, 16]
+    assert student["best"]["backend"]["backend"] in ("torch", "onnxruntime", "openvino")
+    assert 0 <= student["best"]["dice_vs_fp32_pytorch"] <= 1

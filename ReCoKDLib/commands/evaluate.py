@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ReCoKDLib.commands.runner import run_command
+from ReCoKDLib.commands.inference_options import add_inference_arguments, inference_kwargs
 from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "evaluate"
@@ -52,6 +53,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="whole-volume CPU runs for the latency median (default 3; 0 skips)")
     parser.add_argument("--log", action="append", type=_name_path, default=[], metavar="NAME=PATH",
                         help="training log (JSON lines of progress events or JSON history) of model NAME, for the loss curves")
+    add_inference_arguments(parser)
     add_progress_argument(parser)
 
 
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         check_destination(args.out, "--out", folder=True)
         metrics = evaluate_models(dict(args.model), cases, args.out, device=args.device, overlap=args.overlap,
                                   mirror=args.mirror, latency_repeats=args.latency_repeats,
-                                  training_logs=dict(args.log) or None, reporter=reporter, reference_labels=table)
+                                  training_logs=dict(args.log) or None, reporter=reporter, reference_labels=table,
+                                  inference=inference_kwargs(args))
         if args.progress != "json":
             print(format_table(metrics), file=sys.stdout)
 

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ReCoKDLib.commands.runner import run_command
+from ReCoKDLib.commands.inference_options import add_inference_arguments, inference_kwargs
 from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "inspect"
@@ -84,6 +85,7 @@ def inspect_to_folder(
     size: Sequence[int] = (256, 256),
     window_level: tuple[float, float] | None = None,
     reporter=None,
+    inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write every inspection map of ``teacher``/``student`` on ``image`` into ``out_dir``.
 
@@ -162,7 +164,7 @@ def inspect_to_folder(
         raise InspectCommandError(f"level(s) {missing} do not exist; the student's feature levels are {available}")
     if reporter is not None:
         reporter.progress(STAGE, 1, 3, message="segmentation")
-    segmentation = segment_volume(student, image, geometry, roi=roi, device=device).labels
+    segmentation = segment_volume(student, image, geometry, roi=roi, device=device, **dict(inference or {})).labels
 
     # ---- write volumes
     out_dir = Path(out_dir)
@@ -350,6 +352,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-level", type=float, nargs=2, metavar=("W", "L"),
                         help="image window and level in the pictures, e.g. 400 40 for abdominal CT (default: percentiles)")
     parser.add_argument("--no-png", action="store_true", help="skip the Slicer-rendered pictures (no render extra needed)")
+    add_inference_arguments(parser)
     add_progress_argument(parser)
 
 
@@ -364,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         inspect_to_folder(args.image, args.teacher, args.student, args.out, labels_path=args.labels,
                           levels=args.levels, roi=roi, fmt=args.format, device=str(resolve_device(args.device)),
                           render=not args.no_png, size=(args.size, args.size),
-                          window_level=tuple(args.window_level) if args.window_level else None, reporter=reporter)
+                          window_level=tuple(args.window_level) if args.window_level else None, reporter=reporter,
+                          inference=inference_kwargs(args))
 
     return run_command(args, STAGE, job, memory_hint="--roi (inspect a box), or fewer --levels")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ReCoKDLib.commands.runner import run_command
+from ReCoKDLib.commands.inference_options import add_inference_arguments, inference_kwargs
 from ReCoKDLib.progress import add_progress_argument
 
 STAGE = "segment"
@@ -106,7 +107,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite-input", action="store_true",
                         help="allow an output to be the input file itself (refused otherwise: it would destroy the scan)")
     add_model_arguments(parser)
+    add_inference_arguments(parser)
     add_progress_argument(parser)
+
+
+def _engine(result) -> str:
+    """``"openvino bf16"``: what ran the network (``ReCoKDLib.models.backends``)."""
+    record = result.info.get("backend") or {}
+    return f"{record.get('backend') or 'no network run'} {record.get('precision') or ''}".strip()
 
 
 def _check_window_options(args: argparse.Namespace) -> None:
@@ -177,7 +185,7 @@ def _batch_job(args: argparse.Namespace, reporter) -> None:
             model, cases, out, suffix=f".{args.format}", summary_path=args.summary, dicom_seg_dir=args.dicom_seg,
             reporter=reporter, after_case=pictures if args.png else None, roi=ROI.parse(args.roi, args.roi_space)
             if args.roi else None, mirror=args.mirror, overlap=args.overlap, device=resolve_device(args.device),
-            amp=args.amp, sw_batch_size=args.sw_batch_size)
+            sw_batch_size=args.sw_batch_size, **inference_kwargs(args))
     failed = [r for r in results if r.status != "ok"]
     summary = args.summary or out / "summary.csv"
     message = f"{len(results) - len(failed)} of {len(results)} case(s) segmented into {out}; summary {summary}"
@@ -216,8 +224,8 @@ def run(args: argparse.Namespace) -> int:
         with _nonfinite(args):
             result = segment_file(model, images if len(images) > 1 else args.image, args.out, roi=roi,
                                   mirror=args.mirror, overlap=args.overlap, device=device,
-                                  probabilities_path=args.probabilities, reporter=reporter, amp=args.amp,
-                                  sw_batch_size=args.sw_batch_size)
+                                  probabilities_path=args.probabilities, reporter=reporter,
+                                  sw_batch_size=args.sw_batch_size, **inference_kwargs(args))
         counts = {name: int((result.labels == i).sum()) for i, name in enumerate(result.class_names) if i}
         if getattr(args, "png", None):
             from ReCoKDLib.data.io import read_image
@@ -238,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
                 reporter.warning(STAGE, f"DICOM SEG: {note}")
         reporter.done(STAGE, path=str(Path(args.out)), seconds=round(result.seconds, 3), voxels=counts,
                       classes=list(result.class_names), colors=list(colors) if colors else None,
-                      message=f"wrote {args.out} ({result.seconds:.1f} s on {result.device})")
+                      backend=_engine(result), window=result.info.get("window"),
+                      message=f"wrote {args.out} ({result.seconds:.1f} s on {result.device}, {_engine(result)})")
 
     return run_command(args, STAGE, job, memory_hint=MEMORY_HINT)

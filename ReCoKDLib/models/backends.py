@@ -165,9 +165,9 @@ def model_fingerprint(model: LoadedModel) -> tuple[str, Path | None, str]:
     """
     from ReCoKDLib.checkpoint import sha256_file
 
-    if model.kind == "nnunet" and getattr(model, "folder", None) is not None:
+    if getattr(model, "kind", None) == "nnunet" and getattr(model, "folder", None) is not None:
         return model.sha256, Path(model.folder.path), Path(model.folder.path).name
-    source = Path(str(model.source)) if model.source else None
+    source = Path(str(model.source)) if getattr(model, "source", "") else None
     if source is not None and source.is_file():
         return sha256_file(source), source.parent, source.name.split(".")[0]
     return _state_hash(_torch_networks(model)), None, "model"
@@ -314,7 +314,7 @@ def _candidates(model: LoadedModel, backend: str, precision: str, log: Callable[
     if not bf16:
         precisions = ["fp32"]
     names = ["torch", "openvino", "onnxruntime"] if backend == "auto" else [backend]
-    if model.kind == "onnx":
+    if getattr(model, "kind", None) == "onnx":
         if backend == "torch":
             raise InferenceError(f"{model.source} is an exported ONNX graph: run it with --backend onnxruntime, openvino "
                                  f"or auto, or give the PyTorch model file")
@@ -380,6 +380,18 @@ def _time_once(network: nn.Module, probe: Tensor) -> tuple[Tensor, float]:
     return out.float().cpu(), time.perf_counter() - started
 
 
+def _runner_cache(model) -> dict:
+    """``model.runners`` (prepared runners of this model object), created on models without one."""
+    runners = getattr(model, "runners", None)
+    if runners is None:
+        runners = {}
+        try:
+            model.runners = runners
+        except AttributeError:
+            pass
+    return runners
+
+
 def default_probe(model: LoadedModel, window: Sequence[int] | None = None) -> Tensor:
     """A deterministic ``(1, C, *window)`` probe (standard normal: what normalised scans look like)."""
     size = [int(w) for w in (window or model.card.patch_size)]
@@ -407,21 +419,25 @@ def prepare_runner(model: LoadedModel, backend: str = "auto", precision: str = "
     say = log or (lambda _line: None)
     device = resolve_device(device)
     key = (backend, precision, str(device))
-    if key in model.runners:
-        return model.runners[key]
+    runners = _runner_cache(model)
+    if key in runners:
+        return runners[key]
+    if precision == "auto" and getattr(model, "kind", None) == "nnunet":
+        precision = "fp32"  # an nnU-Net folder's path reproduces nnUNetPredictor: bf16 only when asked for
     if device.type != "cpu":
         if backend not in ("auto", "torch"):
             raise InferenceError(f"the {backend} backend runs on the CPU; use --backend torch (or auto) on {device}")
         prec = "fp32" if precision in ("auto", "fp32") else precision
         runner = Runner([TorchNetwork(n.to(device).eval(), prec, device.type) for n in _torch_networks(model)],
                         "torch", prec, device, f"PyTorch on {device} ({prec})")
-        model.runners[key] = runner
+        runners[key] = runner
         say(f"backend: {runner.reason}")
         return runner
 
     candidates = _candidates(model, backend, precision, say)
     probe = default_probe(model) if probe is None else probe.float().cpu()
-    needs_graph = any(c.backend != "torch" for c in candidates) and model.kind != "onnx"
+    kind = getattr(model, "kind", None)
+    needs_graph = any(c.backend != "torch" for c in candidates) and kind != "onnx"
     cache = None
     graphs: list[Path] | None = None
     if needs_graph:
@@ -443,11 +459,11 @@ def prepare_runner(model: LoadedModel, backend: str = "auto", precision: str = "
                             f"{match[0].name}: remembered for this model on this machine ({remembered.get('reason', '')})",
                             list(remembered.get("checks", [])),
                             [str(p) for p in graphs] if graphs is not None and match[0].backend != "torch" else [])
-            model.runners[key] = runner
+            runners[key] = runner
             say(f"backend: {runner.reason}")
             return runner
 
-    if model.kind == "onnx":  # the graph's own reference: ONNX Runtime fp32 (what recokd export checked it with)
+    if kind == "onnx":  # the graph's own reference: ONNX Runtime fp32 (what recokd export checked it with)
         reference_candidate = _Candidate("onnxruntime" if runtime_available("onnxruntime") else "openvino", "fp32")
     else:
         reference_candidate = _Candidate("torch", "fp32")
@@ -499,7 +515,7 @@ def prepare_runner(model: LoadedModel, backend: str = "auto", precision: str = "
             say(f"could not remember the choice in {cache.record_path}: {exc}")
     runner = Runner(networks, candidate.backend, candidate.precision, device, reason, checks,
                     [str(p) for p in graphs] if graphs is not None and candidate.backend != "torch" else
-                    ([str(model.source)] if model.kind == "onnx" else []))
-    model.runners[key] = runner
+                    ([str(model.source)] if kind == "onnx" else []))
+    runners[key] = runner
     say(f"backend: {reason}")
     return runner

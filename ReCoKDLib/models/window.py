@@ -45,7 +45,7 @@ def size_step(model: LoadedModel) -> tuple[int, int, int] | None:
     if arch.get("kind") == "preset":  # PresetNetwork pads inputs itself; keep its multiple for efficiency
         pad = getattr(model.network, "pad_multiple", None)
         return tuple(int(p) for p in pad) if pad else None  # type: ignore[return-value]
-    if model.kind == "onnx":
+    if getattr(model, "kind", None) == "onnx":
         multiple = (card.provenance.get("export") or {}).get("spatial_multiple")
         return tuple(int(m) for m in multiple) if multiple else None  # type: ignore[return-value]
     return None
@@ -54,11 +54,14 @@ def size_step(model: LoadedModel) -> tuple[int, int, int] | None:
 def activation_bytes_per_voxel(model: LoadedModel) -> float:
     """Bytes of layer outputs per input voxel of one forward pass (a generous peak estimate: the sum
     of every leaf module's output, measured once on the card's patch with forward hooks)."""
-    cached = model.runners.get("_bytes_per_voxel")
+    from ReCoKDLib.models.backends import _runner_cache
+
+    memo = _runner_cache(model)
+    cached = memo.get("_bytes_per_voxel")
     if cached is not None:
         return cached
     network = model.network
-    if model.kind == "onnx" or not any(True for _ in network.modules()):
+    if getattr(model, "kind", None) == "onnx" or not any(True for _ in network.modules()):
         arch = model.card.architecture or {}
         if arch.get("kind") != "dynunet":
             return 4.0 * 256  # unknown graph: assume 256 fp32 values per voxel
@@ -81,7 +84,7 @@ def activation_bytes_per_voxel(model: LoadedModel) -> float:
         for handle in handles:
             handle.remove()
     value = max(total[0] / math.prod(patch), 4.0)
-    model.runners["_bytes_per_voxel"] = value
+    memo["_bytes_per_voxel"] = value
     return value
 
 
@@ -141,8 +144,9 @@ def choose_window(model: LoadedModel, shape: Sequence[int], requested: Sequence[
             return patch, {"how": "the card's training patch (asked for)"}  # type: ignore[return-value]
         window = check_window(requested, step)  # type: ignore[arg-type]
         return window, {"how": "asked for (--window)"}
-    if step is None or model.kind == "nnunet":
-        why = "nnU-Net folder: nnU-Net's own patch" if model.kind == "nnunet" else \
+    kind = getattr(model, "kind", None)
+    if step is None or kind == "nnunet":
+        why = "nnU-Net folder: nnU-Net's own patch" if kind == "nnunet" else \
             "the network's size step is unknown (not a built-in or preset network): the card's patch"
         return patch, {"how": why}  # type: ignore[return-value]
     budget = int(budget_bytes if budget_bytes is not None else MEMORY_SHARE * available_memory_bytes())

@@ -1,0 +1,372 @@
+"""The whole Segment path, per model at its best setting on this machine, side by side in one run (issue 15).
+
+What a click on *Segment* costs: read the scan -> preprocess -> infer -> restore -> write the label
+map (:func:`ReCoKDLib.infer.segment_file`, as ``recokd segment`` runs it), with the model already
+loaded (Slicer, ``recokd serve`` and ``recokd segment`` over many cases load it once). For every
+model and scan three settings are measured, each in its own subprocess:
+
+* ``before``: the path before the backend layer: PyTorch fp32 with PyTorch's own convolution
+  choice (``networks.plain_convolutions``), the training patch as window, overlap 0.5, every class
+  probability map resampled (``restore="probabilities"``). Its labels are the reference
+  ("the fp32 PyTorch result");
+* ``fp32``: PyTorch fp32 as it is now (oneDNN convolutions for thin layers, the window from the
+  free memory, ``restore="fast"``);
+* ``best``: the default (``backend="auto"``, ``precision="auto"``, window and restore auto): the
+  fastest backend that agrees with PyTorch fp32 on this machine.
+
+Per measurement: the first call (``first_seconds``: includes the backend choice, graph export and
+compilation, cached afterwards), then the median of ``--reps`` calls, the peak resident memory
+above the loaded model (``VmHWM``, one more call, ``MALLOC_MMAP_THRESHOLD_=65536``), and the mean
+Dice of its labels against the model's ``before`` labels.
+
+The headline ratios (end to end, ``best`` unless said): ``ct_div4_vs_teacher``,
+``fp32_div4_vs_teacher`` (both ``fp32``), ``hdbet_student_vs_teacher``,
+``nnunet_student_vs_predictor`` (when an nnU-Net folder is given) and
+``max_peak_memory_vs_teacher`` (the largest student peak over its teacher's, per family).
+
+Models (``--models FILE`` JSON ``{"name": {"path": ..., "family": "ct"|"hdbet", "role":
+"teacher"|"student", "cases": [...]}}``) default to ``runs/demo/teacher/model_last.pt`` (the
+demo's CT teacher), ``runs/segment_speed/student_div{2,4,8}/model_last.pt`` (``recokd distill`` from
+that teacher, ``--min-channels 8``), ``preset:hd-bet`` and ``runs/segment_speed/hdbet_student``
+(a 1.4 M DynUNet distilled from it with logit KD); see ``config.models`` in the JSON.
+
+Usage::
+
+    python benchmarks/segment_speed.py --threads 2 --reps 3
+    python benchmarks/segment_speed.py --smoke --output /tmp/segment_speed.json   # tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _measure  # noqa: E402
+from _measure import BenchmarkError  # noqa: E402
+
+SETTINGS = {
+    "before": {"backend": "torch", "precision": "fp32", "window": "patch", "restore": "probabilities",
+               "overlap": 0.5, "plain_convolutions": True},
+    "fp32": {"backend": "torch", "precision": "fp32", "window": "auto", "restore": "fast", "overlap": 0.5},
+    "best": {"backend": "auto", "precision": "auto", "window": "auto", "restore": "auto", "overlap": 0.5},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement (its own process)
+
+
+def work(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load the model, segment ``spec["image"]`` once (first use), ``reps`` times (median), once more
+    for the peak memory; the labels go to ``spec["out"]``."""
+    import contextlib
+
+    import torch
+
+    from ReCoKDLib.infer import segment_file
+    from ReCoKDLib.models.loading import load_model
+    from ReCoKDLib.networks import plain_convolutions
+
+    torch.set_num_threads(int(spec["threads"]))
+    setting = dict(SETTINGS[spec["setting"]])
+    plain = setting.pop("plain_convolutions", False)
+    overlap = setting.pop("overlap")
+    started = time.perf_counter()
+    model = load_model(spec["model"])
+    load_seconds = time.perf_counter() - started
+    networks = list(getattr(model, "fold_networks", None) or [model.network])
+    lines: list[str] = []
+
+    class _Log:  # the reporter interface segment_volume uses
+        def start(self, *a, **k): pass
+        def progress(self, *a, **k): pass
+        def log(self, _stage, message, **k): lines.append(message)
+
+    with contextlib.ExitStack() as stack:
+        if plain:
+            for network in networks:
+                stack.enter_context(plain_convolutions(network))
+
+        def once(reporter=None):
+            return segment_file(model, spec["image"], spec["out"], overlap=overlap, device="cpu", reporter=reporter,
+                                **setting)
+
+        started = time.perf_counter()
+        result = once(_Log())
+        first = time.perf_counter() - started
+        times = []
+        for _ in range(int(spec["reps"])):
+            started = time.perf_counter()
+            result = once()
+            times.append(time.perf_counter() - started)
+        _, peak, reset = _measure.peak_during(once)
+    return {"seconds": _measure.median(times), "seconds_all": times, "first_seconds": first,
+            "load_seconds": load_seconds, "peak_extra_bytes": peak, "peak_reset": reset,
+            "peak_total_bytes": _measure.rss_kib("VmHWM") * 1024, "backend": result.info.get("backend"),
+            "window": result.info.get("window"), "window_choice": result.info.get("window_choice"),
+            "restore": result.info.get("restore"), "stage_seconds": result.info.get("stage_seconds"),
+            "input_shape": list(result.labels.shape), "log": lines[-6:]}
+
+
+def work_nnunet_predictor(spec: dict[str, Any]) -> dict[str, Any]:
+    """``nnUNetPredictor`` with its defaults (step 0.5, mirroring, Gaussian) on one image file."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    torch.set_num_threads(int(spec["threads"]))
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    folder = Path(spec["model"])
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+
+    def once():
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "in"
+            src.mkdir()
+            os.symlink(Path(spec["image"]).resolve(), src / "case_0000.nii.gz")
+            predictor.predict_from_files(str(src), str(Path(tmp) / "out"), save_probabilities=False,
+                                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            import shutil
+
+            shutil.copy(Path(tmp) / "out" / "case.nii.gz", spec["out"])
+
+    started = time.perf_counter()
+    once()
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(int(spec["reps"])):
+        started = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - started)
+    _, peak, reset = _measure.peak_during(once)
+    return {"seconds": _measure.median(times), "seconds_all": times, "first_seconds": first,
+            "peak_extra_bytes": peak, "peak_reset": reset, "backend": {"backend": "nnUNetPredictor"}}
+
+
+def _run_worker(spec: dict[str, Any], in_process: bool) -> dict[str, Any]:
+    if in_process:
+        return (work_nnunet_predictor if spec["setting"] == "predictor" else work)(spec)
+    env = {**os.environ, **_measure.MEMORY_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=_measure.REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:500]}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases, models, Dice
+
+
+def _cases(smoke: bool, tmp: Path) -> dict[str, str]:
+    from ReCoKDLib.data.fetch import fetch_datasets
+
+    roots = fetch_datasets(None)
+    ct = Path(roots["Dataset901_CTAbdomenOrgans"])
+    cases = {"s1_ct": str(ct / "imagesTr" / "totalseg_s1_0000.nii.gz")}
+    if smoke:
+        return cases
+    from ReCoKDLib.data.builders import extract_members
+
+    archive = ct.parent / "downloads" / "totalsegmentator-2.18.0.tar.gz"
+    if archive.is_file():
+        extract_members(archive, {"s3": "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/"}, tmp)
+        cases["s3_dicom"] = str(tmp / "s3")
+    heads = Path(roots.get("Dataset904_T1Heads", ct.parent / "Dataset904_T1Heads")) / "imagesTs" / "colin27_0000.nii.gz"
+    if heads.is_file():
+        cases["t1_head"] = str(heads)
+    return cases
+
+
+def default_models() -> dict[str, dict[str, Any]]:
+    runs = _measure.REPO / "runs"
+    models = {
+        "ct_teacher": {"path": runs / "demo/teacher/model_last.pt", "family": "ct", "role": "teacher", "reduction": 1},
+        "ct_div2": {"path": runs / "segment_speed/student_div2/model_last.pt", "family": "ct", "role": "student",
+                    "reduction": 2},
+        "ct_div4": {"path": runs / "segment_speed/student_div4/model_last.pt", "family": "ct", "role": "student",
+                    "reduction": 4},
+        "ct_div8": {"path": runs / "segment_speed/student_div8/model_last.pt", "family": "ct", "role": "student",
+                    "reduction": 8},
+        "hdbet_teacher": {"path": "preset:hd-bet", "family": "hdbet", "role": "teacher"},
+        "hdbet_student": {"path": runs / "segment_speed/hdbet_student/model_last.pt", "family": "hdbet",
+                          "role": "student", "reduction": 4},
+    }
+    for spec in models.values():
+        spec["cases"] = ["s1_ct", "s3_dicom"] if spec["family"] == "ct" else ["t1_head"]
+    return {k: {**v, "path": str(v["path"])} for k, v in models.items()}
+
+
+def _smoke_models(tmp: Path) -> dict[str, dict[str, Any]]:
+    """A tiny random CT teacher and its ÷4 student (speed plumbing only)."""
+    import torch
+
+    from ReCoKDLib.checkpoint import ModelCard, save_model
+    from ReCoKDLib.networks import build_unet, derive_student_config, preset
+
+    out = {}
+    teacher = preset("tiny", num_classes=3)
+    for name, config in (("ct_teacher", teacher), ("ct_div4", derive_student_config(teacher, 4, min_channels=2))):
+        torch.manual_seed(0)
+        card = ModelCard(architecture={"kind": "dynunet", "config": config.to_dict()}, classes=["bg", "a", "b"],
+                         spacing=[9.0, 9.0, 9.0], normalization={"scheme": "zscore"}, patch_size=[8, 16, 16])
+        path = save_model(tmp / f"{name}.pt", build_unet(config).state_dict(), card)
+        out[name] = {"path": str(path), "family": "ct", "role": "teacher" if name == "ct_teacher" else "student",
+                     "cases": ["s1_ct"]}
+    return out
+
+
+def mean_dice(a_path: str, b_path: str) -> float | None:
+    """Mean Dice over the labels present in either map (background excluded)."""
+    import numpy as np
+
+    from ReCoKDLib.data.io import read_image
+
+    a, _ = read_image(a_path)
+    b, _ = read_image(b_path)
+    if a.shape != b.shape:
+        return None
+    values = []
+    for label in sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0}):
+        if label == 0:
+            continue
+        x, y = a == label, b == label
+        values.append(2.0 * float((x & y).sum()) / float(x.sum() + y.sum()))
+    return float(np.mean(values)) if values else 1.0
+
+
+def _ratio(a, b):
+    return float(a) / float(b) if a and b else None
+
+
+def headline(results: dict[str, Any], main_case: dict[str, str]) -> dict[str, Any]:
+    """The ratios of the issue, from ``results[model][case][setting]``."""
+
+    def seconds(model, setting):
+        case = main_case.get(model.split("_")[0] if model.startswith(("ct", "hdbet")) else model, "")
+        return ((results.get(model) or {}).get(case) or {}).get(setting, {}).get("seconds")
+
+    out = {
+        "ct_div4_vs_teacher": _ratio(seconds("ct_teacher", "best"), seconds("ct_div4", "best")),
+        "fp32_div4_vs_teacher": _ratio(seconds("ct_teacher", "fp32"), seconds("ct_div4", "fp32")),
+        "hdbet_student_vs_teacher": _ratio(seconds("hdbet_teacher", "best"), seconds("hdbet_student", "best")),
+        "nnunet_student_vs_predictor": _ratio(seconds("nnunet_teacher", "predictor"),
+                                              seconds("nnunet_student", "best")),
+        "before_div4_vs_teacher": _ratio(seconds("ct_teacher", "before"), seconds("ct_div4", "before")),
+        "ct_div4_best_vs_before": _ratio(seconds("ct_div4", "before"), seconds("ct_div4", "best")),
+    }
+    worst = None
+    for family in ("ct", "hdbet"):
+        teacher = results.get(f"{family}_teacher") or {}
+        for model, per_case in results.items():
+            if not model.startswith(family) or model.endswith("teacher"):
+                continue
+            for case, per_setting in per_case.items():
+                t = ((teacher.get(case) or {}).get("best") or {}).get("peak_extra_bytes")
+                s = (per_setting.get("best") or {}).get("peak_extra_bytes")
+                if t and s:
+                    worst = max(worst or 0.0, s / t)
+    out["max_peak_memory_vs_teacher"] = worst
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--models", help="JSON file of models (default: the demo's and runs/segment_speed/)")
+    parser.add_argument("--nnunet-teacher", help="an nnU-Net model folder: also nnUNetPredictor vs ReCoKD's path")
+    parser.add_argument("--nnunet-student", help="that teacher's student exported as an nnU-Net folder or ReCoKD file")
+    parser.add_argument("--nnunet-case", help="the image the nnU-Net models segment (NIfTI)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--settings", default="before,fp32,best")
+    parser.add_argument("--smoke", action="store_true", help="tiny random models on S1 (tests)")
+    parser.add_argument("--in-process", action="store_true", help="no subprocesses (tests; memory less exact)")
+    parser.add_argument("--output", default=str(_measure.RESULTS_DIR / "segment_speed.json"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(work_nnunet_predictor(spec) if spec["setting"] == "predictor" else work(spec)))
+        return 0
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    settings = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise BenchmarkError(f"unknown settings {unknown}; choose from {sorted(SETTINGS)}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        cases = _cases(args.smoke, tmp)
+        if args.smoke:
+            models = _smoke_models(tmp)
+        elif args.models:
+            models = json.loads(Path(args.models).read_text())
+        else:
+            models = default_models()
+        if args.nnunet_teacher and args.nnunet_case:
+            cases["nnunet_case"] = args.nnunet_case
+            models["nnunet_teacher"] = {"path": args.nnunet_teacher, "family": "nnunet", "role": "teacher",
+                                        "cases": ["nnunet_case"], "predictor": True}
+            if args.nnunet_student:
+                models["nnunet_student"] = {"path": args.nnunet_student, "family": "nnunet", "role": "student",
+                                            "cases": ["nnunet_case"]}
+        results: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        for name, spec in models.items():
+            path = spec["path"]
+            if not str(path).startswith("preset:") and not Path(path).exists():
+                skipped[name] = f"{path} does not exist"
+                continue
+            results[name] = {}
+            for case in spec.get("cases", []):
+                if case not in cases:
+                    continue
+                per: dict[str, Any] = {}
+                runs = list(settings) + (["predictor"] if spec.get("predictor") else [])
+                for setting in runs:
+                    out = tmp / f"{name}-{case}-{setting}.nii.gz"
+                    print(f"[segment_speed] {name} {case} {setting} (load {os.getloadavg()[0]:.2f})", file=sys.stderr,
+                          flush=True)
+                    per[setting] = _run_worker({"model": str(path), "image": cases[case], "out": str(out),
+                                                "setting": setting, "reps": args.reps, "threads": args.threads},
+                                               args.in_process)
+                    per[setting]["_out"] = str(out)
+                reference = per.get("before", {}).get("_out")
+                for setting, record in per.items():
+                    out = record.pop("_out")
+                    if reference and Path(reference).is_file() and Path(out).is_file():
+                        record["dice_vs_fp32_pytorch"] = mean_dice(out, reference)
+                results[name][case] = per
+    main_case = {"ct": "s1_ct", "hdbet": "t1_head", "nnunet": "nnunet_case"}
+    data = {
+        "benchmark": "segment_speed",
+        **_measure.provenance(args.threads, ["benchmarks/segment_speed.py", *(argv if argv is not None else sys.argv[1:])]),
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "config": {"threads": args.threads, "reps": args.reps, "settings": {s: SETTINGS[s] for s in settings},
+                   "cases": {k: Path(v).name for k, v in cases.items()},
+                   "models": {k: {kk: vv for kk, vv in v.items()} for k, v in models.items()},
+                   "main_case": main_case},
+        "headline": headline(results, main_case),
+        "results": results,
+        "skipped": skipped,
+        "elapsed_seconds": time.perf_counter() - started,
+    }
+    _measure.write_json(Path(args.output), data)
+    print(json.dumps(data["headline"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
