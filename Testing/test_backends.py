@@ -238,8 +238,13 @@ def test_onednn_convolution_equals_pytorch_and_stays_out_of_exports():
     out.float().mean().backward()
 
 
-def test_window_is_as_large_as_memory_allows(tmp_path):
+def test_window_is_as_large_as_memory_allows(tmp_path, monkeypatch):
+    from ReCoKDLib.models import window as window_module
+
     model = load_model(_save(tmp_path))
+    window, info = choose_window(model, (30, 70, 41))
+    assert window == (16, 16, 16) and "InstanceNorm3d" in info["how"]  # normalises over the window: the patch
+    monkeypatch.setattr(window_module, "window_dependent_layer", lambda _model: None)  # a fully convolutional net
     window, info = choose_window(model, (30, 70, 41))
     assert window == (32, 72, 44) and "largest window" in info["how"]  # the volume rounded up to the stride (4)
     budget = int(info["bytes_per_voxel"] * 32 * 32 * 32)
@@ -253,13 +258,27 @@ def test_window_is_as_large_as_memory_allows(tmp_path):
         choose_window(model, (30, 70, 41), [10, 24, 32])
 
 
+def test_window_dependent_layers_are_found():
+    from types import SimpleNamespace
+
+    from ReCoKDLib.models.window import window_dependent_layer
+
+    fully_convolutional = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4),
+                                              torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    assert window_dependent_layer(SimpleNamespace(network=fully_convolutional, kind="entry_point")) is None
+    grouped = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.GroupNorm(2, 4))
+    assert window_dependent_layer(SimpleNamespace(network=grouped, kind="entry_point")) == "GroupNorm"
+    assert window_dependent_layer(SimpleNamespace(network=build_unet(preset("tiny")), kind="recokd")) == "InstanceNorm3d"
+
+
 def test_large_window_result_is_on_the_exact_grid(tmp_path, volume):
     image, geometry = volume
     model = load_model(_save(tmp_path))
-    result = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32")
-    assert result.info["window"] != [16, 16, 16] and result.labels.shape == image.shape
-    patch = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32", window="patch")
-    assert result.info["window_choice"]["how"].startswith("largest") and patch.info["window"] == [16, 16, 16]
+    result = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32", window=[32, 40, 36])
+    assert result.info["window"] == [32, 40, 36] and result.labels.shape == image.shape
+    assert result.info["window_choice"]["how"].startswith("asked for")
+    patch = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32")
+    assert patch.info["window"] == [16, 16, 16]
 
 
 @pytest.mark.parametrize("spacing,target", [((1.3, 1.1, 2.2), [2.0, 1.5, 1.5]), ((0.7, 0.7, 3.0), [3.0, 1.4, 1.4]),

@@ -1,4 +1,4 @@
-"""The inference window: as large as memory allows, because the network is fully convolutional.
+"""The inference window: as large as memory allows when the network is fully convolutional.
 
 A U-Net trained on ``16 x 96 x 96`` patches runs on any input whose sizes are multiples of its
 total stride. Sliding a training-patch window with overlap 0.5 computes every voxel about 8 times
@@ -11,9 +11,12 @@ preprocessed volume, the window that covers it in as few windows as the free mem
    is above ``budget`` (half the available memory by default), the longest axis (relative to the
    patch) shrinks by one step, down to the patch.
 
-Networks whose size step is unknown (TorchScript, foreign entry points) and nnU-Net folders
-(whose inference reproduces ``nnUNetPredictor``) keep their card's patch unless a window is asked
-for (``--window``).
+Networks that normalise over the window (instance or group normalisation, as nnU-Net-like U-Nets
+and HD-BET do) are *not* window-independent: their statistics, and so their labels, change with the
+window (:func:`window_dependent_layer`; measured on the demo's CT teacher: Dice 0.60 between the
+whole-scan window and the training patch). They keep the training patch, as do networks whose size
+step is unknown (TorchScript, foreign entry points) and nnU-Net folders (whose inference reproduces
+``nnUNetPredictor``); ``--window`` overrides.
 """
 
 from __future__ import annotations
@@ -48,6 +51,32 @@ def size_step(model: LoadedModel) -> tuple[int, int, int] | None:
     if getattr(model, "kind", None) == "onnx":
         multiple = (card.provenance.get("export") or {}).get("spatial_multiple")
         return tuple(int(m) for m in multiple) if multiple else None  # type: ignore[return-value]
+    return None
+
+
+#: layers whose output depends on the whole window (statistics over space), by class name
+_WINDOW_DEPENDENT = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm")
+
+
+def window_dependent_layer(model: LoadedModel) -> str | None:
+    """The class name of the first layer whose output depends on the window's extent (instance or
+    group normalisation over space), or ``None`` when the network is fully convolutional.
+
+    Measured (``benchmarks/segment_speed.py``, the demo's CT teacher, instance norm): one window over
+    the whole S1 scan instead of its 16 x 96 x 96 training patch gives labels with mean Dice 0.60
+    against the patch-window result, so such networks keep their training patch.
+    """
+    network = getattr(model, "network", None)
+    if getattr(model, "kind", None) in ("onnx", "torchscript") or network is None:
+        arch = (model.card.architecture or {}) if hasattr(model, "card") else {}
+        return "InstanceNorm3d" if arch.get("kind") in ("dynunet", "nnunet", "preset") or arch.get("graph") else "unknown layers"
+    for layer in network.modules():
+        name = type(layer).__name__
+        if name in _WINDOW_DEPENDENT:
+            # LayerNorm over channels only (transformers) does not depend on the window; over space it does
+            if name == "LayerNorm" and len(getattr(layer, "normalized_shape", ())) <= 1:
+                continue
+            return name
     return None
 
 
@@ -145,6 +174,10 @@ def choose_window(model: LoadedModel, shape: Sequence[int], requested: Sequence[
         window = check_window(requested, step)  # type: ignore[arg-type]
         return window, {"how": "asked for (--window)"}
     kind = getattr(model, "kind", None)
+    norm = window_dependent_layer(model)
+    if norm is not None:
+        return patch, {"how": f"the card's training patch: the network normalises over the window ({norm}), so a "  # type: ignore[return-value]
+                              f"larger window changes its statistics and its answer; --window overrides"}
     if step is None or kind == "nnunet":
         why = "nnU-Net folder: nnU-Net's own patch" if kind == "nnunet" else \
             "the network's size step is unknown (not a built-in or preset network): the card's patch"
