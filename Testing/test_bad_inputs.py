@@ -327,29 +327,57 @@ def test_a_full_disk_fails_the_write_and_keeps_the_previous_file(full_disk, suff
 
 
 _FSIZE_WRITE = """
-import resource, signal, sys
+import os, resource, signal, sys
 import numpy as np
 from ReCoKDLib.data.io import Geometry, write_image
 from ReCoKDLib.checkpoint import OutputWriteError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+noise = np.random.default_rng(0).integers(-1000, 1000, (40, 50, 60)).astype(np.int16)
+limit = 64 * 1024
+if sys.argv[2] == "last":  # only the last 100 bytes do not fit: ITK's NIfTI and NRRD writers say nothing
+    probe = write_image(noise, Geometry(), sys.argv[3])
+    limit = os.path.getsize(probe) - 100
+    os.unlink(probe)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
-    write_image(np.random.default_rng(0).integers(-1000, 1000, (40, 50, 60)).astype(np.int16), Geometry(), sys.argv[1])
+    write_image(noise, Geometry(), sys.argv[1])
 except OutputWriteError as exc:
     print("REFUSED", exc)
 """
 
 
+@pytest.mark.parametrize("cut", ["early", "last"])
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha", ".nii"])
-def test_a_file_size_limit_fails_the_write_and_keeps_the_previous_file(tmp_path, suffix):
+def test_a_file_size_limit_fails_the_write_and_keeps_the_previous_file(tmp_path, suffix, cut):
     """The same fault for everyone (no root needed): writes past RLIMIT_FSIZE fail with EFBIG."""
     target = tmp_path / f"seg{suffix}"
     write_image(np.ones((4, 5, 6), np.int16), Geometry(), target)
     before = target.read_bytes()
-    result = subprocess.run([sys.executable, "-c", _FSIZE_WRITE, str(target)], capture_output=True, text=True,
-                            env=ENV, timeout=120)
+    probe = tmp_path.parent / f"{tmp_path.name}_probe{suffix}"
+    result = subprocess.run([sys.executable, "-c", _FSIZE_WRITE, str(target), cut, str(probe)], capture_output=True,
+                            text=True, env=ENV, timeout=120)
     assert "REFUSED cannot write" in result.stdout and "the previous file is kept" in result.stdout, (
         result.stdout + result.stderr)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha", ".nii"])
+def test_a_writer_that_loses_the_end_silently_is_caught(tmp_path, suffix, monkeypatch):
+    """ITK's writers do not always report a short write (seen for .nii, .nii.gz, gzip .nrrd and compressed
+    .mha on a full disk): the file is checked against its header before it replaces anything."""
+    import SimpleITK as sitk
+
+    target = write_image(np.ones((4, 5, 6), np.int16), Geometry(), tmp_path / f"seg{suffix}")
+    before = target.read_bytes()
+    real = sitk.WriteImage
+
+    def loses_the_end(image, path, *args, **kwargs):
+        real(image, path, *args, **kwargs)
+        os.truncate(path, os.path.getsize(path) - 100)
+
+    monkeypatch.setattr(sitk, "WriteImage", loses_the_end)
+    with pytest.raises(OutputWriteError, match="the written file is incomplete"):
+        write_image(_noise(), Geometry(), target)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
