@@ -310,3 +310,38 @@ def test_extra_peak_memory_is_within_one_and_a_half_feature_tensors():
     ours = _extra_peak_ratio("recokd")
     assert ours < 1.5
     assert _extra_peak_ratio("release") > 1.5 > ours
+
+
+def test_the_loss_num_classes_applies_to_a_hand_built_batch_with_more_classes():
+    """Before: KDBatch.num_classes defaulted to 2 and overrode the loss's num_classes=K (class 3 failed)."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (1, 1, 4, 4, 4))
+    t, s = torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 4, 4, 4)
+    loss = ReCoKDLoss(teacher_channels=[2], num_classes=4)
+    by_loss = loss(KDBatch([t], [s], labels=y))
+    by_batch = loss(KDBatch([t], [s], labels=y, num_classes=4))
+    assert torch.allclose(by_loss.loss, by_batch.loss)
+    with pytest.raises(KDConfigError, match="outside the 3 classes"):
+        loss(KDBatch([t], [s], labels=y, num_classes=3))  # a batch that says otherwise wins
+    assert KDBatch([t], [s], teacher_logits=torch.zeros(1, 5, 4, 4, 4)).class_count() == 5
+
+
+def test_context_bottleneck_is_the_release_floor_of_half_the_channels():
+    from ReCoKDLib.losses.recokd import GlobalContextBlock3d
+
+    for channels, planes in ((7, 3), (21, 10), (42, 21), (8, 4), (3, 2), (2, 2)):
+        assert GlobalContextBlock3d(channels).channel_add[0].out_channels == planes, channels
+
+
+def test_frozen_aux_on_the_loss_warns_when_the_adapters_still_train():
+    y, s, t = _cube_case()
+    adapter = FeatureAdapter(2, 2, always_project=True)
+    batch = kd_batch_from_features([adapter], [t], [s], labels=y, num_classes=2)
+    with pytest.warns(UserWarning, match="adapters still train"):
+        ReCoKDLoss(teacher_channels=[2], frozen_aux=True)(batch)
+    adapter.requires_grad_(False)  # what the engine's TrainConfig.frozen_aux does
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ReCoKDLoss(teacher_channels=[2], frozen_aux=True)(batch)

@@ -125,7 +125,9 @@ class KDBatch:
         student_logits: ``(B, K, D, H, W)`` at full resolution, or ``None``.
         labels: ``(B, 1, D, H, W)`` integer class ids in ``[0, K)`` (values < 0 are ignored), or
             ``(B, R, D, H, W)`` binary region maps when ``regions`` is true; ``None`` if unlabelled.
-        num_classes: ``K``, the number of classes including the background.
+        num_classes: ``K``, the number of classes including the background (``R + 1`` for region
+            labels), or ``None`` (the default): then a loss uses its own ``num_classes`` argument, or
+            the teacher logits' channel count (:meth:`class_count`). The feature taps always set it.
         raw_student_features: per level, the student's own features before the adapters
             ``(B, C^S_l, D^S_l, H^S_l, W^S_l)``; ``None`` when not captured.
         regions: labels are multi-channel region maps (BraTS-style) instead of class ids.
@@ -139,7 +141,7 @@ class KDBatch:
     teacher_logits: Tensor | None = None
     student_logits: Tensor | None = None
     labels: Tensor | None = None
-    num_classes: int = 2
+    num_classes: int | None = None
     raw_student_features: list[Tensor] | None = None
     regions: bool = False
     student_adapters: list | None = None
@@ -147,6 +149,17 @@ class KDBatch:
     @property
     def num_levels(self) -> int:
         return len(self.teacher_features)
+
+    def class_count(self, default: int | None = None) -> int:
+        """``K`` for the class-aware masks: the batch's ``num_classes`` when set, else ``default`` (a
+        loss's own ``num_classes``), else the teacher logits' channels (``+ 1`` for region labels)."""
+        if self.num_classes is not None:
+            return int(self.num_classes)
+        if default is not None:
+            return int(default)
+        if self.teacher_logits is not None:
+            return int(self.teacher_logits.shape[1]) + (1 if self.regions else 0)
+        raise KDConfigError("the number of classes is unknown: set KDBatch.num_classes (background included)")
 
     def check_features(self, who: str) -> None:
         """Raise :class:`KDConfigError` unless teacher and student features pair up level by level."""

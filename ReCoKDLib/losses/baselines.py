@@ -510,7 +510,7 @@ class IFVDLoss(nn.Module):
         for level, weight in self.selection.resolve(batch.num_levels):
             t = batch.teacher_features[level]
             s = student_level(batch, level, self.student_source, "IFVD")
-            membership = label_membership(labels, t.shape[2:], batch.num_classes, batch.regions)
+            membership = label_membership(labels, t.shape[2:], batch.class_count(), batch.regions)
             loss, level_maps = ifvd_loss(s, t, membership)
             total = total + weight * loss
             terms[f"{level}/ifvd"] = loss.detach()
@@ -596,7 +596,7 @@ class EMKDLoss(nn.Module):
                         maps[f"{level}/importance_student"] = importance_map(s.detach(), self.exponent).view(shape)
                         maps[f"{level}/discrepancy"] = diff2.detach()
                 if labels is not None:
-                    membership = label_membership(labels, t.shape[2:], batch.num_classes, batch.regions)
+                    membership = label_membership(labels, t.shape[2:], batch.class_count(), batch.regions)
                     rad, _ = region_affinity_distillation(s, t, membership)
                     total = total + self.rad_weight * rad
                     terms[f"{level}/rad"] = rad.detach()

@@ -259,7 +259,7 @@ class RegionGraphLoss(nn.Module):
         s = student_level(batch, level, self.student_source, "RGD")
         if self.node == "prototype":
             membership = label_membership(batch.require_labels("RGD (node='prototype')"), t.shape[2:],
-                                          batch.num_classes, batch.regions)
+                                          batch.class_count(), batch.regions)
             nodes_t, present = class_prototypes(t, membership)
             nodes_s, _ = class_prototypes(s, membership)
 

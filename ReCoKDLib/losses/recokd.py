@@ -19,11 +19,23 @@ code release (``ClinicaAlpha/DPRD-3D-MedSeg``, ``methods/reco.py``; kd-methods.m
   explicit weights, and ``L_ReCo = sum_k w_k (c_fg L_fg + c_bg L_bg + c_att L_att + c_rel L_rel)``.
   The training objective is ``L_seg + lambda(step) L_ReCo`` (:func:`ReCoKDLib.engine.kd_lambda`: 0.01 after a linear warm-up).
 
-Differences from the release (kd-methods §2.10): adapters and context blocks are trainable
-(``frozen_aux=True`` freezes the context blocks to reproduce the release), voxels with negative
-labels are ignored instead of counted as background, and every full-volume reduction is fused and
-chunked over depth (:mod:`ReCoKDLib.losses.fused`): the values are the release's, the extra peak
-memory is about one student-feature gradient instead of ~7x the features.
+Differences from the release (kd-methods §2.10–2.11), all deliberate:
+
+* adapters and context blocks are trainable. ``frozen_aux=True`` on this loss freezes the context
+  blocks it owns; the 1x1x1 adapters belong to the feature taps (``DistillationPair.adapters``), so
+  the release's behaviour (both frozen) is ``TrainConfig.frozen_aux`` in the engine, or freezing
+  ``pair.adapters`` yourself. The loss warns once when it is frozen but the batch's adapters train.
+* voxels with negative labels are ignored instead of counted as background.
+* labels are resized to each level with ``nearest-exact`` (the voxel nearest each level voxel's
+  centre), where the release's fallback uses ``nearest`` (the block's first voxel: a half-voxel
+  shift towards the origin per halving). With nnU-Net's downsampled targets both read the same
+  labels; with full-resolution targets the loss differs by about 0.5 % (measured -0.47 %).
+* the context block's bottleneck is ``C // 2`` as in the release, but at least 2 (a LayerNorm over a
+  single value is constant).
+* every full-volume reduction is fused and chunked over depth (:mod:`ReCoKDLib.losses.fused`): the
+  values are the release's to float32 rounding; the extra peak memory, measured, is about the size
+  of the level's student and teacher features together (0.97x; 4.8x the student features'
+  gradient) instead of ~7x the features, at 8-12x the release's speed.
 
 When the batch carries the taps' adapters (``KDBatch.student_adapters``) and the adapter is a
 pure 1x1x1 projection, the loss reads the raw student features and folds the projection into its
@@ -35,6 +47,7 @@ features themselves are never built either.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,15 +121,15 @@ class GlobalContextBlock3d(nn.Module):
 
     Args:
         channels: ``C``.
-        ratio: bottleneck width ``max(2, round(C * ratio))`` (at least 2: a LayerNorm over a
-            single value is constant).
+        ratio: bottleneck width ``max(2, floor(C * ratio))`` (the release's ``C // 2`` for the default
+            0.5; at least 2: a LayerNorm over a single value is constant).
     """
 
     def __init__(self, channels: int, ratio: float = 0.5) -> None:
         super().__init__()
         if channels < 1:
             raise KDConfigError(f"a context block needs >= 1 channel, got {channels}")
-        planes = max(2, int(round(channels * ratio)))
+        planes = max(2, int(math.floor(channels * ratio)))
         self.channels = channels
         self.conv_mask = nn.Conv3d(channels, 1, kernel_size=1)
         self.channel_add = nn.Sequential(
@@ -329,6 +342,7 @@ class _ReCoKDBase(nn.Module):
         self.explicit_weights = [float(w) for w in stage_weights] if stage_weights is not None else None
         self.chunk_size = chunk_size
         self.frozen_aux = bool(frozen_aux)
+        self._warned_adapters = False
         self.teacher_channels = [int(ch) for ch in teacher_channels]
         if self.use_context_loss:
             if not self.teacher_channels:
@@ -359,10 +373,20 @@ class _ReCoKDBase(nn.Module):
             if got != self.teacher_channels:
                 raise KDConfigError(f"{self.name}: teacher channels per level {got} != teacher_channels {self.teacher_channels}")
 
+    def _warn_if_adapters_train(self, batch: KDBatch) -> None:
+        if not self.frozen_aux or self._warned_adapters or not batch.student_adapters:
+            return
+        if any(p.requires_grad for a in batch.student_adapters if a is not None for p in a.parameters()):
+            self._warned_adapters = True
+            warnings.warn(f"{self.name}: frozen_aux freezes the context blocks only; the batch's adapters still "
+                          "train (freeze DistillationPair.adapters too, or use TrainConfig.frozen_aux, for the "
+                          "release's behaviour)", stacklevel=3)
+
     def forward(self, batch: KDBatch, return_maps: bool = False) -> KDOutput:
         self._check(batch)
+        self._warn_if_adapters_train(batch)
         labels = batch.require_labels(self.name) if self.use_regions_loss else batch.labels
-        num_classes = batch.num_classes if batch.num_classes else self.num_classes
+        num_classes = batch.class_count(self.num_classes)
         weights = self.level_weights(batch.num_levels)
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
@@ -411,15 +435,18 @@ class ReCoKDLoss(_ReCoKDBase):
 
     Args:
         teacher_channels: teacher channels per level (one context-block pair each).
-        num_classes: ``K`` including the background (the batch's ``num_classes`` wins when set).
+        num_classes: ``K`` including the background, used when the batch does not set ``num_classes``
+            (a hand-built :class:`KDBatch`); batches from the feature taps always set it.
         temperature: attention temperature ``T`` (0.5).
         tau: mask exponent (1.0).
         coef_fg / coef_bg / coef_att / coef_rel: term coefficients (1.0 each).
         stage_alpha: ``alpha`` of the level weights ``2^(-3 alpha k)`` (0.4).
         stage_weights: explicit per-level weights (override ``stage_alpha``; used as given).
         chunk_size: depth slices per slab (``None``: about 16 MiB slabs); values do not depend on it.
-        frozen_aux: freeze the context blocks (the release never optimised them).
-        context_ratio: bottleneck width of the context blocks relative to ``C`` (0.5).
+        frozen_aux: freeze the context blocks (the release never optimised them). The adapters are the
+            taps' (``DistillationPair.adapters``): freeze them too for the release's behaviour (the
+            engine's ``TrainConfig.frozen_aux`` does both); the loss warns once when they still train.
+        context_ratio: bottleneck width of the context blocks relative to ``C`` (0.5: ``C // 2``).
 
     ``forward(batch, return_maps=False) -> KDOutput``: ``terms`` hold ``fg``, ``bg``, ``att``,
     ``rel`` (level-weighted sums) and ``"<level>/<term>"``; ``maps`` the inspection maps.
