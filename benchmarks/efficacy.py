@@ -9,10 +9,11 @@ Per dataset (both from ``recokd data fetch``):
   (12 subcortical structures, silver labels; 2 mm, an isotropic U-Net of the same widths).
 
 **Validation split (not the test case).** Each dataset has one training volume, so the
-validation split is carved out of it: every :attr:`Budget.val_every_block`-th block of
-:attr:`Budget.val_block` axial slices has its labels withheld from training (nnU-Net's ignore
-label: those voxels count in no loss) and is the validation case (labels only there). The test
-scan (S3, MNI152) is never seen before the final evaluation.
+validation split is carved out of it: every 4th block of 8 axial slices (CT, 24 mm) or of 4
+slices (brain, 8 mm, so that every structure has validation voxels; :attr:`Budget.val_blocks`)
+has its labels withheld from training (nnU-Net's ignore label: those voxels count in no loss) and
+is the validation case (labels only there). The test scan (S3, MNI152) is never seen before the
+final evaluation.
 
 **Training to the plateau.** The teacher and every student are trained with validation every
 :attr:`Budget.val_every` steps and stop when the validation mean Dice has not improved for
@@ -203,8 +204,8 @@ class Budget:
     patience: int = 6
     student_val_every: int = 100
     student_patience: int = 5
-    val_block: int = 8
-    val_every_block: int = 4
+    #: per dataset: (block, every): every ``every``-th block of ``block`` axial slices is validation
+    val_blocks: dict[str, tuple[int, int]] = field(default_factory=lambda: {"ct": (8, 4), "brain": (4, 4)})
     batch_size: int = 2
     lr: float = 2e-3
     reduction: int = 4
@@ -224,7 +225,7 @@ GPU = Budget("gpu", teacher_steps=12000, student_steps=6000, val_every=250, pati
              patches={"ct": (16, 128, 128), "brain": (64, 64, 64)},
              spacings={"ct": (3.0, 3.0, 3.0), "brain": (1.5, 1.5, 1.5)}, batch_size=2, bf16=False, overlap=0.5)
 SMOKE = Budget("smoke", teacher_steps=4, student_steps=2, val_every=2, patience=2, student_val_every=2,
-               student_patience=2, val_block=2, val_every_block=2,
+               student_patience=2, val_blocks={"ct": (2, 2), "brain": (2, 2)},
                patches={"ct": (16, 32, 32), "brain": (32, 32, 32)},
                spacings={"ct": (6.0, 6.0, 6.0), "brain": (6.0, 6.0, 6.0)}, batch_size=1, overlap=0.0)
 
@@ -396,7 +397,7 @@ def prepare_data(setup: DatasetSetup, budget: Budget, data_dir: Path | None, wor
     case_set = prepare_cases(raw.training_cases(), raw.class_names, preprocess_case,
                              {"spacing": list(setup.spacing), "normalization": normalization},
                              work_dir / "preprocessed")
-    split, record = holdout_split(case_set, budget.val_block, budget.val_every_block)
+    split, record = holdout_split(case_set, *budget.val_blocks[setup.key])
     return PreparedData(setup, split, list(raw.class_names), [c.case_id for c in raw.training_cases()],
                         list(raw.test_cases()), record)
 
@@ -618,7 +619,8 @@ def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[st
             candidate = spec.candidates[job.candidate]
             cfg = train_config(budget, data.setup, budget.student_steps, job.seed, ctx.device, num_val, student=True,
                                student_reduction=budget.reduction, kd=spec.kd_spec(candidate),
-                               kd_weight=candidate.kd_weight, frozen_aux=spec.frozen_aux)
+                               kd_weight=candidate.kd_weight, frozen_aux=spec.frozen_aux,
+                               teacher_cache_dir=str(work / "teacher_outputs"))  # computed once, shared by all students
             start = lambda resume: distill(cfg, teacher_model, data.case_set, out_dir, reporter,  # noqa: E731
                                            resume=resume)
             choice = {"candidate": job.candidate, "hyperparameters": dataclasses.asdict(candidate)}
