@@ -265,6 +265,7 @@ def _renumber(label: np.ndarray, classes: Sequence[str], label_path: Path, model
     import warnings
 
     table = reference_label_table(label_path) or reference_labels
+    label = np.asarray(label)
     values = np.unique(label)
     if table is None:
         if "unnamed" not in told:
@@ -286,7 +287,8 @@ def _renumber(label: np.ndarray, classes: Sequence[str], label_path: Path, model
         told.add(f"dropped:{model_name}")
         warnings.warn(EvaluationWarning(
             f"model {model_name!r} has no class {dropped}: those reference labels count as background"), stacklevel=3)
-    return lookup.astype(np.min_scalar_type(len(classes) - 1))[np.asarray(label).astype(np.int64, copy=False)]
+    lookup = lookup.astype(np.min_scalar_type(len(classes) - 1))
+    return lookup[label if np.issubdtype(label.dtype, np.integer) else label.astype(np.int64)]
 
 
 # --------------------------------------------------------------------------------------------
