@@ -22,7 +22,8 @@ key              meaning
 ``v``            schema version (1)
 ``best_path``    ``done`` of training stages: the best-validation model file (or null)
 ``cancelled``    ``done`` of training stages: true when stopped by SIGTERM or ``<out>/STOP``
-                 (checkpoint written; exit code 0; continue with ``--resume``)
+                 (checkpoint written; exit code 0 after ``STOP``, 143 after SIGTERM;
+                 continue with ``--resume``)
 ===============  ========================================================================
 
 The ``done`` event of training stages also carries ``stopped_early`` (true when early stopping
@@ -30,7 +31,9 @@ ended the run), ``step`` and the final ``metrics``. Training ``losses`` also car
 (the KD weight of that step) and each KD method's weighted value under its name plus its own
 terms as ``"<method>/<term>"``.
 
-An ``error`` event is always followed by a non-zero exit code; ``done`` by exit code 0.
+An ``error`` event is always followed by a non-zero exit code; ``done`` by exit code 0, except a
+training run stopped by SIGTERM (``done`` with ``cancelled``, then a ``log`` saying how to resume, exit
+143). Exit codes: :mod:`ReCoKDLib.commands.runner`.
 """
 
 from __future__ import annotations
