@@ -144,15 +144,10 @@ def read_label_table(source: str | os.PathLike | Mapping[str, int] | Sequence[st
 def reference_label_table(label_path: str | os.PathLike) -> dict[str, int] | None:
     """The segment names and label values a Slicer segmentation file (``.seg.nrrd``: ``SegmentN_Name``,
     ``SegmentN_LabelValue``) carries, or ``None`` (other files; the header only is read)."""
-    import SimpleITK as sitk
+    from ReCoKDLib.data.io import read_header
 
-    if not str(label_path).lower().endswith(".nrrd"):
-        return None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(label_path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+    reader = read_header(label_path) if str(label_path).lower().endswith(".nrrd") else None
+    if reader is None:
         return None
     keys = set(reader.GetMetaDataKeys())
     table, n = {}, 0

@@ -52,6 +52,7 @@ __all__ = [
     "image_suffix",
     "dicom_series_files",
     "read_image",
+    "read_header",
     "write_image",
     "to_sitk",
     "from_sitk",
@@ -432,6 +433,20 @@ def read_image(path: str | os.PathLike, allow_channels: bool = True, nonfinite: 
     return check_finite(array, str(path), nonfinite), geometry
 
 
+def read_header(path: str | os.PathLike):
+    """A ``SimpleITK.ImageFileReader`` holding the header of the image file ``path`` (size, spacing,
+    pixel type, metadata; no voxels are read), or ``None`` when ITK cannot read it."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader
+
+
 def _read_float_nifti(path: Path) -> tuple[np.ndarray, Geometry] | None:
     """A float NIfTI file's voxels read here in one pass (ITK would turn NaN/inf into 0 unseen) with
     ITK's geometry from the header; ``None`` when ITK must read it (see
@@ -443,11 +458,8 @@ def _read_float_nifti(path: Path) -> tuple[np.ndarray, Geometry] | None:
     array = read_float_nifti(path)
     if array is None:
         return None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+    reader = read_header(path)
+    if reader is None:
         return None  # ITK's own read says what is wrong
     size = tuple(reader.GetSize())
     pixel = {np.dtype(np.float32): sitk.sitkFloat32, np.dtype(np.float64): sitk.sitkFloat64}[array.dtype]
