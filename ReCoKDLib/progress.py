@@ -138,12 +138,17 @@ class JsonLinesReporter(Reporter):
 
 
 class TerminalReporter(Reporter):
-    """A tqdm bar per stage on standard error, and log/warning/error lines above it."""
+    """A tqdm bar per stage on standard error, and log/warning/error lines above it.
+
+    Routine checkpoints print no line (one every few dozen steps would break the bars up): the
+    bar of their stage shows the last saved step instead (``saved=N``); JSON lines keep every event.
+    """
 
     def __init__(self, callback: Callable[[dict[str, Any]], None] | None = None, stream: TextIO | None = None) -> None:
         super().__init__(callback)
         self.stream = stream or sys.stderr
         self._bars: dict[str, Any] = {}
+        self._postfix: dict[str, dict[str, str]] = {}
 
     def _bar(self, stage: str, total: int | None):
         from tqdm import tqdm
@@ -164,8 +169,13 @@ class TerminalReporter(Reporter):
             if losses:
                 # The bar shows the top-level losses; per-method and per-level terms ("a/b") stay in JSON lines.
                 shown = {k: f"{v:.4g}" for k, v in losses.items() if isinstance(v, (int, float)) and "/" not in k}
-                bar.set_postfix(shown, refresh=False)
+                self._postfix[stage] = {**shown, **{k: v for k, v in self._postfix.get(stage, {}).items() if k == "saved"}}
+                bar.set_postfix(self._postfix[stage], refresh=False)
             bar.refresh()
+        elif event == "checkpoint" and stage in self._bars:
+            bar = self._bars[stage]
+            self._postfix[stage] = {**self._postfix.get(stage, {}), "saved": str(record.get("step", ""))}
+            bar.set_postfix(self._postfix[stage], refresh=True)
         elif event in ("log", "warning", "error", "metrics", "checkpoint", "done"):
             text = record.get("message") or ""
             if event == "metrics":
@@ -175,6 +185,7 @@ class TerminalReporter(Reporter):
                 text = f"checkpoint {record.get('path')}"
             elif event == "done":
                 bar = self._bars.pop(stage, None)
+                self._postfix.pop(stage, None)
                 if bar is not None:
                     bar.close()
                 text = text or (f"done: {record['path']}" if record.get("path") else "")

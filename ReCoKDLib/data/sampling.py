@@ -15,7 +15,7 @@ The pipeline of one training batch, each step a small function:
    nnU-Net's foreground oversampling (a share ``oversample_foreground`` of the patches is centred
    on a voxel of a random class present in the case; the rest is uniform), padding volumes
    smaller than the patch, then augments them: one draw (:func:`draw_augmentation`) per patch,
-   its spatial part (affine rotation/scaling, flips; MONAI ``Affine``) applied identically to the
+   its spatial part (rotation/scaling about the patch centre, flips) applied identically to the
    image, the labels and a teacher's cached outputs, its intensity part (noise, brightness, gamma)
    to the image only. All randomness comes from one ``numpy.random.Generator`` the sampler owns;
    :meth:`PatchSampler.state_dict` / :meth:`PatchSampler.load_state_dict` make a resumed run draw
@@ -55,6 +55,8 @@ __all__ = [
     "AugmentationDraw",
     "draw_augmentation",
     "apply_spatial",
+    "spatial_matrix",
+    "SpatialTransform",
     "TeacherTargets",
     "PatchBatch",
     "check_image_label",
@@ -590,27 +592,60 @@ def draw_augmentation(config: AugmentationConfig, rng: np.random.Generator) -> A
     return AugmentationDraw(rotate if affine else None, scale if affine else None, flips, seed)  # type: ignore[arg-type]
 
 
-def apply_spatial(array: torch.Tensor, draw: AugmentationDraw, mode: str) -> torch.Tensor:
-    """The spatial part of ``draw`` on ``array`` ``(C, D, H, W)``: rotation and scaling about the
-    centre (MONAI ``Affine``, zeros outside), then flips.
+def spatial_matrix(draw: AugmentationDraw) -> np.ndarray:
+    """The ``(3, 3)`` map from output to input voxel offsets about the centre, ``(D, H, W)`` order:
+    rotations about the D, H and W axes, then scaling (a factor > 1 samples a larger region)."""
+    if draw.rotate is None:
+        return np.eye(3)
+    a, b, c = draw.rotate
+    rot_d = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rot_h = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rot_w = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rot_d @ rot_h @ rot_w @ np.diag(draw.scale)
 
-    The same draw gives the same geometric transform on any grid that covers the patch's box at
-    another resolution (a teacher feature map at stride ``s`` of a patch whose size is a multiple of
-    ``s``): rotation and scaling act about the box's centre, in units of that grid's voxels.
 
-    Args:
-        mode: ``"bilinear"`` (images, logits, features) or ``"nearest"`` (labels).
+class SpatialTransform:
+    """The spatial part of one :class:`AugmentationDraw`, applied to arrays ``(C, D, H, W)`` of any size:
+    rotation and scaling about the centre (``torch.nn.functional.grid_sample``, zeros outside), then flips.
+
+    The transform acts on voxel offsets from the array's centre, so the same draw gives the same
+    geometric transform on any grid covering the patch's box at another resolution (a teacher feature
+    map at stride ``s`` of a patch whose size is a multiple of ``s``: its centre is the patch's centre,
+    its voxels ``s`` times larger). The sampling grid of each size is built once per draw.
     """
-    out = array.float()
-    if draw.rotate is not None:
-        from monai.transforms import Affine
 
-        affine = Affine(rotate_params=draw.rotate, scale_params=draw.scale, mode=mode, padding_mode="zeros",
-                        image_only=True)
-        out = _as_plain_tensor(affine(out))
-    if draw.flips:
-        out = torch.flip(out, [a + 1 for a in draw.flips])
-    return out
+    def __init__(self, draw: AugmentationDraw) -> None:
+        self.draw = draw
+        self._grids: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _grid(self, shape: Sequence[int]) -> torch.Tensor:
+        key = tuple(int(s) for s in shape)
+        if key not in self._grids:
+            size = np.array(key, dtype=float)
+            # normalised coordinates (align_corners=False) are offsets / (size / 2): conjugate by the size
+            theta = np.diag(1.0 / size) @ spatial_matrix(self.draw) @ np.diag(size)
+            theta = theta[::-1, ::-1].copy()  # (D, H, W) -> grid_sample's (x, y, z) = (W, H, D)
+            affine = torch.zeros(1, 3, 4)
+            affine[0, :, :3] = torch.from_numpy(theta).float()
+            self._grids[key] = torch.nn.functional.affine_grid(affine, [1, 1, *key], align_corners=False)
+        return self._grids[key]
+
+    def __call__(self, array: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """``array`` ``(C, D, H, W)`` transformed; ``mode``: ``"bilinear"`` (trilinear: images, logits,
+        features) or ``"nearest"`` (labels)."""
+        out = array.float()
+        if self.draw.rotate is not None:
+            grid = self._grid(out.shape[1:])
+            out = torch.nn.functional.grid_sample(out[None], grid, mode=mode, padding_mode="zeros",
+                                                  align_corners=False)[0]
+        if self.draw.flips:
+            out = torch.flip(out, [a + 1 for a in self.draw.flips])
+        return out
+
+
+def apply_spatial(array: torch.Tensor, draw: AugmentationDraw, mode: str) -> torch.Tensor:
+    """:class:`SpatialTransform` of ``draw`` on one array ``(C, D, H, W)``."""
+    return SpatialTransform(draw)(array, mode)
 
 
 def _intensity_transforms(config: AugmentationConfig):
@@ -777,9 +812,14 @@ class PatchSampler:
             if self.augmentation is not None:
                 draw = draw_augmentation(self.augmentation, self.rng)
                 if draw.spatial:
-                    image_t = apply_spatial(image_t, draw, "bilinear")
-                    label_t = apply_spatial(label_t, draw, "nearest")
-                    teacher_t = [apply_spatial(a, draw, "bilinear") for a in teacher_t]
+                    spatial = SpatialTransform(draw)
+                    if teacher_t:  # image and logits share a grid: one resampling pass
+                        joint = spatial(torch.cat([image_t, teacher_t[0]]), "bilinear")
+                        image_t, teacher_t[0] = joint[:image_t.shape[0]], joint[image_t.shape[0]:]
+                        teacher_t[1:] = [spatial(a, "bilinear") for a in teacher_t[1:]]
+                    else:
+                        image_t = spatial(image_t, "bilinear")
+                    label_t = spatial(label_t, "nearest")
                 self._intensity.set_random_state(seed=draw.intensity_seed)
                 image_t = _as_plain_tensor(self._intensity(image_t))
             images.append(image_t.float())
