@@ -311,6 +311,44 @@ def headline(results: dict[str, Any], main_case: dict[str, str]) -> dict[str, An
     return out
 
 
+def plot(data: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Seconds per model and setting on each model's main scan (log scale), with Dice in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for model, per_case in data["results"].items():
+        for case, per_setting in per_case.items():
+            for setting, record in per_setting.items():
+                if "seconds" in record:
+                    rows.append((f"{model}\n{case}", setting, record["seconds"], record.get("dice_vs_fp32_pytorch")))
+    labels = list(dict.fromkeys(r[0] for r in rows))
+    settings = list(dict.fromkeys(r[1] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
+    width = 0.8 / max(1, len(settings))
+    for n, setting in enumerate(settings):
+        for i, label in enumerate(labels):
+            match = [r for r in rows if r[0] == label and r[1] == setting]
+            if match:
+                _, _, seconds, dice = match[0]
+                x = i + (n - (len(settings) - 1) / 2) * width
+                ax.bar(x, seconds, width, color=f"C{n}", label=setting if i == 0 or not ax.get_legend_handles_labels()[1].count(setting) else None)
+                ax.text(x, seconds, f"{seconds:.1f}s" + (f"\nD {dice:.3f}" if dice is not None else ""), ha="center",
+                        va="bottom", fontsize=6)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds, read to written (median)")
+    ax.set_title(f"Segment path on {data['machine'].get('cpu', '?')}, {data['config']['threads']} threads", fontsize=9)
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(names, handles)).values(), dict(zip(names, handles)).keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -411,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name][case] = per
             write(False)
         data = write(True)
+        plot(data, Path(args.output).with_suffix(".png"))
     print(json.dumps(data["headline"], indent=1))
     return 0
 
