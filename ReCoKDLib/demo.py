@@ -1,6 +1,8 @@
-"""The main job end to end, on real CT: teacher, plain student, ReCo-KD student, evaluation, report.
+"""The CT demo end to end: teacher, plain student, ReCo-KD student, evaluation, report.
 
-:func:`run_demo` is what README command 1 runs (``recokd demo``):
+``recokd demo`` runs :func:`ReCoKDLib.demo_heads.run_heads_demo` (a real pretrained teacher, HD-BET,
+distilled label-free); :func:`run_ct_demo` is ``recokd demo --task ct``, the whole job with a teacher
+trained here (a small one, so its Dice is low on 2 cores: it shows the pipeline, not a strong teacher):
 
 1. fetch the real CT organ dataset (TotalSegmentator reference scans S1 and S3, see
    ``ReCoKDLib.data.fetch``) and preprocess its training scan (3 mm, CT normalisation);
@@ -12,7 +14,7 @@
    latency), write ``out/metrics.json`` and ``out/report.html``, print the table.
 
 Every stage is resumable: the training runs write atomic checkpoints, and a second ``recokd
-demo --out DIR`` continues or reuses what the first one finished.
+demo --task ct --out DIR`` continues or reuses what the first one finished.
 
 The default configuration is sized for 2 CPU cores within 15 minutes (steps, not wall time, set
 the budget); ``full=True`` is the longer configuration for a workstation or a GPU.
@@ -94,7 +96,7 @@ def _finished_model(out_dir: Path, expected_config: dict[str, Any]) -> Path | No
     return model if same else None
 
 
-def _run_or_reuse(name: str, out_dir: Path, train_config, start, reporter: Reporter) -> Path:
+def run_or_reuse(name: str, out_dir: Path, train_config, start, reporter: Reporter) -> Path:
     """Reuse a finished run with the same configuration, resume an interrupted one, or start it."""
     from ReCoKDLib.checkpoint import atomic_write_text
 
@@ -145,7 +147,7 @@ def format_table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def run_demo(
+def run_ct_demo(
     out_dir: str | os.PathLike,
     *,
     data_dir: str | os.PathLike | None = None,
@@ -204,7 +206,7 @@ def run_demo(
     # 2. Teacher -------------------------------------------------------------------------------
     teacher_net = preset("ct_demo").to_dict()
     teacher_cfg = _train_config(config, config.teacher_steps, device, network=teacher_net)
-    teacher = _run_or_reuse("teacher", out / "teacher", teacher_cfg,
+    teacher = run_or_reuse("teacher", out / "teacher", teacher_cfg,
                             lambda resume: train_teacher(teacher_cfg, case_set, out / "teacher", reporter, resume=resume),
                             reporter)
     reporter.progress(STAGE, 2, 5, message=f"teacher: {teacher}")
@@ -212,7 +214,7 @@ def run_demo(
     # 3. Plain student: the teacher's architecture, widths / reduction, no distillation ---------
     student_net = derive_student_config(preset("ct_demo", num_classes=raw.num_classes), config.reduction).to_dict()
     student_cfg = _train_config(config, config.student_steps, device, network=student_net)
-    student = _run_or_reuse("student", out / "student", student_cfg,
+    student = run_or_reuse("student", out / "student", student_cfg,
                             lambda resume: train_teacher(student_cfg, case_set, out / "student", reporter, resume=resume,
                                                          role="student"),
                             reporter)
@@ -223,7 +225,7 @@ def run_demo(
 
     distill_cfg = _train_config(config, config.student_steps, device, student_reduction=config.reduction,
                                 kd=parse_kd_spec(config.kd), kd_weight=config.kd_weight)
-    distilled = _run_or_reuse("distilled", out / "distilled", distill_cfg,
+    distilled = run_or_reuse("distilled", out / "distilled", distill_cfg,
                               lambda resume: distill(distill_cfg, teacher, case_set, out / "distilled", reporter, resume=resume),
                               reporter)
     reporter.progress(STAGE, 4, 5, message=f"distilled student: {distilled}")

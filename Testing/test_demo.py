@@ -1,16 +1,23 @@
-"""``recokd demo``: the main job end to end on the real CT data, with a tiny step budget."""
+"""``recokd demo``: the label-free heads demo (default; a tiny stand-in teacher here) and ``--task ct``."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 
 from ReCoKDLib.checkpoint import read_model_card
 from ReCoKDLib.cli import main
-from ReCoKDLib.demo import MODEL_NAMES, format_table, quick_config, run_demo
+from ReCoKDLib.data.io import Geometry, write_image
+from ReCoKDLib.demo import MODEL_NAMES, format_table, quick_config, run_ct_demo
+from ReCoKDLib.demo_heads import HeadsDemoConfig, dice, format_heads_table, run_heads_demo
 from ReCoKDLib.progress import Reporter
+
+STRIDES = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+TAPS = [("downsamples.0", 2, 8), ("downsamples.1", 4, 8), ("downsamples.2", 8, 8), ("bottleneck", 16, 8)]
 
 
 def test_demo_help(capsys):
@@ -18,13 +25,122 @@ def test_demo_help(capsys):
         main(["demo", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    assert "--full" in text and "--out" in text and "metrics.json" in text
+    assert "--task" in text and "--full" in text and "--out" in text and "metrics.json" in text and "HD-BET" in text
 
 
-def test_demo_end_to_end_then_reuses_finished_runs(tmp_path, data_root, ct_dataset):
+def _stand_in_teacher(folder):
+    """A tiny MONAI DynUNet as a teacher preset with HD-BET's shape: 2 classes, taps at strides 2..16.
+
+    Its weights make it say "brain" where the image is bright, so the students have something to learn.
+    """
+    from monai.networks.nets import DynUNet
+
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "kernel_size": [[3, 3, 3]] * 5,
+              "strides": [list(s) for s in STRIDES], "upsample_kernel_size": [list(s) for s in STRIDES[1:]],
+              "filters": [8] * 5, "norm_name": "instance", "deep_supervision": False}
+    torch.manual_seed(0)
+    net = DynUNet(**kwargs)
+    torch.save(net.state_dict(), folder / "stand_in.pt")
+    preset = {"format": "recokd-teacher-preset", "name": "stand-in", "entry_point": "monai.networks.nets:DynUNet",
+              "kwargs": kwargs, "weights": "stand_in.pt", "classes": ["background", "brain"],
+              "spacing": [3.0, 3.0, 3.0], "normalization": {"scheme": "zscore", "nonzero": False},
+              "patch_size": [32, 32, 32], "pad_multiple": 16, "output": "logits",
+              "taps": [{"module": m, "stride": [s] * 3, "channels": c} for m, s, c in TAPS]}
+    path = folder / "stand_in.json"
+    path.write_text(json.dumps(preset))
+    return path
+
+
+def _heads(root):
+    """A Dataset904-like folder: 3 unlabelled training heads, 2 held out (one with a reference mask)."""
+    data = root / "Heads"
+    (data / "imagesTr").mkdir(parents=True)  # empty, as in the fetched dataset
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
+    names = ["train_a", "train_b", "train_c", "held_ref", "held_plain"]
+    for i, case in enumerate(names):
+        r = np.sqrt(zz**2 + yy**2 + xx**2) * (1.0 + 0.05 * i)
+        head = np.where(r < 0.9, 300.0, 0.0) + np.where(r < 0.6, 500.0, 0.0) + rng.normal(0, 10, r.shape)
+        write_image(head.astype(np.float32), Geometry(spacing=(3.0, 3.0, 3.0)), data / "imagesTs" / f"{case}_0000.nii.gz")
+    write_image((np.sqrt(zz**2 + yy**2 + xx**2) * 1.15 < 0.6).astype(np.uint8), Geometry(spacing=(3.0, 3.0, 3.0)),
+                data / "labelsTs" / "held_ref.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "brain": 1}, "numTraining": 0,
+        "file_ending": ".nii.gz", "label_free_split": {"train": names[:3], "test": names[3:]}}))
+    return data
+
+
+def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(tmp_path):
+    data = _heads(tmp_path)
+    config = HeadsDemoConfig(teacher=str(_stand_in_teacher(tmp_path)), dataset=data.name,
+                             student_filters=(4, 8, 8, 8, 8), steps=3, patch_size=(32, 32, 32), batch_size=1,
+                             latency_repeats=2, bf16=False)
+    out = tmp_path / "demo"
+    events = []
+    metrics = run_heads_demo(out, data_dir=tmp_path, config=config, reporter=Reporter(events.append))
+
+    assert json.loads((out / "metrics.json").read_text())["student"]["dice_vs_teacher"] == metrics["student"]["dice_vs_teacher"]
+    teacher, student = metrics["teacher"], metrics["student"]
+    assert metrics["train_heads"] == ["train_a", "train_b", "train_c"]
+    assert set(student["dice_vs_teacher"]) == {"held_ref", "held_plain"}
+    assert all(0.0 <= d <= 1.0 for d in student["dice_vs_teacher"].values())
+    assert set(teacher["dice_vs_reference"]) == set(student["dice_vs_reference"]) == {"held_ref"}
+    assert teacher["params"] > student["params"] > 0
+    assert metrics["speedup"] == pytest.approx(teacher["latency_s"] / student["latency_s"])
+    assert set(metrics["targets_met"]) == {"dice_vs_teacher", "reference_gap", "speedup"}
+    # The student went through the engine with the teacher's outputs cached once per training head.
+    assert student["teacher_outputs"]["mode"] == "cache"
+    assert student["teacher_outputs"]["computed"] == 3 and student["teacher_outputs"]["cases"] == 3
+    card = read_model_card(out / "student" / "model_last.pt")
+    assert card.role == "student" and card.tap_names == ["downsamples.0", "downsamples.1", "downsamples.2", "bottleneck"]
+    assert sorted(card.provenance["cases"]) == ["train_a", "train_b", "train_c"]  # held-out heads never trained on
+    stages = {e["stage"] for e in events if e["event"] == "progress"}
+    assert {"preprocess", "teacher-cache", "distill", "evaluate", "demo"} <= stages
+    assert "Dice vs teacher: mean" in (out / "summary.txt").read_text() and (out / "report.md").is_file()
+
+    # A second run reuses the preprocessing, the finished student and both evaluations: no training, no pass.
+    events = []
+    again = run_heads_demo(out, data_dir=tmp_path, config=config, reporter=Reporter(events.append))
+    assert not [e for e in events if e["event"] == "progress" and e["stage"] in ("distill", "teacher-cache", "evaluate")]
+    assert sum("reusing" in (e.get("message") or "") for e in events) == 3
+    assert again["student"]["dice_vs_teacher"] == student["dice_vs_teacher"]
+    assert again["teacher"]["latency_s"] == teacher["latency_s"]
+
+
+def test_heads_demo_says_what_is_missing(tmp_path, capsys):
+    (tmp_path / "Heads" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "Heads" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "brain": 1},
+                                                                  "channel_names": {"0": "T1"}, "numTraining": 0,
+                                                                  "file_ending": ".nii.gz"}))
+    config = HeadsDemoConfig(teacher=str(_stand_in_teacher(tmp_path)), dataset="Heads")
+    with pytest.raises(ValueError, match="label_free_split"):
+        run_heads_demo(tmp_path / "out", data_dir=tmp_path, config=config)
+    # Options of the CT demo are refused by the default (heads) demo, and the other way round.
+    assert main(["demo", "--full", "--out", str(tmp_path / "o"), "--data", str(tmp_path), "--progress", "json"]) != 0
+    assert "--task ct" in capsys.readouterr().err
+    assert main(["demo", "--task", "ct", "--teacher", "x.json", "--out", str(tmp_path / "o"), "--progress", "json"]) != 0
+    assert "--task heads" in capsys.readouterr().err
+
+
+def test_dice_and_table():
+    a = np.zeros((4, 4, 4), bool)
+    b = a.copy()
+    a[:2], b[1:3] = True, True
+    assert dice(a, b) == pytest.approx(0.5) and dice(a & False, b & False) == 1.0
+    with pytest.raises(ValueError, match="shapes"):
+        dice(a, b[:2])
+    metrics = {"teacher": {"params": 16_000_000, "latency_s": 40.0, "dice_vs_reference": {"colin27": 0.95}},
+               "student": {"params": 1_400_000, "latency_s": 2.0, "dice_vs_reference": {"colin27": 0.94},
+                           "dice_vs_teacher": {"colin27": 0.97, "other": 0.98}, "dice_vs_teacher_mean": 0.975},
+               "speedup": 20.0}
+    table = format_heads_table(metrics)
+    assert "0.975" in table and "16,000,000" in table and "20.0x" in table and "colin27" in table
+
+
+def test_ct_demo_end_to_end_then_reuses_finished_runs(tmp_path, data_root, ct_dataset):
     config = replace(quick_config(0.005), latency_repeats=1)  # a few steps per run
     out = tmp_path / "demo"
-    metrics = run_demo(out, data_dir=data_root, config=config, device="cpu")
+    metrics = run_ct_demo(out, data_dir=data_root, config=config, device="cpu")
 
     organs = ct_dataset.class_names[1:]
     assert list(metrics) == list(MODEL_NAMES)
@@ -46,7 +162,7 @@ def test_demo_end_to_end_then_reuses_finished_runs(tmp_path, data_root, ct_datas
 
     # A second run reuses every finished stage: no training step is reported.
     events = []
-    again = run_demo(out, data_dir=data_root, config=config, device="cpu", reporter=Reporter(events.append))
+    again = run_ct_demo(out, data_dir=data_root, config=config, device="cpu", reporter=Reporter(events.append))
     assert not [e for e in events if e["event"] == "progress" and e["stage"] in ("train-teacher", "distill")]
     assert sum("reusing" in (e.get("message") or "") for e in events) == 3
     assert {n: r["mean_dice"] for n, r in again.items()} == {n: r["mean_dice"] for n, r in metrics.items()}

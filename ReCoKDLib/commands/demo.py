@@ -1,4 +1,4 @@
-"""``recokd demo``: the main job on real CT (README command 1). See :mod:`ReCoKDLib.demo`."""
+"""``recokd demo``: README command 1. See :mod:`ReCoKDLib.demo_heads` (default) and :mod:`ReCoKDLib.demo` (``--task ct``)."""
 
 from __future__ import annotations
 
@@ -8,42 +8,83 @@ from pathlib import Path
 
 from ReCoKDLib.progress import add_progress_argument
 
+TASKS = ("heads", "ct")
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Fetch the real CT organ sample data, train a small teacher (or reuse it), train a x4-thinner "
-        "student with and without ReCo-KD, evaluate all three on the held-out scan, and write "
-        "OUT/metrics.json, OUT/report.html and OUT/summary.txt. Runs again resume or reuse finished stages."
+        "Default (--task heads): distil the pretrained HD-BET brain-extraction teacher (16 M parameters) into a "
+        "student a tenth its size, without labels, on the real T1 heads (teacher outputs computed once per head), "
+        "then score both on the held-out heads (Dice vs the teacher and vs Colin27's reference mask, parameters, "
+        "CPU latency, speed-up). --task ct: train a small CT teacher and x4-thinner students with and without "
+        "ReCo-KD on real CT. Both write OUT/metrics.json, a report and OUT/summary.txt; runs again resume or reuse "
+        "finished stages."
     )
-    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--task", choices=TASKS, default="heads",
+                        help="heads (default): HD-BET distilled label-free; ct: the CT teacher/students job")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-ct with --task ct)")
     parser.add_argument("--data", default=None, help="sample data folder (default: $RECOKD_DATA_DIR or ~/.cache/recokd)")
-    parser.add_argument("--full", action="store_true", help="the longer configuration (more steps, larger patches; for a GPU)")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's step budget")
+    parser.add_argument("--teacher", default=None,
+                        help="--task heads: the teacher (default preset:hd-bet; any preset JSON with taps)")
+    parser.add_argument("--trust-entry-point", action="append", default=[], metavar="MODULE:CALLABLE",
+                        help="--task heads: an entry point the teacher preset may import (repeatable)")
+    parser.add_argument("--full", action="store_true", help="--task ct: the longer configuration (for a GPU)")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="--task ct: override the teacher's step budget")
     parser.add_argument("--student-steps", type=int, default=None, help="override each student's step budget")
     parser.add_argument("--kd", default=None, help="KD method(s) of the distilled student, e.g. recokd or recokd:1,logit:0.5")
     parser.add_argument("--kd-weight", type=float, default=None, help="lambda of the KD term after warm-up (default 0.01)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of all three runs (default 42)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the runs")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 on the CPU (slower)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default=None, help="where students train: auto, cpu, cuda or cuda:N "
+                        "(default cpu for heads, auto for ct); latency is measured on the CPU")
     add_progress_argument(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ReCoKDLib.demo import FULL, DemoConfig, run_demo
+def heads_config(args: argparse.Namespace):
+    """:class:`~ReCoKDLib.demo_heads.HeadsDemoConfig` from the command line (``--task heads``)."""
+    from ReCoKDLib.demo_heads import HeadsDemoConfig
+    from ReCoKDLib.losses.registry import parse_kd_spec
 
+    if args.full or args.teacher_steps is not None:
+        raise ValueError("--full and --teacher-steps apply to --task ct (the heads demo's teacher is pretrained)")
+    config = HeadsDemoConfig(trust_entry_points=tuple(args.trust_entry_point))
+    overrides = {"teacher": args.teacher, "steps": args.student_steps, "kd_weight": args.kd_weight, "seed": args.seed,
+                 "kd": parse_kd_spec(args.kd) if args.kd else None}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(config, bf16=False) if args.no_bf16 else config
+
+
+def ct_config(args: argparse.Namespace):
+    """:class:`~ReCoKDLib.demo.DemoConfig` from the command line (``--task ct``)."""
+    from ReCoKDLib.demo import FULL, DemoConfig
+
+    if args.teacher or args.trust_entry_point:
+        raise ValueError("--teacher and --trust-entry-point apply to --task heads (--task ct trains its teacher)")
     config = FULL if args.full else DemoConfig()
     overrides = {
         "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "kd": args.kd,
         "kd_weight": args.kd_weight, "seed": args.seed,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    if args.no_bf16:
-        config = replace(config, bf16=False)
+    return replace(config, bf16=False) if args.no_bf16 else config
+
+
+def run(args: argparse.Namespace) -> int:
     from ReCoKDLib.commands.runner import run_command
 
-    def job(reporter) -> None:
-        run_demo(Path(args.out), data_dir=args.data, config=config, device=args.device, reporter=reporter)
+    out = Path(args.out or ("runs/demo" if args.task == "heads" else "runs/demo-ct"))
 
-    return run_command(args, "demo", job, lock=args.out,
+    def job(reporter) -> None:
+        if args.task == "heads":
+            from ReCoKDLib.demo_heads import run_heads_demo
+
+            run_heads_demo(out, data_dir=args.data, config=heads_config(args), device=args.device or "cpu",
+                           reporter=reporter)
+        else:
+            from ReCoKDLib.demo import run_ct_demo
+
+            run_ct_demo(out, data_dir=args.data, config=ct_config(args), device=args.device or "auto", reporter=reporter)
+
+    return run_command(args, "demo", job, lock=str(out),
                        resume_hint="run the same command again: finished stages are reused, training resumes",
                        memory_hint="the configuration (leave out --full), or close other programs")
