@@ -248,8 +248,10 @@ def test_student_taps_match_teacher_strides():
 
 
 def test_pretrained_teacher_benchmark_smoke(tmp_path):
-    """The HD-BET benchmark end to end with its stand-in teacher preset and synthetic heads."""
+    """The HD-BET benchmark end to end, through the engine, with its stand-in teacher preset and synthetic heads."""
     import importlib.util
+
+    from ReCoKDLib.checkpoint import read_model_card
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "pretrained_teacher.py"
@@ -265,14 +267,19 @@ def test_pretrained_teacher_benchmark_smoke(tmp_path):
     assert [s["method"] for s in result["students"]] == ["recokd", "logit", "hard"]
     for student in result["students"]:
         assert 0.0 <= student["dice_vs_teacher_mean"] <= 1.0 and student["params"] > 0 and student["train_time_s"] > 0
-        assert (tmp_path / "students" / f"{student['method']}.pt").is_file()
-    cache = sorted((tmp_path / "teacher_cache").glob("*.npz"))
-    assert len(cache) == 3
-    with np.load(cache[0]) as npz:
-        assert npz["logits"].dtype == np.float16 and npz["f3"].shape[1:] == tuple(s // 16 for s in npz["logits"].shape[1:])
-    stamp = [p.stat().st_mtime_ns for p in cache]
-    assert bench.main(["--smoke", "--out", str(tmp_path), "--quiet", "--methods", "hard"]) == 0
-    assert [p.stat().st_mtime_ns for p in cache] == stamp  # the teacher ran once per head
+        card = read_model_card(tmp_path / "students" / student["method"] / "model_last.pt")
+        assert card.role == "student" and card.kd["teacher_outputs"]["mode"] == "cache"  # through the engine
+    # The engine's teacher-output cache: one entry per training head with the tap features (recokd), one
+    # with logits only (logit, hard), float16, the deepest tap at stride 16.
+    cache = sorted(p for p in (tmp_path / "teacher_cache").iterdir() if p.is_dir())
+    with_features = [p for p in cache if (p / "feature_3.npy").is_file()]
+    assert len(cache) == 4 and len(with_features) == 2
+    logits, deepest = np.load(with_features[0] / "logits.npy"), np.load(with_features[0] / "feature_3.npy")
+    assert logits.dtype == np.float16 and deepest.shape[1:] == tuple(-(-s // 16) for s in logits.shape[1:])
+    stamp = [(p / "meta.json").stat().st_mtime_ns for p in cache]
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--quiet", "--methods", "hard", "--steps", "4"]) == 0
+    again = sorted(p for p in (tmp_path / "teacher_cache").iterdir() if p.is_dir())
+    assert again == cache and [(p / "meta.json").stat().st_mtime_ns for p in again] == stamp  # the teacher ran once per head
 
 
 def test_engine_distills_from_a_preset_teacher_without_labels(tmp_path):
