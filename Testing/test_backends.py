@@ -339,3 +339,39 @@ def test_segment_speed_benchmark_smoke(tmp_path, ct_dataset):
     assert student["before"]["dice_vs_fp32_pytorch"] == 1.0 and student["before"]["window"] == [8, 16, 16]
     assert student["best"]["backend"]["backend"] in ("torch", "onnxruntime", "openvino")
     assert 0 <= student["best"]["dice_vs_fp32_pytorch"] <= 1
+
+
+_SIGNAL_AFTER_OPENVINO = r"""
+import gc, os, signal, sys, faulthandler
+faulthandler.enable()  # Python's handlers run on the alternate signal stack (SA_ONSTACK)
+import torch
+from ReCoKDLib.models.runtimes import GraphNetwork, export_onnx
+from ReCoKDLib.networks import build_unet, preset
+network = build_unet(preset("tiny", num_classes=2)).eval()
+graph = export_onnx(network, torch.zeros(1, 1, 16, 16, 16), sys.argv[1])
+first = GraphNetwork(graph, "openvino", "fp32")  # as backends.prepare_runner's probe of candidates does
+first(torch.zeros(1, 1, 16, 16, 16))
+second = GraphNetwork(graph, "openvino", "bf16" if "bf16" in sys.argv[2:] else "fp32")
+second(torch.zeros(1, 1, 16, 16, 16))
+del first; gc.collect()
+del second; gc.collect()  # OpenVINO puts back the first one's stack, freed by now
+handled = []
+signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
+os.kill(os.getpid(), signal.SIGTERM)
+print("handled", handled)
+"""
+
+
+def test_a_signal_after_openvino_is_handled_not_a_crash(tmp_path):
+    # OpenVINO 2026.4 swaps the thread's sigaltstack for its own and, with two compiled models
+    # freed in creation order, leaves a freed one installed; the next signal (the engine's SIGTERM
+    # test after an auto-backend probe) crashed the process (exit 139 in CI). GraphNetwork
+    # restores the thread's own stack after every OpenVINO call. Without that this exits 139.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_OPENVINO, str(tmp_path / "g.onnx")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "handled [15]" in done.stdout
+

@@ -14,6 +14,8 @@ Both runtimes come from PyPI (``pip install 'recokd[export]'``; pinned in
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import sys
 import threading
@@ -69,6 +71,53 @@ def _import_runtime(runtime: str):
             f"the {runtime} backend needs the package {_PACKAGES[runtime]!r}: pip install -c requirements/constraints.txt "
             f"'recokd[export]' ({exc})") from None
     return module
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_signal_stack():
+    """Restore the calling thread's alternate signal stack (``sigaltstack``) on exit.
+
+    OpenVINO's CPU plugin (2026.4) installs its own 20 KB alternate signal stack on the thread that
+    compiles or runs a model and later frees it, while Python keeps delivering its handlers
+    (``signal.signal``, faulthandler) with ``SA_ONSTACK``: the next SIGTERM or Ctrl+C then crashes
+    the process (SIGSEGV inside ``kill``; seen as exit 139 when the engine's SIGTERM test ran after
+    an OpenVINO probe). A no-op where the C library has no ``sigaltstack`` (Windows).
+    """
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        current = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(current))
+        if (current.ss_sp, current.ss_size, current.ss_flags) != (saved.ss_sp, saved.ss_size, saved.ss_flags):
+            restore = _SignalStack(saved.ss_sp, saved.ss_flags & _SS_DISABLE, saved.ss_size)
+            libc.sigaltstack(ctypes.byref(restore), None)
+
+
+_SS_DISABLE = 2  # <signal.h> on Linux and macOS (the only flag sigaltstack accepts when setting)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    if sys.platform == "win32":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sigaltstack  # noqa: B018 - present on every POSIX C library
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def export_onnx(network: nn.Module, example: Tensor, path: str | os.PathLike, *, dynamic_axes: bool = False) -> Path:
@@ -149,17 +198,21 @@ class GraphNetwork(nn.Module):
             self._input = self._session.get_inputs()[0]
             shape = self._input.shape
         else:
-            core = module.Core()
-            config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
-                      "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
-            if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-                raise InferenceError("this CPU has no bf16 instructions for OpenVINO; use --precision fp32")
-            compiled = core.compile_model(core.read_model(self.path), "CPU", config)
-            self._request = compiled.create_infer_request()
-            partial = compiled.input(0).get_partial_shape()
-            shape = [d.get_length() if d.is_static else None for d in partial]
+            with keep_signal_stack():
+                shape = self._compile_openvino(module, precision)
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.input_shape = tuple(s if isinstance(s, int) else None for s in shape)
+
+    def _compile_openvino(self, module, precision: str) -> list[int | None]:
+        """Compile the graph for the CPU, keep its inference request; the input shape (``None``: dynamic)."""
+        core = module.Core()
+        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise InferenceError("this CPU has no bf16 instructions for OpenVINO; use --precision fp32")
+        compiled = core.compile_model(core.read_model(self.path), "CPU", config)
+        self._request = compiled.create_infer_request()
+        return [d.get_length() if d.is_static else None for d in compiled.input(0).get_partial_shape()]
 
     def extra_repr(self) -> str:
         return f"{self.runtime} {self.precision}, {Path(self.path).name}, input {self.input_shape}"
@@ -168,7 +221,8 @@ class GraphNetwork(nn.Module):
         with self._lock:
             if self.runtime == "onnxruntime":
                 return self._session.run(None, {self._input.name: x})[0]
-            return np.array(self._request.infer({0: x})[0], copy=True)
+            with keep_signal_stack():
+                return np.array(self._request.infer({0: x})[0], copy=True)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5:
