@@ -45,6 +45,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ReCoKDLib.data.io import InputWarning
+from ReCoKDLib.models.base import InferenceError
 
 __all__ = [
     "EvaluationError",
@@ -433,8 +434,13 @@ def _latency(model, image, geometry, repeats: int, overlap: float, amp: bool = F
         if not cpu_supports_bf16() or options.get("backend") == "onnxruntime":
             return None  # no bf16 here
         options["precision"] = "bf16"
-    times = [segment_volume(model, image, geometry, overlap=overlap, device="cpu", **options).seconds
-             for _ in range(repeats)]
+    try:
+        times = [segment_volume(model, image, geometry, overlap=overlap, device="cpu", **options).seconds
+                 for _ in range(repeats)]
+    except InferenceError:
+        if not amp:
+            raise
+        return None  # bf16 changes this model's classes on the scan (refused by the backend layer): no bf16 latency
     return float(statistics.median(times))
 
 

@@ -148,7 +148,9 @@ def test_ct_demo_end_to_end_then_reuses_finished_runs(tmp_path, data_root, ct_da
     for name, record in metrics.items():
         assert list(record["dice"]) == organs, name
         assert 0.0 <= record["mean_dice"] <= 1.0
-        assert record["params"] > 0 and record["latency_s"] > 0 and record["latency_bf16_s"] > 0
+        assert record["params"] > 0 and record["latency_s"] > 0
+        # bf16 latency: null where this CPU has no bf16 or bf16 changes an untrained model's classes (refused)
+        assert record["latency_bf16_s"] is None or record["latency_bf16_s"] > 0
     # The students are the teacher's architecture with widths / 4: 16x fewer parameters or so.
     assert metrics["student"]["params"] == metrics["distilled"]["params"]
     assert metrics["teacher"]["params"] > 10 * metrics["student"]["params"]
