@@ -146,8 +146,10 @@ def _step_parts(cfg: dict[str, Any], patch: Sequence[int], variant: str):
     if variant.startswith("student+teacher+"):
         method = variant.split("+")[-1]
         pair = DistillationPair(teacher, student, encoder_tap_names(t_cfg), encoder_tap_names(s_cfg), (1, *patch))
-        kd_module = build_kd_module(METHODS[method].kd, pair.teacher_channels, pair.student_channels, k)
-        weight = METHODS[method].kd_weight
+        recipe = METHODS[method]
+        published = recipe.candidates[len(recipe.candidates) // 2]  # the middle candidate: the published default
+        kd_module = build_kd_module(recipe.kd_spec(published), pair.teacher_channels, pair.student_channels, k)
+        weight = published.kd_weight
         params += list(pair.adapters.parameters()) + list(kd_module.parameters())
     else:
         teacher.eval().requires_grad_(False)
