@@ -89,25 +89,14 @@ class HeadsDemoConfig:
 
 def load_teacher(source: str, trust_entry_points: Iterable[str] = ()) -> Any:
     """The frozen teacher (``teachers.LoadedModel``) with ``sha256``; a missing package says what to install."""
+    from ReCoKDLib.engine.state import state_sha256
     from ReCoKDLib.teachers import load_model
 
     loaded = load_model(source, "cpu", trust_entry_points=list(trust_entry_points))
     if not loaded.card.tap_names:
         raise ValueError(f"the teacher {source} names no taps: the demo distils features at the teacher's taps")
-    loaded.sha256 = weights_sha256(loaded.network)  # the weights themselves (a preset's JSON does not hold them)
+    loaded.sha256 = state_sha256(loaded.network)  # the weights themselves (a preset's JSON does not hold them)
     return loaded
-
-
-def weights_sha256(network: Any) -> str:
-    """SHA-256 over the names, dtypes, shapes and values of ``network.state_dict()`` (0-dim buffers too)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, value in network.state_dict().items():
-        array = value.detach().cpu().numpy()
-        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def head_cases(data_root: Path) -> tuple[Any, list, list]:

@@ -255,3 +255,15 @@ def test_early_stopping_keeps_the_best_model(ct_cases, tmp_path, monkeypatch):
     assert result.stopped_early and result.step == 2
     assert result.metrics["best_mean_dice"] == 0.5 and result.metrics["best_step"] == 1
     assert load_model_file(result.best_model)[0].metrics["step"] == 1
+
+
+def test_state_hash_covers_zero_dim_buffers_and_changes_with_the_weights():
+    from ReCoKDLib.engine.state import state_sha256
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))  # num_batches_tracked: 0-dim
+    first = state_sha256(network)
+    network[1].num_batches_tracked += 1
+    second = state_sha256(network)
+    with torch.no_grad():
+        network[0].weight.add_(1.0)
+    assert len({first, second, state_sha256(network)}) == 3

@@ -12,7 +12,7 @@ from torch import nn
 from ReCoKDLib import checkpoint as ckpt
 from ReCoKDLib.data.sampling import CaseSet
 from ReCoKDLib.engine.config import TrainConfig, TrainingError
-from ReCoKDLib.engine.state import _state_sha256
+from ReCoKDLib.engine.state import state_sha256
 from ReCoKDLib.networks import UNetConfig, build_unet, derive_student_config, encoder_tap_names
 
 
@@ -74,7 +74,7 @@ def _teacher_parts(teacher: Any) -> tuple[nn.Module, ckpt.ModelCard, str]:
         if load_model is not None:
             loaded = load_model(path, "cpu")
             sha = ckpt.sha256_file(path) if path.is_file() else getattr(loaded, "sha256", None)  # dir: nnU-Net folder
-            return loaded.network, loaded.card, sha or _state_sha256(loaded.network)
+            return loaded.network, loaded.card, sha or state_sha256(loaded.network)
         card, state = ckpt.load_model_file(path)
         if card.architecture.get("kind") != "dynunet":
             raise TrainingError(f"{path}: only built-in (dynunet) teachers can be loaded without ReCoKDLib.teachers")
@@ -86,7 +86,7 @@ def _teacher_parts(teacher: Any) -> tuple[nn.Module, ckpt.ModelCard, str]:
         raise TrainingError("teacher must be a model file path or an object with .network and .card (teachers.LoadedModel)")
     source = getattr(teacher, "source", "")
     sha = getattr(teacher, "sha256", None) or (ckpt.sha256_file(source) if source and Path(source).is_file() else None)
-    return network, card, sha or card.provenance.get("sha256") or _state_sha256(network)
+    return network, card, sha or card.provenance.get("sha256") or state_sha256(network)
 
 
 def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetConfig:

@@ -35,11 +35,13 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _state_sha256(module: nn.Module) -> str:
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 of ``module.state_dict()``: names and raw bytes of every tensor, 0-dim buffers included
+    (the identity of weights that come without a file of their own, e.g. a teacher preset's)."""
     digest = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                       if value.numel() else b"")
     return digest.hexdigest()
 
