@@ -194,15 +194,11 @@ def distil_student(config: HeadsDemoConfig, data: HeadsData, run_dir: Path, cach
     started); returns ``(model_last.pt, TrainConfig)``. Runs sharing ``cache_dir`` share the teacher's outputs."""
     from ReCoKDLib.demo import run_or_reuse
     from ReCoKDLib.engine import distill
-    from ReCoKDLib.engine.parts import flush_denormals
 
     train_cfg = train_config(config, data.teacher, cache_dir, device)
-    # flushed also while the engine probes the teacher's tap shapes (HD-BET on a 64^3 patch: minutes otherwise)
-    with flush_denormals():
-        path = run_or_reuse(run_dir.name, run_dir, train_cfg,
-                            lambda resume: distill(train_cfg, data.teacher, data.case_set, run_dir, reporter,
-                                                   resume=resume),
-                            reporter)
+    path = run_or_reuse(run_dir.name, run_dir, train_cfg,
+                        lambda resume: distill(train_cfg, data.teacher, data.case_set, run_dir, reporter, resume=resume),
+                        reporter)
     return path, train_cfg
 
 

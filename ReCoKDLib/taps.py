@@ -104,7 +104,7 @@ def probe_feature_shapes(model: nn.Module, names: Sequence[str], input_shape: Se
     model.eval()
     device = next(model.parameters()).device
     try:
-        with FeatureTaps(model, names) as taps:
+        with FeatureTaps(model, names) as taps, torch.no_grad():  # shapes only: no autograd graph
             model(torch.zeros((1, *input_shape), device=device))
             return [f.shape for f in taps.collect()]
     finally:

@@ -309,3 +309,7 @@ def test_teacher_passes_and_training_steps_flush_subnormal_floats(tmp_path):
 
     with flush_denormals():
         assert float(torch.tensor([1e-40]) * 1.0) == 0.0
+        with flush_denormals():  # nested (a demo around the engine's own passes)
+            pass
+        assert float(torch.tensor([1e-40]) * 1.0) == 0.0  # the inner exit does not end the outer one
+    assert float(torch.tensor([1e-40]) * 1.0) != 0.0

@@ -14,6 +14,7 @@ from ReCoKDLib.engine.loop import _Job, _check_patch, _prepare_run, _run, _run_s
 from ReCoKDLib.engine.modules import _DistillModule, _SegModule, build_kd_module
 from ReCoKDLib.engine.pairing import (OUTPUT_LEVEL_METHODS, teacher_size_step, _check_output_only_teacher, _check_teacher_labels, _dataset_spec, _kd_num_classes,
                                      _kd_taps, _label_spec_record, _output_channels, _student_config, _teacher_parts)
+from ReCoKDLib.engine.parts import flush_denormals
 from ReCoKDLib.engine.state import _versions
 from ReCoKDLib.networks import UNetConfig, build_unet, encoder_tap_names
 from ReCoKDLib.progress import Reporter
@@ -100,8 +101,9 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
             teacher_taps, student_taps = _kd_taps(config, teacher_card, student_config, getattr(teacher, "kind", None))
         else:  # logits only, read from the cache: nothing to tap
             teacher_taps, student_taps = [], []
-        pair = DistillationPair(teacher_net.to(device), student.to(device), teacher_taps, student_taps,
-                                (dataset.in_channels, *config.patch_size))
+        with flush_denormals():  # the pair probes the teacher once: a big trained one is minutes slower with subnormals
+            pair = DistillationPair(teacher_net.to(device), student.to(device), teacher_taps, student_taps,
+                                    (dataset.in_channels, *config.patch_size))
         kd_module = build_kd_module(config.kd, pair.teacher_channels, pair.student_channels, _kd_num_classes(dataset))
         train_set, val_set = dataset.split(config.num_val_cases)
         if val_set is not None and val_set.unlabelled_cases:
