@@ -218,7 +218,91 @@ def test_command_lines_parse_with_the_real_cli(code, command):
     assert parsed.command == command and parsed.progress == "json"
     if command == "distill":
         assert (parsed.teacher, parsed.data, parsed.out, parsed.kd, parsed.reduction, parsed.steps, parsed.device,
-                parsed.resume) == ("t.pt", "data", "out", "ms_sard", 8, 5, "cuda", True)
+                parsed.resume, parsed.teacher_outputs, parsed.no_labels) == (
+            "t.pt", "data", "out", "ms_sard", 8, 5, "cuda", True, "auto", False)
+
+
+def _distill_action(dest):
+    """The ``recokd distill`` option that stores ``dest``, as the CLI configures it."""
+    import argparse
+
+    from ReCoKDLib.commands.distill import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    return next(a for a in parser._actions if a.dest == dest)
+
+
+def test_teacher_outputs_offered_are_the_clis(code, stubs):
+    """The panel's choices (and default) are ``recokd distill --teacher-outputs``'s, so no stored value
+    is one the CLI refuses (``QComboBoxToStringableConnector.write`` raises for a value not among them)."""
+    action = _distill_action("teacher_outputs")
+    assert code.commandLines.TEACHER_OUTPUTS == tuple(action.choices) and action.default == "auto"
+    assert code.commandLines.TEACHER_OUTPUTS[0] == action.default
+    import typing
+
+    annotation = typing.get_type_hints(code.parameters.ReCoKDParameterNode, include_extras=True)["teacherOutputs"]
+    choice = next(a for a in annotation.__metadata__ if isinstance(a, stubs["slicer.parameterNodeWrapper"].Choice))
+    assert tuple(choice.choices) == tuple(action.choices)
+    assert code.parameters.ReCoKDParameterNode.teacherOutputs == "auto"
+    assert code.parameters.ReCoKDParameterNode.withoutLabels is False
+
+
+@pytest.mark.parametrize("teacher_outputs", ["auto", "cache", "live"])
+@pytest.mark.parametrize("data", ["dataset", "images", "image"])
+@pytest.mark.parametrize("without_labels", [False, True])
+def test_distill_teacher_outputs_and_labels_parse_with_the_real_cli(code, tmp_path, teacher_outputs, data,
+                                                                    without_labels):
+    """Labelled: ``--data FOLDER``. Without labels: ``--data FOLDER --no-labels`` for an nnU-Net folder
+    (``dataset.json``), ``--images PATH`` for a folder of images or one image file (a scene volume)."""
+    from ReCoKDLib import cli
+
+    lines = code.commandLines
+    dataset = tmp_path / "Dataset001"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text("{}")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "head_0000.nii.gz").write_bytes(b"image")
+    path = {"dataset": dataset, "images": images, "image": images / "head_0000.nii.gz"}[data]
+    options = lines.DistillOptions("t.pt", str(path), "out", teacherOutputs=teacher_outputs,
+                                   withoutLabels=without_labels)
+    args, _env = lines.distillArguments(options)
+    parsed = cli.build_parser("distill").parse_args(args[2:])
+    assert parsed.teacher_outputs == teacher_outputs and parsed.pseudo_label_weight == 1.0
+    if not without_labels:
+        assert (parsed.data, parsed.images, parsed.no_labels) == (str(path), None, False)
+    elif data == "dataset":
+        assert (parsed.data, parsed.images, parsed.no_labels) == (str(path), None, True)
+    else:
+        assert (parsed.data, parsed.images) == (None, [str(path)])
+        from ReCoKDLib.commands.distill import _training_cases
+
+        cases = _training_cases(parsed, ["background", "brain"])  # what the child will train on
+        assert [c.case_id for c in cases] == ["head"] and cases[0].label_path is None
+
+
+def test_distill_options_without_labels_accept_what_the_cli_accepts(code, tmp_path):
+    lines = code.commandLines
+    teacher = "preset:hd-bet"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    image = tmp_path / "scene_000.nii.gz"
+    image.write_bytes(b"image")
+    dataset = tmp_path / "Dataset904"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text("{}")
+    for path in (image, dataset):
+        assert lines.DistillOptions(teacher, str(path), "out", withoutLabels=True).validate() == []
+    problems = lines.DistillOptions(teacher, str(image), "out").validate()
+    assert problems == ["Select labelled data: an nnU-Net folder or a volume + segmentation pair."]
+    problems = lines.DistillOptions(teacher, str(empty), "out", withoutLabels=True).validate()
+    assert len(problems) == 1 and "No training images" in problems[0] and "no image files" in problems[0]
+    for missing in (tmp_path / "nowhere", Path("")):
+        problems = lines.DistillOptions(teacher, str(missing), "out", withoutLabels=True).validate()
+        assert len(problems) == 1 and "Select training images" in problems[0]
+    problems = lines.DistillOptions(teacher, str(dataset), "out", teacherOutputs="disk").validate()
+    assert problems == ["Teacher outputs must be one of auto, cache, live, not 'disk'."]
 
 
 def test_an_empty_path_edit_is_not_a_folder(code, tmp_path):
@@ -344,6 +428,15 @@ def test_logic_starts_one_training_child_with_the_library_on_its_path(code, tmp_
     assert not logic.isRunning(code.logic.SEGMENT), "a segmentation may run beside a training job"
     logic.cancel()
     assert job.cancelled and (tmp_path / "out" / "STOP").is_file()
+    runners[0].finish([])
+    image = tmp_path / "scene_000.nii.gz"
+    image.write_bytes(b"image")
+    logic.distill(teacher, image, tmp_path / "out", teacherOutputs="live", withoutLabels=True)
+    arguments = runners[1].calls[0][2]
+    assert arguments[arguments.index("--teacher-outputs") + 1] == "live"
+    assert arguments[arguments.index("--images") + 1] == str(image) and "--data" not in arguments
+    with pytest.raises(code.commandLines.ReCoKDInputError, match="labelled data"):
+        logic.distill(teacher, image, tmp_path / "out")  # an image file needs withoutLabels
 
 
 def test_a_trained_teacher_does_not_block_the_next_distillation(code, tmp_path):
@@ -691,6 +784,31 @@ def test_background_segment_keeps_the_model_cards_classes_and_colours(core, tmp_
     labels = mrml.labelmap_from_segmentation_node(node, volume, ["background", "liver", "spleen"])
     assert (labels[box] == crop).all() and labels.sum() == crop.sum()
     assert float(node.GetAttribute("ReCoKD.Seconds")) == 1.5
+
+
+@pytest.mark.mrml
+def test_a_scene_volume_alone_is_written_as_one_unlabelled_image(core, tmp_path):
+    """Distillation without labels from the scene: the volume on its exact grid, as one image the
+    CLI's ``--images`` reads (no label)."""
+    slicer, mrml, logic_module = core
+    from ReCoKDLib.commands.distill import image_cases
+    from ReCoKDLib.data.io import Geometry, read_image
+
+    scene = slicer.vtkMRMLScene()
+    geometry = Geometry((1.0, 1.5, 2.0), (5.0, -3.0, 1.0))
+    image = np.random.default_rng(3).normal(size=(6, 7, 8)).astype(np.float32)
+    volume = mrml.volume_node_from_array(scene, image, geometry, "T1")
+    logic = logic_module.ReCoKDLogic()
+    path = logic.exportSceneImage(volume, tmp_path / "scene_images")
+    assert path == tmp_path / "scene_images" / "scene_000.nii.gz"
+    array, written = read_image(path, allow_channels=False)
+    np.testing.assert_array_equal(array, image)
+    np.testing.assert_allclose(written.spacing, geometry.spacing)
+    np.testing.assert_allclose(written.origin, geometry.origin)
+    cases = image_cases([str(path)])
+    assert [c.case_id for c in cases] == ["scene_000"] and cases[0].label_path is None
+    with pytest.raises(ValueError, match="training volume"):
+        logic.exportSceneImage(None, tmp_path / "scene_images")
 
 
 @pytest.mark.mrml

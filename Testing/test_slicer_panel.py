@@ -6,6 +6,12 @@ Slicer's ``wrapper.py`` (v5.10.0) ``_connectParametersToGui``: build a connector
 ``SlicerParameterName`` first (with the rules of ``test_slicer_ui_contract.slicer_connector``, so
 a pair Slicer refuses raises here too), then write each value and connect each widget. Qt calls
 a signal's slots in connection order, and so do the fakes.
+
+The connectors read and write what Slicer's do (``Base/Python/slicer/parameterNodeWrapper/
+guiConnectors.py``, v5.10.0): ``QCheckBoxToBoolConnector`` the box's ``checked`` on
+``stateChanged``; ``QComboBoxToStringableConnector`` replaces the combo box's items by
+``str(choice)`` when it is created, writes ``currentIndex`` (a value not among the choices raises
+``ValueError``) and reads ``choices[currentIndex]`` on ``currentIndexChanged``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import types
 import typing
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 import slicer_stubs
@@ -60,6 +67,9 @@ class FakeWidget:
 
     def disconnectAll(self, signal):
         self._signals.pop(signal, None)
+
+    def disconnect(self, signal, slot):
+        self._signals.get(signal.split("(")[0], Signal()).slots.remove(slot)
 
     def blockSignals(self, value):
         self._blocked = bool(value)
@@ -151,30 +161,43 @@ class FakeParameterNode:
     def connectGui(self, ui):
         bound = {w.property("SlicerParameterName"): w for w in vars(ui).values() if w.property("SlicerParameterName")}
         connectors = {name: slicer_connector(w.className, self._fields[name], self._stubs) for name, w in bound.items()}
+        for name, widget in bound.items():  # QComboBoxToStringableConnector.__init__: the items become the choices
+            if connectors[name] == "QComboBoxToStringableConnector":
+                widget.clear()
+                for choice in self._choices(name):
+                    widget.addItem(str(choice))
         tag = len(self.guis) + 1
-        self.guis[tag] = bound
+        self.guis[tag] = []
         for name, widget in bound.items():
-            self._write(widget, connectors[name], getattr(self, name))
+            self._write(widget, connectors[name], getattr(self, name), name)
             signal = {"ctkPathLineEditToPathConnector": "currentPathChanged",
                       "qMRMLNodeComboBoxToNodeConnector": "currentNodeChanged",
-                      "QCheckBoxToBoolConnector": "stateChanged"}.get(connectors[name], "valueChanged")
-            if connectors[name] == "QComboBoxToStringableConnector":
-                signal = "currentIndexChanged"
-            widget.connect(signal, lambda *args, name=name, widget=widget, connector=connectors[name]:
-                           setattr(self, name, self._read(widget, connector, name)))
+                      "QCheckBoxToBoolConnector": "stateChanged",
+                      "QComboBoxToStringableConnector": "currentIndexChanged"}.get(connectors[name], "valueChanged")
+            slot = (lambda *args, name=name, widget=widget, connector=connectors[name]:
+                    setattr(self, name, self._read(widget, connector, name)))
+            widget.connect(signal, slot)
+            self.guis[tag].append((widget, signal, slot))
         return tag
 
     def disconnectGui(self, tag):
-        self.guis.pop(tag, None)
+        for widget, signal, slot in self.guis.pop(tag, []):  # each connector's onChanged(None): _disconnect
+            widget.disconnect(signal, slot)
 
-    @staticmethod
-    def _write(widget, connector, value):
+    def _choices(self, name):
+        annotation = self._fields[name]
+        choice = self._stubs["slicer.parameterNodeWrapper"].Choice
+        return next(a for a in annotation.__metadata__ if isinstance(a, choice)).choices
+
+    def _write(self, widget, connector, value, name):
         if connector == "ctkPathLineEditToPathConnector":
             widget.currentPath = str(value)
         elif connector == "qMRMLNodeComboBoxToNodeConnector":
             widget.node = value
         elif connector == "QComboBoxToStringableConnector":
-            widget.value = value
+            widget.currentIndex = self._choices(name).index(value)  # ValueError for a value not among them
+        elif connector == "QCheckBoxToBoolConnector":
+            widget.checked = value
         else:
             widget.value = value
 
@@ -183,6 +206,10 @@ class FakeParameterNode:
             return pathlib.Path(widget.currentPath)  # ctkPathLineEditToPathConnector.read
         if connector == "qMRMLNodeComboBoxToNodeConnector":
             return widget.node
+        if connector == "QComboBoxToStringableConnector":
+            return self._choices(name)[widget.currentIndex]
+        if connector == "QCheckBoxToBoolConnector":
+            return widget.checked
         return widget.value
 
 
@@ -420,3 +447,103 @@ def test_scene_data_route_is_reachable_with_empty_folder_edits(harness, tmp_path
     assert exported == [tmp_path / "out" / "scene_dataset"] and harness.errors == []
     arguments = harness.runners[-1].calls[0][2]
     assert arguments[arguments.index("--data") + 1] == str(tmp_path / "out" / "scene_dataset")
+
+
+def _parsed(arguments):
+    """A child's distill command line read by the CLI's own parser."""
+    from ReCoKDLib import cli
+
+    return cli.build_parser("distill").parse_args(arguments[2:])
+
+
+def test_teacher_outputs_and_labels_are_bound_and_reach_the_command_line(harness, tmp_path, monkeypatch):
+    teacher = _model(tmp_path / "teacher.pt", ["background", "liver"])
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    monkeypatch.setattr(panel, "_showPlot", lambda: None)
+    combo, box = ui["teacherOutputsComboBox"], ui["withoutLabelsCheckBox"]
+    assert [i["text"] for i in combo.items] == ["auto", "cache", "live"] and combo.currentIndex == 0
+    assert (p.teacherOutputs, p.withoutLabels, box.checked) == ("auto", False, False)
+    data = tmp_path / "data"
+    data.mkdir()
+    p.teacherPath, p.dataFolder, p.outputFolder = teacher, data, tmp_path / "out"
+    combo.setCurrentIndex(1)  # the user picks "cache"
+    assert p.teacherOutputs == "cache"
+    ui["startButton"].emit("clicked", True)
+    parsed = _parsed(harness.runners[-1].calls[0][2])
+    assert (parsed.teacher_outputs, parsed.data, parsed.no_labels, parsed.images) == ("cache", str(data), False, None)
+    harness.runners[-1].finish([])
+    box.checked = True  # the user ticks "Without labels"
+    box.emit("stateChanged", 2)
+    assert p.withoutLabels and "no labels" in ui["startButton"].toolTip
+    ui["startButton"].emit("clicked", True)  # a folder without dataset.json must hold images
+    assert len(harness.runners) == 1 and "No training images" in harness.errors.pop()[1]
+    for name in ("head1_0000.nii.gz", "head2.nrrd"):
+        (data / name).write_bytes(b"image")
+    ui["startButton"].emit("clicked", True)
+    parsed = _parsed(harness.runners[-1].calls[0][2])
+    assert (parsed.images, parsed.data) == ([str(data)], None), "a folder without dataset.json is a folder of images"
+    assert harness.errors == []
+    p.dataFolder = tmp_path  # the summary is computed for a new folder only
+    p.dataFolder = data
+    assert ui["dataSummaryLabel"].text.startswith("2 images without labels")
+
+
+def test_without_labels_a_scene_volume_alone_is_the_training_data(harness, tmp_path, monkeypatch):
+    """No segmentation: the volume is written as one image and passed with ``--images``; the
+    labelled routes (Distill with labels, Train a teacher) still ask for a segmentation."""
+    teacher = _model(tmp_path / "teacher.pt", ["background", "liver"])
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    exported = []
+
+    def exportSceneImage(volume, folder):  # writes the volume (tested in test_slicer_module_logic)
+        folder.mkdir(parents=True)
+        exported.append((volume, folder))
+        (folder / "scene_000.nii.gz").write_bytes(b"image")
+        return folder / "scene_000.nii.gz"
+
+    monkeypatch.setattr(panel.logic, "exportSceneImage", exportSceneImage)
+    monkeypatch.setattr(panel.logic, "exportSceneCase", lambda *a: pytest.fail("no labelled dataset without labels"))
+    monkeypatch.setattr(panel, "_showPlot", lambda: None)
+    p.teacherPath, p.outputFolder, p.trainingVolume = teacher, tmp_path / "out", FakeNode("T1")
+    assert not ui["startButton"].enabled and "labelled data" in ui["startButton"].toolTip
+    p.withoutLabels = True
+    assert ui["startButton"].enabled
+    assert not ui["trainTeacherButton"].enabled and "labelled data" in ui["trainTeacherButton"].toolTip
+    ui["teacherOutputsComboBox"].setCurrentIndex(2)  # "live"
+    ui["startButton"].emit("clicked", True)
+    assert exported == [(p.trainingVolume, tmp_path / "out" / "scene_images")] and harness.errors == []
+    parsed = _parsed(harness.runners[-1].calls[0][2])
+    assert parsed.images == [str(tmp_path / "out" / "scene_images" / "scene_000.nii.gz")] and parsed.data is None
+    assert parsed.teacher_outputs == "live"
+    harness.runners[-1].finish([])
+    p.trainingVolume = None
+    assert not ui["startButton"].enabled and "training images" in ui["startButton"].toolTip
+
+
+def test_without_labels_an_nnunet_folder_keeps_its_split(harness, tmp_path, monkeypatch):
+    """``--data FOLDER --no-labels``: the CLI honours the folder's ``label_free_split`` (T1 heads)."""
+    teacher = _model(tmp_path / "teacher.pt", ["background", "brain"])
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    monkeypatch.setattr(panel, "_showPlot", lambda: None)
+    data = tmp_path / "Dataset904_T1Heads"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "imagesTs").mkdir()
+    from ReCoKDLib.data.io import Geometry, write_image
+
+    for case in ("a", "b", "c"):  # real images: the data summary reads their headers
+        write_image(np.zeros((4, 5, 6), np.float32), Geometry(), data / "imagesTs" / f"{case}_0000.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "brain": 1}, "numTraining": 0,
+        "file_ending": ".nii.gz", "label_free_split": {"train": ["a", "b"], "test": ["c"]}}))
+    p.teacherPath, p.dataFolder, p.outputFolder, p.withoutLabels = teacher, data, tmp_path / "out", True
+    assert "0 training / 3 test cases" in ui["dataSummaryLabel"].text
+    ui["startButton"].emit("clicked", True)
+    parsed = _parsed(harness.runners[-1].calls[0][2])
+    assert (parsed.data, parsed.no_labels, parsed.images, parsed.teacher_outputs) == (str(data), True, None, "auto")
+    from ReCoKDLib.commands.distill import _training_cases
+
+    cases = _training_cases(parsed, ["background", "brain"])
+    assert [c.case_id for c in cases] == ["a", "b"] and all(c.label_path is None for c in cases)

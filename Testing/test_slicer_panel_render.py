@@ -66,8 +66,10 @@ def test_parameter_bindings_survive_loading(rendered):
     assert bindings["teacherPathLineEdit"] == "teacherPath"
     assert bindings["inputVolumeSelector"] == "inputVolume"
     assert bindings["opacitySlider"] == "overlayOpacity"
+    assert bindings["teacherOutputsComboBox"] == "teacherOutputs"
+    assert bindings["withoutLabelsCheckBox"] == "withoutLabels"
     assert "modelComboBox" not in bindings and "methodComboBox" not in bindings  # synced by the panel
-    assert len(bindings) == 15
+    assert len(bindings) == 17
 
 
 def test_screenshot_is_written_and_the_committed_one_is_current(rendered):

@@ -173,6 +173,8 @@ def test_every_bound_widget_gets_the_connector_slicer_creates(ui, fields, stubs)
     assert made["studentReduction"] == "QComboBoxToStringableConnector"
     assert made["overlayOpacity"] == "QDoubleSpinBoxCtkSliderWidgetToFloatIntConnector"
     assert made["teacherPath"] == "ctkPathLineEditToPathConnector"
+    assert made["teacherOutputs"] == "QComboBoxToStringableConnector"
+    assert made["withoutLabels"] == made["resume"] == "QCheckBoxToBoolConnector"
 
 
 def test_the_rules_refuse_what_slicer_refuses(stubs):
@@ -315,3 +317,23 @@ def test_teacher_section_offers_a_file_a_folder_or_a_preset(ui):
     inside = {w.get("name") for w in section.iter("widget")}
     assert {"teacherPathLineEdit", "teacherPresetComboBox", "teacherFolderButton", "teacherInfoLabel",
             "trainTeacherButton"} <= inside
+
+
+def test_distill_section_offers_teacher_outputs_and_distillation_without_labels(ui):
+    """``QComboBoxToStringableConnector`` shows the choices' ids as items (``str(choice)``): the
+    combo box's tooltip says what each does and costs, as ``recokd distill --help`` does."""
+    widgets = widgets_by_name(ui)
+    inside = {w.get("name") for w in widgets["distillCollapsibleButton"].iter("widget")}
+    assert {"teacherOutputsComboBox", "withoutLabelsCheckBox"} <= inside
+    combo = widgets["teacherOutputsComboBox"]
+    assert not combo.findall("item"), "the connector replaces the items by the choices"
+    tip = combo.findtext("property[@name='toolTip']/string")
+    lines = tip.splitlines()
+    for choice in ("auto", "cache", "live"):
+        assert any(line.startswith(f"{choice}") for line in lines), (choice, tip)
+    cache = next(line for line in lines if line.startswith("cache"))
+    assert "bytes per voxel" in cache and "once per training case" in cache and "teacher_cache" in cache
+    assert "every training patch" in next(line for line in lines if line.startswith("live"))
+    box = widgets["withoutLabelsCheckBox"]
+    assert box.findtext("property[@name='text']/string").startswith("Without labels")
+    assert "--no-labels" in box.findtext("property[@name='toolTip']/string")

@@ -6,6 +6,11 @@ process; ``Testing/test_slicer_module_logic.py`` parses them with the CLI's own 
 Devices are stored as ``"auto"``, ``"cpu"`` or ``"cuda:<n>"`` (what ``ReCoKDLib.infer.resolve_device``
 takes). A child job pinned to GPU ``n`` gets ``CUDA_VISIBLE_DEVICES=<n>`` and ``--device cuda``, so
 every library in it sees one GPU; an in-process job gets ``cuda:<n>`` (:func:`torchDevice`).
+
+Distillation data (:func:`dataArguments`) take the CLI's forms: ``--data FOLDER`` (an nnU-Net raw
+folder) with labels; without labels, ``--data FOLDER --no-labels`` for such a folder (its
+``label_free_split`` chooses the training cases) or ``--images PATH`` for a folder of images or
+one image file (a volume exported from the scene).
 """
 
 import pathlib
@@ -13,6 +18,10 @@ import re
 from dataclasses import dataclass
 
 from slicer.i18n import tr as _
+
+
+#: ``recokd distill --teacher-outputs`` (``TrainConfig.teacher_outputs``), the default first
+TEACHER_OUTPUTS = ("auto", "cache", "live")
 
 
 class ReCoKDInputError(ValueError):
@@ -59,7 +68,13 @@ def deviceChoices(gpuNames) -> list:
 
 @dataclass
 class DistillOptions:
-    """What ``recokd distill`` needs (the panel's Distill section)."""
+    """What ``recokd distill`` needs (the panel's Distill section).
+
+    ``dataset`` is an nnU-Net raw folder; with ``withoutLabels`` (``--no-labels``: the student learns
+    from the teacher's predictions only) also a folder of images or one image file
+    (:func:`dataArguments`). ``teacherOutputs`` is one of :data:`TEACHER_OUTPUTS`
+    (``--teacher-outputs``).
+    """
 
     teacher: str
     dataset: str
@@ -69,6 +84,8 @@ class DistillOptions:
     steps: int = 1000
     device: str = "auto"
     resume: bool = False
+    teacherOutputs: str = "auto"
+    withoutLabels: bool = False
 
     def validate(self) -> list:
         """Human-readable problems; empty when the options can run."""
@@ -77,8 +94,18 @@ class DistillOptions:
         if not teacher or not (teacher.startswith("preset:") or pathlib.Path(teacher).exists()):
             problems.append(_("Select a teacher: a weights file, an nnU-Net model folder or a preset "
                               "(or train a teacher first)."))
-        if not chosenPath(self.dataset) or not pathlib.Path(self.dataset).is_dir():
-            problems.append(_("Select labelled data: an nnU-Net folder or a volume + segmentation pair."))
+        dataset = chosenPath(self.dataset)
+        if not self.withoutLabels:
+            if dataset is None or not dataset.is_dir():
+                problems.append(_("Select labelled data: an nnU-Net folder or a volume + segmentation pair."))
+        elif dataset is None or not dataset.exists():
+            problems.append(_("Select training images: an nnU-Net folder (its labels are not used), a folder of "
+                              "images or a volume."))
+        elif not isDatasetFolder(dataset):
+            problems += imageProblems(dataset)
+        if str(self.teacherOutputs) not in TEACHER_OUTPUTS:
+            problems.append(_("Teacher outputs must be one of {choices}, not {value!r}.").format(
+                choices=", ".join(TEACHER_OUTPUTS), value=self.teacherOutputs))
         if not chosenPath(self.outputFolder):
             problems.append(_("Select an output folder for the student and its checkpoints."))
         if int(self.reduction) not in (2, 4, 8):
@@ -103,15 +130,44 @@ def chosenPath(path):
     return pathlib.Path(text)
 
 
+def isDatasetFolder(path) -> bool:
+    """True for a folder with a ``dataset.json`` (what ``recokd distill --data`` opens)."""
+    return (pathlib.Path(str(path)) / "dataset.json").is_file()
+
+
+def imageProblems(path) -> list:
+    """Why ``recokd distill --images PATH`` would find no training image (the CLI's own reading,
+    ``ReCoKDLib.commands.distill.image_cases``); empty when it finds some."""
+    from ReCoKDLib.commands.distill import image_cases
+
+    try:
+        image_cases([str(path)])
+    except ValueError as exc:
+        return [_("No training images: {error}").format(error=exc)]
+    return []
+
+
+def dataArguments(dataset, withoutLabels: bool = False) -> list:
+    """The data arguments of ``recokd distill``: ``--data FOLDER``; without labels, ``--data FOLDER
+    --no-labels`` when FOLDER has a ``dataset.json`` (its ``label_free_split`` is honoured), else
+    ``--images PATH`` (a folder of images or one image file: the CLI's other label-free form)."""
+    if not withoutLabels:
+        return ["--data", str(dataset)]
+    if isDatasetFolder(dataset):
+        return ["--data", str(dataset), "--no-labels"]
+    return ["--images", str(dataset)]
+
+
 def distillArguments(options: DistillOptions) -> tuple:
     """``(arguments, environment)`` of ``python -m ReCoKDLib distill ...`` for ``options``."""
     deviceValue, env = deviceArguments(options.device)
     args = ["-m", "ReCoKDLib", "distill", str(options.teacher),
-            "--data", str(options.dataset),
+            *dataArguments(options.dataset, options.withoutLabels),
             "--out", str(options.outputFolder),
             "--kd", str(options.method),
             "--reduction", str(int(options.reduction)),
             "--steps", str(int(options.steps)),
+            "--teacher-outputs", str(options.teacherOutputs),
             "--device", deviceValue,
             "--progress", "json"]
     if options.resume:

@@ -8,6 +8,8 @@ Python console examples::
                                     finished=lambda job, node: print(node.GetName()))
     job = logic.distill("/models/teacher.pt", "/data/Dataset001_CT", "/runs/ct",
                         callback=lambda progress, record: print(progress.etaText()))
+    job = logic.distill("/models/teacher.pt", "/data/unlabelled_ct", "/runs/ct_free", withoutLabels=True,
+                        teacherOutputs="cache")  # no labels: a folder of images, the teacher run once per case
     logic.showAffinity(getNode("CTChest"), "/models/teacher.pt", "/models/student.pt",
                        level=0, mapName="difference")
 
@@ -30,7 +32,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from ReCoKDModule import requirements
 from ReCoKDModule.commandLines import (DistillOptions, ReCoKDInputError, chosenPath, distillArguments,
-                                       segmentArguments, torchDevice, trainTeacherArguments)
+                                       isDatasetFolder, segmentArguments, torchDevice, trainTeacherArguments)
 from ReCoKDModule.jobProgress import JobProgress
 from ReCoKDModule.parameters import ReCoKDParameterNode
 from ReCoKDModule.process import ChildJob, QProcessRunner, qtSchedule
@@ -113,10 +115,21 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeDataset(folder) -> str:
-        """Summary of an nnU-Net raw folder: cases, classes and voxel spacing."""
+        """Summary of an nnU-Net raw folder: cases, classes and voxel spacing; of a folder of images
+        without ``dataset.json`` (data for distillation without labels): how many images."""
         from ReCoKDLib.data.layout import RawDataset
 
-        dataset = RawDataset.open(folder)
+        if not isDatasetFolder(folder):
+            from ReCoKDLib.commands.distill import image_cases
+
+            try:
+                images = image_cases([str(folder)])  # what `recokd distill --images FOLDER` reads
+            except ValueError:
+                images = []
+            if images:
+                return _("{n} images without labels: distill with 'Without labels' (a teacher cannot be "
+                         "trained on them)").format(n=len(images))
+        dataset = RawDataset.open(folder)  # says what an nnU-Net folder lacks
         summary = dataset.summary()
         return _("{n} training / {m} test cases; classes: {classes}").format(
             n=len(dataset.training_cases()), m=len(dataset.test_cases()),
@@ -170,6 +183,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return self.sceneLogic(volumeNode.GetScene()).export_scene_case(volumeNode, segmentationNode, folder,
                                                                         classNames)
 
+    def exportSceneImage(self, volumeNode, folder) -> pathlib.Path:
+        """Write a volume from the scene as one unlabelled training image,
+        ``<folder>/scene_000.nii.gz`` (for distillation without labels: ``recokd distill --images``)."""
+        from ReCoKDLib.data.io import write_image
+
+        if volumeNode is None:
+            raise ReCoKDInputError(_("Select a training volume."))
+        volume = self.sceneLogic(volumeNode.GetScene()).read_volume(volumeNode)
+        return write_image(volume.array, volume.geometry, pathlib.Path(folder) / "scene_000.nii.gz")
+
     def exportSegmentation(self, segmentationNode, path) -> pathlib.Path:
         """Write a segmentation node as ``.seg.nrrd`` (atomic; names and colours kept)."""
         if segmentationNode is None:
@@ -198,14 +221,24 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return job
 
     def distill(self, teacherPath, dataset, outputFolder, method="recokd", reduction=4, steps=1000, device="auto",
-                resume=False, callback=None, finished=None) -> ChildJob:
+                resume=False, callback=None, finished=None, teacherOutputs="auto", withoutLabels=False) -> ChildJob:
         """Start ``recokd distill`` in a child process; returns the ``ChildJob`` at once.
+
+        ``dataset`` is an nnU-Net raw folder. ``withoutLabels=True`` distils from the teacher's
+        predictions only (``--no-labels``; a ``label_free_split`` in its ``dataset.json`` chooses the
+        training cases); ``dataset`` may then also be a folder of images or one image file
+        (``--images``, e.g. from :meth:`exportSceneImage`). ``teacherOutputs`` (``--teacher-outputs``):
+        ``"cache"`` runs the frozen teacher once per training case and stores its outputs in
+        ``<outputFolder>/teacher_cache`` (float16, ``2 * (K + sum_l C_l / s_l^3)`` bytes per voxel:
+        ``K`` classes, ``C_l`` channels at distilled level ``l`` of stride ``s_l``), ``"live"`` runs it
+        on every patch, ``"auto"`` (default) caches when every case fits one exact whole-volume pass.
 
         ``callback(progress, record)`` runs for every output line, ``finished(job)`` once at the end
         (``job.progress.resultPath`` is the student file).
         """
         options = DistillOptions(str(teacherPath or ""), str(dataset or ""), str(outputFolder or ""),
-                                 method, int(reduction), int(steps), device, bool(resume))
+                                 method, int(reduction), int(steps), device, bool(resume), str(teacherOutputs),
+                                 bool(withoutLabels))
         problems = options.validate()
         if problems:
             raise ReCoKDInputError("\n".join(problems))

@@ -276,12 +276,17 @@ class ReCoKDPanel(VTKObservationMixin):
                               "folder or a preset."))
         return problems
 
-    def trainingDataProblems(self) -> list:
+    def trainingDataProblems(self, labelled=True) -> list:
+        """What is missing for training data: a folder, or a volume and its segmentation from the
+        scene; without labels (``labelled=False``) a volume alone will do (:meth:`_trainingData`)."""
         p = self._parameterNode
         folder = chosenPath(p.dataFolder)
+        hasFolder = bool(folder and folder.is_dir())
         problems = []
-        if not (folder and folder.is_dir()) and not (p.trainingVolume and p.trainingSegmentation):
+        if labelled and not hasFolder and not (p.trainingVolume and p.trainingSegmentation):
             problems.append(_("Select labelled data (a folder, or a volume and its segmentation)."))
+        if not labelled and not hasFolder and not p.trainingVolume:
+            problems.append(_("Select training images (a folder, or a volume; no segmentation needed)."))
         if chosenPath(p.outputFolder) is None:
             problems.append(_("Select an output folder."))
         return problems
@@ -290,7 +295,7 @@ class ReCoKDPanel(VTKObservationMixin):
         problems = []
         if not self.logic.isModelSource(self._teacherSource()):
             problems.append(_("Select a teacher: a weights file, an nnU-Net model folder or a preset."))
-        return problems + self.trainingDataProblems()
+        return problems + self.trainingDataProblems(labelled=not self._parameterNode.withoutLabels)
 
     def inspectProblems(self) -> list:
         p = self._parameterNode
@@ -310,7 +315,8 @@ class ReCoKDPanel(VTKObservationMixin):
                         _("Segment"), _("Segment the volume with the model (in the background)"),
                         _("Stop segmenting"))
         self._setButton(ui.startButton, self.logic.isRunning(TRAINING), self.distillProblems(),
-                        _("Start"), _("Distill a student from the teacher"),
+                        _("Start"), _("Distill a student from the teacher's predictions only (no labels)")
+                        if self._parameterNode.withoutLabels else _("Distill a student from the teacher"),
                         _("Ask the process to save a checkpoint and stop"))
         training = self.logic.isRunning(TRAINING)
         problems = self.trainingDataProblems()
@@ -388,15 +394,20 @@ class ReCoKDPanel(VTKObservationMixin):
 
     # -- Distill and Train a teacher ------------------------------------------------------------
 
-    def _trainingData(self) -> str:
+    def _trainingData(self, labelled=True) -> str:
+        """The data folder; else the scene's volume and segmentation exported as a one-case dataset
+        into the output folder, or without labels (``labelled=False``) the volume alone as one image
+        (its segmentation is not used: the teacher's predictions are the targets)."""
         p = self._parameterNode
         folder = chosenPath(p.dataFolder)
         if folder and folder.is_dir():
             return str(folder)
-        if p.trainingVolume and p.trainingSegmentation and chosenPath(p.outputFolder):
-            return str(self.logic.exportSceneCase(p.trainingVolume, p.trainingSegmentation,
-                                                  chosenPath(p.outputFolder) / "scene_dataset"))
-        raise ReCoKDInputError("\n".join(self.trainingDataProblems()))
+        output = chosenPath(p.outputFolder)
+        if not labelled and p.trainingVolume and output:
+            return str(self.logic.exportSceneImage(p.trainingVolume, output / "scene_images"))
+        if labelled and p.trainingVolume and p.trainingSegmentation and output:
+            return str(self.logic.exportSceneCase(p.trainingVolume, p.trainingSegmentation, output / "scene_dataset"))
+        raise ReCoKDInputError("\n".join(self.trainingDataProblems(labelled)))
 
     def onStartButton(self) -> None:
         if self.logic.isRunning(TRAINING):
@@ -408,9 +419,10 @@ class ReCoKDPanel(VTKObservationMixin):
                 return
             p = self._parameterNode
             self.ui.logTextEdit.clear()
-            self.logic.distill(self._teacherSource(), self._trainingData(), chosenPath(p.outputFolder), p.method,
-                               int(p.studentReduction), p.steps, p.device, p.resume,
-                               callback=self._onJobOutput, finished=self._onDistillFinished)
+            self.logic.distill(self._teacherSource(), self._trainingData(labelled=not p.withoutLabels),
+                               chosenPath(p.outputFolder), p.method, int(p.studentReduction), p.steps, p.device,
+                               p.resume, callback=self._onJobOutput, finished=self._onDistillFinished,
+                               teacherOutputs=p.teacherOutputs, withoutLabels=p.withoutLabels)
             self._showPlot()
         self.updateButtons()
 

@@ -22,6 +22,7 @@ from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmen
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
 from ReCoKDLib.choices import KD_METHODS
+from ReCoKDModule.commandLines import TEACHER_OUTPUTS
 
 STUDENT_REDUCTIONS = (2, 4, 8)
 MAP_CHOICES = ("teacher attention", "student attention", "teacher affinity", "student affinity",
@@ -56,6 +57,8 @@ class ReCoKDParameterNode:
     method: Annotated[str, Choice([m.name for m in KD_METHODS])] = "recokd"
     studentReduction: Annotated[int, Choice(list(STUDENT_REDUCTIONS))] = 4
     steps: Annotated[int, WithinRange(1, 1000000)] = 1000
+    teacherOutputs: Annotated[str, Choice(list(TEACHER_OUTPUTS))] = "auto"  # --teacher-outputs
+    withoutLabels: bool = False  # --no-labels (or --images): learn from the teacher's predictions only
     outputFolder: pathlib.Path
     resume: bool = False
     # Inspect
