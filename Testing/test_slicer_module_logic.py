@@ -305,6 +305,22 @@ def test_distill_options_without_labels_accept_what_the_cli_accepts(code, tmp_pa
     assert problems == ["Teacher outputs must be one of auto, cache, live, not 'disk'."]
 
 
+def test_a_broken_image_in_the_data_folder_is_a_message_not_a_crash(code, tmp_path):
+    """The panel shows describeDataset's ValueError in its data summary (``panel._describeData``);
+    SimpleITK raises RuntimeError for an unreadable header, which used to escape the panel's
+    parameter-node observer."""
+    folder = tmp_path / "Dataset950_Broken"
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
+                                                     "labels": {"background": 0, "liver": 1},
+                                                     "numTraining": 1, "file_ending": ".nii.gz"}))
+    (folder / "imagesTr" / "case_000_0000.nii.gz").write_bytes(b"not an image")
+    (folder / "labelsTr" / "case_000.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot be read"):
+        code.logic.ReCoKDLogic.describeDataset(str(folder))
+
+
 def test_an_empty_path_edit_is_not_a_folder(code, tmp_path):
     """Issue 16 defect 4. CTK ``Libs/Widgets/ctkPathLineEdit.cpp`` (commontk/CTK 868d56c7)
     ``ctkPathLineEdit::currentPath`` returns the line edit's text, ``""`` when empty; Slicer's

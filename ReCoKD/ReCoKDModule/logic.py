@@ -116,7 +116,11 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDataset(folder) -> str:
         """Summary of an nnU-Net raw folder: cases, classes and voxel spacing; of a folder of images
-        without ``dataset.json`` (data for distillation without labels): how many images."""
+        without ``dataset.json`` (data for distillation without labels): how many images.
+
+        Raises:
+            ValueError: not usable data (what is missing, or which image cannot be read).
+        """
         from ReCoKDLib.data.layout import RawDataset
 
         if not isDatasetFolder(folder):
@@ -130,7 +134,10 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 return _("{n} images without labels: distill with 'Without labels' (a teacher cannot be "
                          "trained on them)").format(n=len(images))
         dataset = RawDataset.open(folder)  # says what an nnU-Net folder lacks
-        summary = dataset.summary()
+        try:
+            summary = dataset.summary()  # reads image headers: SimpleITK raises RuntimeError on a broken file
+        except (RuntimeError, OSError) as exc:
+            raise ValueError(_("An image in {folder} cannot be read: {error}").format(folder=folder, error=exc)) from exc
         return _("{n} training / {m} test cases; classes: {classes}").format(
             n=len(dataset.training_cases()), m=len(dataset.test_cases()),
             classes=", ".join(dataset.class_names[1:])) + (
