@@ -196,3 +196,24 @@ def test_cli_distill_from_images_only(teacher_file, tmp_path):
     rc = main(["distill", str(teacher_file), "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"),
                "--progress", "none"])
     assert rc == 2  # bad input: no images there
+
+
+def test_cli_distill_no_labels_on_a_folder_without_label_files(teacher_file, tmp_path):
+    """``--data FOLDER --no-labels`` reads the images of an nnU-Net folder that has no labelsTr/
+    (and whose label table need not be the teacher's: labels are not read); without
+    ``--no-labels`` the same folder is refused with the missing label named."""
+    from ReCoKDLib.cli import main
+
+    folder = tmp_path / "Dataset960_Unlabelled"
+    (folder / "imagesTr").mkdir(parents=True)
+    for img, _ in _case_files(tmp_path, 2):
+        (folder / "imagesTr" / img.name).write_bytes(img.read_bytes())
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz",
+                                                     "labels": {"background": 0, "a": 1, "b": 2}}))
+    common = ["--steps", "2", "--patch", "16,16,16", "--batch", "1", "--val-cases", "0", "--device", "cpu",
+              "--reduction", "2", "--min-channels", "4", "--progress", "none"]
+    out = tmp_path / "student"
+    assert main(["distill", str(teacher_file), "--data", str(folder), "--no-labels", "--out", str(out), *common]) == 0
+    card = json.loads((out / "model_last.json").read_text())
+    assert sorted(card["provenance"]["cases"]) == ["c0", "c1"] and card["classes"] == CLASSES
+    assert main(["distill", str(teacher_file), "--data", str(folder), "--out", str(tmp_path / "x"), *common]) == 2

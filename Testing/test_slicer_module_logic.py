@@ -321,6 +321,19 @@ def test_a_broken_image_in_the_data_folder_is_a_message_not_a_crash(code, tmp_pa
         code.logic.ReCoKDLogic.describeDataset(str(folder))
 
 
+def test_a_data_folder_without_label_files_is_described_for_distillation_without_labels(code, tmp_path):
+    from ReCoKDLib.data.io import Geometry, write_image
+
+    folder = tmp_path / "Dataset951_Unlabelled"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz",
+                                                     "labels": {"background": 0, "brain": 1}}))
+    write_image(np.zeros((4, 5, 6), np.float32), Geometry(), folder / "imagesTr" / "head_0000.nii.gz")
+    text = code.logic.ReCoKDLogic.describeDataset(str(folder))
+    assert text.startswith("1 training / 0 test cases; classes: brain")
+    assert "1 training cases without labels: distill with 'Without labels'" in text
+
+
 def test_an_empty_path_edit_is_not_a_folder(code, tmp_path):
     """Issue 16 defect 4. CTK ``Libs/Widgets/ctkPathLineEdit.cpp`` (commontk/CTK 868d56c7)
     ``ctkPathLineEdit::currentPath`` returns the line edit's text, ``""`` when empty; Slicer's

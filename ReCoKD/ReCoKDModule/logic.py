@@ -133,7 +133,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             if images:
                 return _("{n} images without labels: distill with 'Without labels' (a teacher cannot be "
                          "trained on them)").format(n=len(images))
-        dataset = RawDataset.open(folder)  # says what an nnU-Net folder lacks
+        dataset = RawDataset.open(folder, labels_required=False)  # says what an nnU-Net folder lacks
+        unlabelled = sum(case.label_path is None for case in dataset.training_cases())
         try:
             summary = dataset.summary()  # reads image headers: SimpleITK raises RuntimeError on a broken file
         except (RuntimeError, OSError) as exc:
@@ -141,7 +142,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return _("{n} training / {m} test cases; classes: {classes}").format(
             n=len(dataset.training_cases()), m=len(dataset.test_cases()),
             classes=", ".join(dataset.class_names[1:])) + (
-            "; " + _("spacing {s}").format(s=summary["spacing"]) if "spacing" in summary else "")
+            "; " + _("spacing {s}").format(s=summary["spacing"]) if "spacing" in summary else "") + (
+            "; " + _("{k} training cases without labels: distill with 'Without labels'").format(k=unlabelled)
+            if unlabelled else "")
 
     @staticmethod
     def teacherSource(path="", preset="") -> str:

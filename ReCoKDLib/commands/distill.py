@@ -195,8 +195,8 @@ def _training_cases(args: argparse.Namespace, teacher_classes: list[str]) -> lis
 
     if getattr(args, "images", None):
         return image_cases(args.images)
-    raw = open_dataset(args)
-    if raw.num_classes != len(teacher_classes):
+    raw = open_dataset(args)  # with --no-labels, labelsTr/ may be missing or partial
+    if not args.no_labels and raw.num_classes != len(teacher_classes):
         raise ValueError(f"the dataset has {raw.num_classes} classes {raw.class_names}, the teacher "
                          f"{len(teacher_classes)} {teacher_classes}: label maps must use the teacher's classes")
     cases = raw.training_cases()

@@ -133,11 +133,11 @@ def training_config_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def open_dataset(args: argparse.Namespace):
-    """The ``RawDataset`` of ``--data`` or ``--pairs``/``--classes``."""
+    """The ``RawDataset`` of ``--data`` or ``--pairs``/``--classes`` (``--no-labels``: label files optional)."""
     from ReCoKDLib.data.layout import RawDataset
 
     if args.data:
-        return RawDataset.open(args.data)
+        return RawDataset.open(args.data, labels_required=not getattr(args, "no_labels", False))
     if not args.classes:
         raise ValueError("--pairs needs --classes (comma-separated class names, background first)")
     pairs = []

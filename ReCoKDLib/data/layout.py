@@ -145,8 +145,11 @@ class RawDataset:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> "RawDataset":
+    def open(cls, folder: str | os.PathLike, labels_required: bool = True) -> "RawDataset":
         """Read ``folder/dataset.json`` and list the training and test cases.
+
+        ``labels_required=False`` (distillation without labels) accepts training cases without a
+        label file in ``labelsTr/`` (their ``Case.label`` is ``None``).
 
         Raises:
             DatasetLayoutError: missing folder or dataset.json, malformed json, a case missing a
@@ -182,7 +185,7 @@ class RawDataset:
         labels = _check_labels_mapping(meta["labels"], str(json_path), meta.get("regions_class_order"))
         ending = str(meta["file_ending"])
         n_channels = len(channel_names)
-        train = cls._scan(root / "imagesTr", root / "labelsTr", ending, n_channels, label_required=True)
+        train = cls._scan(root / "imagesTr", root / "labelsTr", ending, n_channels, label_required=labels_required)
         test = cls._scan(root / "imagesTs", root / "labelsTs", ending, n_channels, label_required=False)
         if not train and not (root / "imagesTr").is_dir():
             raise DatasetLayoutError(f"{root} has no imagesTr/ folder")
