@@ -225,3 +225,30 @@ def test_efficacy_rejects_unknown_method(capsys):
     with pytest.raises(SystemExit):
         efficacy.main(["--methods", "recokd,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def test_report_says_what_limits_the_result():
+    """The limits are read off the JSON: data (teacher validation vs test), room (teacher lead and
+    its classes, vs the seed spread), steps (plateau or cap) and loss weights at the grid's edge."""
+    runs = [dict(_run("none", s, d), dice={"liver": d, "aorta": 0.1}, steps=2000, best_step=b, stopped_early=False)
+            for s, d, b in ((0, 0.30, 2000), (1, 0.34, 1900))]
+    runs += [dict(_run("recokd", 0, 0.35), dice={"liver": 0.35, "aorta": 0.1}, steps=900, best_step=400,
+                  stopped_early=True)]
+    candidates = [{"hyperparameters": {"kd_weight": w, "options": {}}} for w in (0.001, 0.01, 0.1)]
+    block = {"train_cases": ["s1"], "test_cases": ["s3"], "classes": ["liver", "aorta"],
+             "teacher": {"mean_dice": 0.52, "best_val_dice": 0.90, "dice": {"liver": 0.52, "aorta": 0.15}},
+             "runs": runs, "summary": efficacy.summarize(runs, 0.52, ["none", "recokd"]),
+             "selection": {"recokd": {"chosen": 2, "candidates": candidates},
+                           "logit": {"chosen": 1, "candidates": candidates}}}
+    text = report.limits_section(block, 2000)
+    assert "0.900 on the held-out slices" in text and "0.520 on the test scan (s3); one training volume" in text
+    assert "generalisation across scans" in text
+    assert "leads the plain student by +0.200 mean Dice" in text and "gap recovery is mostly noise" not in text
+    assert "1 of 2 classes carry a lead of 0.1 or more: liver (+0.20)" in text
+    assert "1 of 3 student runs stopped at their validation plateau; 2 ran the whole budget of 2,000 steps" in text
+    assert "best validation at steps 400–2,000" in text and "longer budget" in text
+    assert "recokd (lambda=0.100, the largest tried)" in text and "logit" not in text.split("Loss weight")[1]
+    block["teacher"]["best_val_dice"] = 0.55
+    block["summary"]["none"]["sd_dice"] = 0.15
+    text = report.limits_section(block, 2000)
+    assert "about as well as to its own held-out slices" in text and "gap recovery is mostly noise" in text

@@ -139,9 +139,11 @@ def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] 
                              "–" if method in ("teacher", "none") else diff_ci(summary.get(method))])
         parts.append(table(["dataset", "model", "mean Dice (test case)", "seeds", "parameters",
                             "gap recovery", "Δ Dice vs plain, paired [95 % CI]"], rows))
-        parts.append("Dice: mean ± sd over seeds on the held-out test case, every model trained until its "
-                     "validation Dice stopped improving; gap recovery: (Dice_KD − Dice_plain) / (Dice_teacher − "
-                     "Dice_plain), per seed, mean; Δ: paired by seed, with a 95 % t-interval.")
+        parts.append("Dice: mean ± sd over seeds on the held-out test case; teachers trained until their "
+                     "validation Dice stopped improving, students with one step budget for all (the best-validation "
+                     "checkpoint is evaluated; how the runs ended is in the report); gap recovery: (Dice_KD − "
+                     "Dice_plain) / (Dice_teacher − Dice_plain), per seed, mean; Δ: paired by seed, with a 95 % "
+                     "t-interval.")
         parts.append("- " + source_line(efficacy, "efficacy"))
     if performance:
         parts.append("- " + source_line(performance, "performance"))
@@ -150,6 +152,92 @@ def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] 
     if not parts:
         return "(no benchmark results yet: run benchmarks/efficacy.py and benchmarks/performance.py)"
     return "\n\n".join(parts)
+
+
+def _training_extent(runs: Sequence[Mapping[str, Any]], cap: Any) -> str:
+    """How the student runs ended: stopped at their validation plateau, or at the step cap."""
+    runs = [r for r in runs if r.get("steps") is not None]
+    if not runs:
+        return ""
+    early = sum(bool(r.get("stopped_early")) for r in runs)
+    best = sorted(int(r["best_step"]) for r in runs if r.get("best_step") is not None)
+    at_cap = len(runs) - early
+    text = (f"{early} of {len(runs)} student runs stopped at their validation plateau; {at_cap} ran the whole "
+            f"budget of {fmt(cap)} steps (poly learning-rate decay to 0)")
+    if best:
+        text += f", best validation at steps {fmt(best[0])}–{fmt(best[-1])}"
+    if at_cap and best and cap and best[len(best) // 2] >= 0.8 * float(cap):
+        text += (". **Budget**: most runs were still at their best near the cap, so a longer budget may move "
+                 "every method; not tested here")
+    return text + "."
+
+
+def _edge_choices(selection: Mapping[str, Any]) -> list[str]:
+    """KD methods whose chosen loss weight is the largest or smallest candidate tried."""
+    notes = []
+    for method, sel in selection.items():
+        weights = [c.get("hyperparameters", {}).get("kd_weight") for c in sel.get("candidates", [])]
+        chosen = sel.get("chosen")
+        if chosen is None or len(set(weights)) < 2 or None in weights:
+            continue
+        w = weights[chosen]
+        same = [i for i, x in enumerate(weights) if x == w]
+        if len(same) > 1:  # the weight is shared (another option varies): no edge in lambda alone
+            continue
+        if w == max(weights):
+            notes.append(f"{method} (lambda={fmt(w)}, the largest tried)")
+        elif w == min(weights):
+            notes.append(f"{method} (lambda={fmt(w)}, the smallest tried)")
+    return notes
+
+
+def limits_section(block: Mapping[str, Any], student_cap: Any = None) -> str:
+    """What limits the result on one dataset, read off its JSON: data (the teacher's validation vs
+    test Dice), room (the teacher's lead over the plain student, and where it lies), budget (how
+    the student runs ended) and loss weight (choices at the edge of the candidate grid)."""
+    teacher = block.get("teacher") or {}
+    summary = block.get("summary") or {}
+    runs = block.get("runs") or []
+    lines = []
+    t_test, t_val = teacher.get("mean_dice"), teacher.get("best_val_dice")
+    if t_test is not None and t_val is not None:
+        lines.append(f"**Data**: the teacher scores {fmt(t_val)} on the held-out slices of its training volume "
+                     f"and {fmt(t_test)} on the test scan ({', '.join(block.get('test_cases', []))}); "
+                     + ("one training volume. " if len(block.get("train_cases", [])) == 1 else
+                        f"{len(block.get('train_cases', []))} training volumes. ")
+                     + ("Most of what it misses on the test scan is generalisation across scans, which "
+                        "distillation from it cannot add." if t_val - t_test > 0.15 else
+                        "It generalises to the test scan about as well as to its own held-out slices."))
+    plain = summary.get("none")
+    if plain and t_test is not None:
+        gap = t_test - plain["mean_dice"]
+        classes = block.get("classes", [])
+        plain_runs = [r for r in runs if r.get("method") == "none"]
+        per_class = []
+        for c in classes:
+            t = (teacher.get("dice") or {}).get(c)
+            vals = [r["dice"][c] for r in plain_runs if (r.get("dice") or {}).get(c) is not None]
+            if t is not None and vals:
+                per_class.append((t - sum(vals) / len(vals), c))
+        big = [f"{c} ({d:+.2f})" for d, c in sorted(per_class, reverse=True) if d >= 0.1]
+        text = (f"**Room**: the teacher leads the plain student by {gap:+.3f} mean Dice "
+                f"(plain student sd over seeds {fmt(plain.get('sd_dice'))})")
+        if plain.get("sd_dice") is not None and gap < 2 * plain["sd_dice"]:
+            text += ": less than twice the spread over seeds, so gap recovery is mostly noise here"
+        if per_class:
+            text += (f"; {len(big)} of {len(per_class)} classes carry a lead of 0.1 or more"
+                     + (f": {', '.join(big)}" if big else ""))
+        lines.append(text + ".")
+    extent = _training_extent([r for r in runs if r.get("method") is not None], student_cap)
+    if extent:
+        lines.append(f"**Steps**: {extent}")
+    edges = _edge_choices(block.get("selection") or {})
+    if edges:
+        lines.append("**Loss weight**: chosen at the edge of the candidate grid for " + "; ".join(edges)
+                     + ": a weight beyond it was not tried.")
+    if not lines:
+        return ""
+    return "\n".join(["What limits the result (read off this JSON):", ""] + [f"- {line}" for line in lines])
 
 
 def efficacy_section(efficacy: Mapping[str, Any]) -> str:
@@ -196,6 +284,9 @@ def efficacy_section(efficacy: Mapping[str, Any]) -> str:
                     means.append(fmt(sum(vals) / len(vals)) if vals else "–")
                 rows.append([method, *means])
             out.append(table(["model", *classes], rows))
+        limits = limits_section(block, (efficacy.get("config", {}).get("budget") or {}).get("student_steps"))
+        if limits:
+            out += ["", limits]
     return "\n".join(out)
 
 
