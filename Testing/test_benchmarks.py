@@ -234,6 +234,7 @@ def test_report_says_what_limits_the_result():
             for s, d, b in ((0, 0.30, 2000), (1, 0.34, 1900))]
     runs += [dict(_run("recokd", 0, 0.35), dice={"liver": 0.35, "aorta": 0.1}, steps=900, best_step=400,
                   stopped_early=True)]
+    runs[0]["curve"] = [[500, 0.2], [1500, 0.3], [1600, 0.35], [2000, 0.36]]  # +0.06 in the last quarter
     candidates = [{"hyperparameters": {"kd_weight": w, "options": {}}} for w in (0.001, 0.01, 0.1)]
     block = {"train_cases": ["s1"], "test_cases": ["s3"], "classes": ["liver", "aorta"],
              "teacher": {"mean_dice": 0.52, "best_val_dice": 0.90, "dice": {"liver": 0.52, "aorta": 0.15}},
@@ -247,6 +248,7 @@ def test_report_says_what_limits_the_result():
     assert "1 of 2 classes carry a lead of 0.1 or more: liver (+0.20)" in text
     assert "1 of 3 student runs stopped at their validation plateau; 2 ran the whole budget of 2,000 steps" in text
     assert "best validation at steps 400–2,000" in text and "longer budget" in text
+    assert "still rose by +0.060 (median; +0.060 to +0.060)" in text
     assert "recokd (lambda=0.100, the largest tried)" in text and "logit" not in text.split("Loss weight")[1]
     block["teacher"]["best_val_dice"] = 0.55
     block["summary"]["none"]["sd_dice"] = 0.15

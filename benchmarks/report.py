@@ -166,9 +166,22 @@ def _training_extent(runs: Sequence[Mapping[str, Any]], cap: Any) -> str:
             f"budget of {fmt(cap)} steps (poly learning-rate decay to 0)")
     if best:
         text += f", best validation at steps {fmt(best[0])}–{fmt(best[-1])}"
+    rises = []  # best validation Dice in the last quarter of the budget minus the best before it
+    for r in runs:
+        curve, steps = r.get("curve") or [], r.get("steps")
+        if not curve or not steps:
+            continue
+        before = [v for s, v in curve if s <= 0.75 * float(steps)]
+        after = [v for s, v in curve if s > 0.75 * float(steps)]
+        if before and after:
+            rises.append(max(after) - max(before))
+    if rises:
+        rises.sort()
+        text += (f"; in the last quarter of each run the best validation Dice still rose by {rises[len(rises) // 2]:+.3f} "
+                 f"(median; {rises[0]:+.3f} to {rises[-1]:+.3f})")
     if at_cap and best and cap and best[len(best) // 2] >= 0.8 * float(cap):
-        text += (". **Budget**: most runs were still at their best near the cap, so a longer budget may move "
-                 "every method; not tested here")
+        text += (". **Budget**: most runs were still improving near the cap (with the learning rate annealed), "
+                 "so they are not converged and a longer budget may move every method; not tested here")
     return text + "."
 
 
