@@ -254,3 +254,15 @@ def test_report_says_what_limits_the_result():
     block["summary"]["none"]["sd_dice"] = 0.15
     text = report.limits_section(block, 2000)
     assert "about as well as to its own held-out slices" in text and "gap recovery is mostly noise" in text
+
+
+def test_report_names_each_datasets_own_run(tmp_path):
+    data = _efficacy_json((0.40, 0.42))
+    data["datasets"]["ct"]["provenance"] = {"date": "2026-02-03", "machine": {"cpu": "OtherCPU", "threads": 1},
+                                            "git_commit": "0123456789abcdef", "command": "python efficacy.py --datasets ct"}
+    data["note"] = "ct rerun alone"
+    readme = _write(tmp_path, data, f"{report.BEGIN}\n{report.END}\n")
+    report.build_report(tmp_path, readme)
+    for text in (readme.read_text(), (tmp_path / "report.md").read_text()):
+        assert "(CTSet): 2026-02-03 on OtherCPU, 1 thread, commit 0123456789ab; `python efficacy.py --datasets ct`" in text
+        assert "Note: ct rerun alone" in text and "TestCPU" not in text

@@ -79,6 +79,17 @@ def source_line(data: Mapping[str, Any], what: str) -> str:
     return f"{what}: {data.get('date', '?')} on {machine or '?'}{commit}; `{data.get('command', '?')}`"
 
 
+def efficacy_sources(efficacy: Mapping[str, Any], what: str) -> list[str]:
+    """One source line per dataset run where datasets came from separate runs (each block's
+    ``provenance``: date, machine, commit, command), else the file's own; then its ``note``."""
+    runs = [(block.get("dataset", key), block["provenance"]) for key, block in efficacy.get("datasets", {}).items()
+            if isinstance(block.get("provenance"), Mapping)]
+    lines = [source_line(p, f"{what} ({name})") for name, p in runs] or [source_line(efficacy, what)]
+    if efficacy.get("note"):
+        lines.append(f"Note: {efficacy['note']}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 
@@ -144,7 +155,7 @@ def headline(efficacy: Mapping[str, Any] | None, performance: Mapping[str, Any] 
                      "checkpoint is evaluated; how the runs ended is in the report); gap recovery: (Dice_KD − "
                      "Dice_plain) / (Dice_teacher − Dice_plain), per seed, mean; Δ: paired by seed, with a 95 % "
                      "t-interval.")
-        parts.append("- " + source_line(efficacy, "efficacy"))
+        parts += ["- " + line for line in efficacy_sources(efficacy, "efficacy")]
     if performance:
         parts.append("- " + source_line(performance, "performance"))
     if pretrained:
@@ -255,7 +266,8 @@ def limits_section(block: Mapping[str, Any], student_cap: Any = None) -> str:
 
 def efficacy_section(efficacy: Mapping[str, Any]) -> str:
     out = [f"## Efficacy ({efficacy.get('config', {}).get('budget', {}).get('name', '?')} configuration)",
-           source_line(efficacy, "Produced"), "", efficacy.get("gap_recovery_definition", "")]
+           *(x for line in efficacy_sources(efficacy, "Produced") for x in (line, "")),
+           efficacy.get("gap_recovery_definition", "")]
     for key, block in efficacy.get("datasets", {}).items():
         teacher = block.get("teacher") or {}
         split = (block.get("validation_split") or {}).get("method")
