@@ -24,6 +24,9 @@ key              meaning
 ``cancelled``    ``done`` of training stages: true when stopped by SIGTERM or ``<out>/STOP``
                  (checkpoint written; exit code 0 after ``STOP``, 143 after SIGTERM;
                  continue with ``--resume``)
+``entry_point``  ``error`` of a model file naming code nobody trusted: the refused
+                 ``"package.module:callable"`` (what ``--trust-entry-point`` takes), with
+                 ``entry_point_source``, the file that names it (:mod:`ReCoKDLib.trust`)
 ===============  ========================================================================
 
 The ``done`` event of training stages also carries ``stopped_early`` (true when early stopping

@@ -44,6 +44,8 @@ __all__ = [
     "EntryPointError",
     "trusted_entry_points",
     "current_trusted",
+    "entry_point_text",
+    "error_fields",
     "is_allow_listed",
     "resolve_entry_point",
 ]
@@ -109,6 +111,25 @@ def _normalise(spec: Any) -> str:
     if not _SPEC.match(text):
         raise EntryPointError(f"an entry point is 'package.module:callable' (e.g. monai.networks.nets:UNet); got {spec!r}")
     return text
+
+
+def entry_point_text(spec: Any) -> str:
+    """``spec`` as the exact name trust is given to (stripped), checked to be ``"package.module:callable"``.
+
+    Raises:
+        EntryPointError: not of that form.
+    """
+    return _normalise(spec)
+
+
+def error_fields(exc: BaseException) -> dict[str, str]:
+    """Extra fields of the progress ``error`` event of a command ended by ``exc``: for an
+    :class:`UntrustedCodeError`, ``entry_point`` (the refused name) and ``entry_point_source`` (the
+    file that named it), so that a front end (the Slicer panel) can ask whether to trust that exact
+    name instead of parsing the message; empty for any other exception."""
+    if isinstance(exc, UntrustedCodeError) and exc.entry_point:
+        return {"entry_point": exc.entry_point, "entry_point_source": exc.source}
+    return {}
 
 
 def is_allow_listed(spec: str) -> bool:

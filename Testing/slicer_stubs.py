@@ -69,6 +69,7 @@ def stub_modules(slicer_version=(5, 10)) -> dict[str, types.ModuleType]:
     util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
     util.pip_install = _trip
     util.confirmOkCancelDisplay = lambda *a, **k: True
+    util.confirmYesNoDisplay = lambda *a, **k: False  # asked to trust code: No unless a test says Yes
     util.errorDisplay = lambda *a, **k: None
     util.layer_calls = []
     util.setSliceViewerLayers = lambda **kw: util.layer_calls.append(kw)

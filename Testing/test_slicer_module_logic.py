@@ -222,6 +222,82 @@ def test_command_lines_parse_with_the_real_cli(code, command):
             "t.pt", "data", "out", "ms_sard", 8, 5, "cuda", True, "auto", False)
 
 
+@pytest.mark.parametrize("command", ["distill", "segment", "train-teacher"])
+def test_trusted_entry_points_reach_the_commands_whose_parser_takes_them(code, command):
+    """One ``--trust-entry-point NAME`` per trusted name, read back by the CLI's own parser, for the
+    commands that load models (``cli.MODEL_COMMANDS``); ``train-teacher`` loads none and its parser
+    refuses the option, so its command line never carries it."""
+    from ReCoKDLib import cli
+
+    lines = code.commandLines
+    trusted = {"mypkg.nets:Big", "another.pkg.mod:Net"}
+    args = {
+        "distill": lambda: lines.distillArguments(lines.DistillOptions("t.pt", "data", "out"), trusted),
+        "segment": lambda: lines.segmentArguments("s.pt", "in.nrrd", "out.nrrd", "cpu", trusted),
+        "train-teacher": lambda: lines.trainTeacherArguments("data", "out/teacher", 5, "cpu"),
+    }[command]()[0]
+    if command == "train-teacher":
+        assert command not in cli.MODEL_COMMANDS and "--trust-entry-point" not in args
+        with pytest.raises(SystemExit):
+            cli.build_parser(command).parse_args(args[2:] + ["--trust-entry-point", "mypkg.nets:Big"])
+        return
+    assert command in cli.MODEL_COMMANDS
+    parsed = cli.build_parser(command).parse_args(args[2:])
+    assert parsed.trust_entry_point == ["another.pkg.mod:Net", "mypkg.nets:Big"]
+    assert lines.trustArguments(()) == []  # nothing trusted: the command line is as before
+
+
+def test_the_logic_trusts_by_exact_name_for_its_child_jobs(code, tmp_path):
+    runners = []
+    logic = _logic(code, runners)
+    assert logic.trustedEntryPoints == set(), "a new logic (a new Slicer session) trusts nothing"
+    with pytest.raises(code.commandLines.ReCoKDInputError, match="package.module:callable"):
+        logic.trustEntryPoint("os.system; rm -rf /")
+    assert logic.trustEntryPoint("  torch.nn:Conv3d ") == "torch.nn:Conv3d"
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"weights")
+    logic.distill(teacher, tmp_path, tmp_path / "out")
+    arguments = runners[0].calls[0][2]
+    assert arguments[-2:] == ["--trust-entry-point", "torch.nn:Conv3d"]
+    from ReCoKDLib.trust import current_trusted
+
+    assert current_trusted() == frozenset(), "trusting for the panel's jobs trusts nothing process-wide"
+
+
+def test_an_untrusted_error_record_names_the_entry_point_for_the_panel(code, tmp_path, capsys):
+    """The child's JSON ``error`` event (``recokd segment --progress json``, run here in-process)
+    carries ``entry_point`` and ``entry_point_source`` (``ReCoKDLib.trust.error_fields``);
+    ``JobProgress`` keeps them, so the panel asks about that exact name without parsing text."""
+    pytest.importorskip("torch")
+    from ReCoKDLib import cli
+    from ReCoKDLib.data.io import Geometry, write_image
+
+    model = _entry_point_model(tmp_path)
+    image = write_image(np.zeros((8, 8, 8), np.float32), Geometry((2.0, 2.0, 2.0)), tmp_path / "in.nrrd")
+    assert cli.main(["segment", str(model), str(image), str(tmp_path / "out.nrrd"), "--progress", "json"]) == 2
+    progress = code.jobProgress.JobProgress()
+    for line in capsys.readouterr().out.splitlines():
+        progress.feed(line)
+    assert progress.untrustedEntryPoint == "torch.nn:Conv3d"
+    assert progress.untrustedSource == f"the model card of {model}" and "--trust-entry-point" in progress.error
+    plain = code.jobProgress.JobProgress()
+    plain.feed(json.dumps({"event": "error", "stage": "segment", "message": "disk full"}))
+    assert plain.error == "disk full" and plain.untrustedEntryPoint is None
+
+
+def _entry_point_model(tmp_path, factory="torch.nn:Conv3d"):
+    """A model file whose card names ``factory`` (not allow-listed: ``Testing/test_trust.py``)."""
+    torch = pytest.importorskip("torch")
+    from ReCoKDLib.checkpoint import ModelCard, save_model
+
+    kwargs = {"in_channels": 1, "out_channels": 2, "kernel_size": 1}
+    card = ModelCard(architecture={"kind": "entry_point", "factory": factory, "kwargs": kwargs},
+                     classes=["background", "organ"], spacing=[2.0, 2.0, 2.0], normalization={"scheme": "zscore"},
+                     patch_size=[8, 8, 8])
+    torch.manual_seed(0)
+    return save_model(tmp_path / "downloaded.pt", torch.nn.Conv3d(**kwargs).state_dict(), card)
+
+
 def _distill_action(dest):
     """The ``recokd distill`` option that stores ``dest``, as the CLI configures it."""
     import argparse
@@ -889,6 +965,58 @@ def test_teacher_sources_and_presets_of_the_panel(core, tmp_path):
     assert not logic.isModelSource(tmp_path), "an empty folder is not an nnU-Net model folder"
     assert "2 classes (liver, spleen)" in logic.describeModel(models["teacher"])
     assert "hd-bet" in logic.teacherPresets()
+
+
+@pytest.mark.mrml
+def test_in_process_loading_runs_code_a_card_names_only_once_the_logic_trusts_it(core, tmp_path):
+    """Segment and inspect load models in Slicer's process: a card naming a non-allow-listed entry
+    point is refused (nothing imported) until :meth:`ReCoKDLogic.trustEntryPoint`; the name is read
+    off the card (and off a teacher-preset file) before anything is loaded, for the panel to ask."""
+    slicer, mrml, logic_module = core
+    from ReCoKDLib import cli
+    from ReCoKDLib.data.io import Geometry
+    from ReCoKDLib.trust import UntrustedCodeError, current_trusted
+
+    model = _entry_point_model(tmp_path)
+    scene = slicer.vtkMRMLScene()
+    volume = mrml.volume_node_from_array(scene, np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32),
+                                         Geometry((2.0, 2.0, 2.0)), "ct")
+    logic = logic_module.ReCoKDLogic()
+    assert logic.untrustedEntryPoints(model) == [("torch.nn:Conv3d", f"the model card of {model}")]
+    assert "1 classes (organ)" in logic.describeModel(model), "describing reads the card: no code runs"
+    with pytest.raises(UntrustedCodeError) as info:
+        logic.segment(volume, str(model), device="cpu")
+    assert info.value.entry_point == "torch.nn:Conv3d"
+    with pytest.raises(UntrustedCodeError):
+        logic.computeMaps(volume, str(model), str(model))
+    logic.trustEntryPoint("torch.nn:Conv3d")
+    assert logic.untrustedEntryPoints(model) == []
+    node = logic.segment(volume, str(model), device="cpu")
+    assert node.GetAttribute("ReCoKD.Model") == str(model)
+    assert current_trusted() == frozenset(), "trusted only around the logic's own loading"
+    import torch
+
+    scripted = tmp_path / "exported.ts"  # TorchScript: the card's architecture is never built
+    torch.jit.trace(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 1, 4, 4, 4)).save(str(scripted))
+    (tmp_path / "exported.json").write_text((tmp_path / "downloaded.json").read_text().replace("Conv3d", "Conv2d"))
+    assert logic.untrustedEntryPoints(scripted) == []
+    allowed = _entry_point_model(tmp_path / "allowed", "monai.networks.nets:UNet")
+    assert logic.untrustedEntryPoints(allowed) == [] and logic.untrustedEntryPoints("preset:hd-bet") == []
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({
+        "format": "recokd-teacher-preset", "name": "downloaded", "entry_point": "mypkg.nets:Big", "kwargs": {},
+        "weights": "w.pt", "eval_hook": {"factory": "subprocess:run", "args": [["touch", "x"]]},
+        "classes": ["background", "organ"], "spacing": [2.0, 2.0, 2.0], "normalization": {"scheme": "zscore"},
+        "patch_size": [8, 8, 8]}))
+    assert [name for name, _by in logic.untrustedEntryPoints(preset)] == ["mypkg.nets:Big", "subprocess:run"]
+    assert all(str(preset.resolve()) in by for _name, by in logic.untrustedEntryPoints(preset))
+    runners = []  # the background route: the child gets the same trust on its command line
+    logic.runnerFactory = lambda: runners.append(FakeRunner()) or runners[-1]
+    logic.schedule = lambda ms, fn: None
+    logic.segmentInBackground(volume, str(model), device="cpu")
+    parsed = cli.build_parser("segment").parse_args(runners[0].calls[0][2][2:])
+    assert parsed.trust_entry_point == ["torch.nn:Conv3d"] and parsed.model == str(model)
+    runners[0].finish([])
 
 
 def test_presets_and_methods_are_listed_without_torch(tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import slicer_stubs
-from test_slicer_module_logic import FakeRunner, IniSettings
+from test_slicer_module_logic import FakeRunner, IniSettings, _entry_point_model
 from test_slicer_ui_contract import UI_PATH, slicer_connector
 
 ToolTipRole = 3
@@ -547,3 +547,154 @@ def test_without_labels_an_nnunet_folder_keeps_its_split(harness, tmp_path, monk
 
     cases = _training_cases(parsed, ["background", "brain"])
     assert [c.case_id for c in cases] == ["a", "b"] and all(c.label_path is None for c in cases)
+
+
+# --------------------------------------------------------------------------------------------
+# code named by model files: asked about by name, trusted for the session on Yes only
+
+
+class YesNo:
+    """``slicer.util.confirmYesNoDisplay(text, windowTitle=None, parent=None, **kwargs)`` with the
+    signature Slicer gives it (``Base/Python/slicer/util.py``: a modal ``ctkMessageBox`` with Yes and
+    No buttons; it returns True only when Yes was clicked): records each question and gives the
+    scripted answers, then No (closing the dialog)."""
+
+    def __init__(self, *answers):
+        self.answers, self.asked = list(answers), []
+
+    def __call__(self, text, windowTitle=None, parent=None, **kwargs):
+        self.asked.append((text, windowTitle))
+        return self.answers.pop(0) if self.answers else False
+
+
+def _segmentThroughTheCommandLine(panel, monkeypatch):
+    """``segmentInBackground`` without a scene: the real ``segmentArguments`` with the logic's trust
+    (the logic's own route is tested in ``test_slicer_module_logic``)."""
+    lines = sys.modules["ReCoKDModule.commandLines"]
+
+    def segmentInBackground(volume, source, roi, device, callback, finished):
+        arguments, env = lines.segmentArguments(source, "in.nrrd", "out.nrrd", device, panel.logic.trustedEntryPoints)
+        return panel.logic._startJob("segment", arguments, env, None, callback, lambda job: finished(job, None))
+
+    monkeypatch.setattr(panel.logic, "segmentInBackground", segmentInBackground)
+
+
+def _refused(model):
+    """The child's ``error`` event for a card naming ``torch.nn:Conv3d`` (``ReCoKDLib.trust.error_fields``)."""
+    return json.dumps({"event": "error", "stage": "segment", "entry_point": "torch.nn:Conv3d",
+                       "entry_point_source": f"the model card of {model}",
+                       "message": f"the model card of {model} names the entry point 'torch.nn:Conv3d': ... pass "
+                                  "--trust-entry-point torch.nn:Conv3d to recokd"})
+
+
+def test_a_model_naming_code_is_asked_about_once_and_no_trusts_nothing(harness, tmp_path, monkeypatch):
+    model = _entry_point_model(tmp_path)
+    other = _model(tmp_path / "other.pt", ["background", "liver"])
+    ask = YesNo(False)
+    harness.stubs["slicer.util"].confirmYesNoDisplay = ask
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    p.segmentModel = str(other)
+    assert ask.asked == [], "a ReCoKD network runs no foreign code: nothing to ask"
+    p.segmentModel = str(model)
+    assert len(ask.asked) == 1
+    text, title = ask.asked[0]
+    assert "torch.nn:Conv3d" in text and f"model card of {model}" in text and "'torch'" in text
+    assert "runs that code" in text and "until Slicer closes" in text and title
+    assert panel.logic.trustedEntryPoints == set()
+    assert "not trusted" in ui["modelInfoLabel"].text and "torch.nn:Conv3d" in ui["modelInfoLabel"].text
+    p.segmentModel = str(other)
+    p.segmentModel = str(model)
+    p.teacherPath = model
+    assert len(ask.asked) == 1, "a declined name is not asked about again while describing"
+    assert "not trusted" in ui["teacherInfoLabel"].text
+    # the user segments anyway: the child refuses, the panel asks again (the user asked to run it)
+    _segmentThroughTheCommandLine(panel, monkeypatch)
+    p.inputVolume = FakeNode("CT")
+    ui["segmentButton"].emit("clicked", True)
+    assert "--trust-entry-point" not in harness.runners[-1].calls[0][2]
+    harness.runners[-1].finish([_refused(model)], 2)
+    assert len(ask.asked) == 2 and panel.logic.trustedEntryPoints == set()
+    assert ui["segmentStatusLabel"].text.startswith("Not run") and "torch.nn:Conv3d" in ui["segmentStatusLabel"].text
+    assert harness.errors == [], "asked instead of an error advising --trust-entry-point, which the panel has not"
+    assert len(harness.runners) == 1
+
+
+def test_yes_trusts_the_name_for_the_session_and_reaches_the_next_job(harness, tmp_path, monkeypatch):
+    model = _entry_point_model(tmp_path)
+    ask = YesNo(True)
+    harness.stubs["slicer.util"].confirmYesNoDisplay = ask
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    p.segmentModel = str(model)
+    assert len(ask.asked) == 1 and panel.logic.trustedEntryPoints == {"torch.nn:Conv3d"}
+    assert "not trusted" not in ui["modelInfoLabel"].text
+    p.teacherPath = model
+    assert len(ask.asked) == 1, "trusted: not asked again"
+    _segmentThroughTheCommandLine(panel, monkeypatch)
+    p.inputVolume = FakeNode("CT")
+    ui["segmentButton"].emit("clicked", True)
+    parsed = _parsed_segment(harness.runners[-1].calls[0][2])
+    assert parsed.trust_entry_point == ["torch.nn:Conv3d"] and parsed.model == str(model)
+
+
+def _parsed_segment(arguments):
+    from ReCoKDLib import cli
+
+    return cli.build_parser("segment").parse_args(arguments[2:])
+
+
+def test_a_refused_distillation_asks_and_the_user_starts_it_again(harness, tmp_path, monkeypatch):
+    """The teacher's card names code; the user said No while choosing it, then pressed Start: the
+    child refuses, the panel asks (Yes), says to press Start again and does not restart by itself."""
+    teacher = _entry_point_model(tmp_path)
+    ask = YesNo(False, True)
+    harness.stubs["slicer.util"].confirmYesNoDisplay = ask
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    monkeypatch.setattr(panel, "_showPlot", lambda: None)
+    monkeypatch.setattr(panel.logic, "updatePlot", lambda progress: None)
+    data = tmp_path / "data"
+    data.mkdir()
+    p.teacherPath, p.dataFolder, p.outputFolder = teacher, data, tmp_path / "out"
+    assert len(ask.asked) == 1 and panel.logic.trustedEntryPoints == set()
+    ui["startButton"].emit("clicked", True)
+    assert _parsed(harness.runners[-1].calls[0][2]).trust_entry_point == []
+    harness.runners[-1].finish([_refused(teacher).replace('"segment"', '"distill"')], 2)
+    assert len(ask.asked) == 2 and "torch.nn:Conv3d" in ask.asked[1][0]
+    assert panel.logic.trustedEntryPoints == {"torch.nn:Conv3d"} and harness.errors == []
+    assert len(harness.runners) == 1, "a job is never restarted on its own"
+    assert "press Start again" in ui["etaLabel"].text and ui["logTextEdit"].lines[-1] == ui["etaLabel"].text
+    assert "not trusted" not in ui["teacherInfoLabel"].text, "the teacher's description is updated"
+    assert ui["startButton"].enabled and ui["startButton"].text == "Start"
+    ui["startButton"].emit("clicked", True)
+    assert _parsed(harness.runners[-1].calls[0][2]).trust_entry_point == ["torch.nn:Conv3d"]
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_inspection_in_this_process_asks_before_running_code_a_model_names(harness, answer):
+    """Inspection loads the models in Slicer's process: a refusal there asks too; Yes runs the
+    inspection again on the same click (nothing had run), No shows why nothing ran."""
+    from ReCoKDLib.trust import UntrustedCodeError
+
+    ask = YesNo(answer)
+    harness.stubs["slicer.util"].confirmYesNoDisplay = ask
+    panel = harness.make_panel()
+    calls = []
+
+    def showAffinity(*args):
+        calls.append(args)
+        if "torch.nn:Conv3d" not in panel.logic.trustedEntryPoints:
+            raise UntrustedCodeError("refused", "torch.nn:Conv3d", "the model card of /m/teacher.pt")
+        return "overlay"
+
+    panel.logic.showAffinity = showAffinity
+    harness.ui["showMapButton"].emit("clicked", True)
+    assert len(ask.asked) == 1 and "/m/teacher.pt" in ask.asked[0][0] and "torch.nn:Conv3d" in ask.asked[0][0]
+    if answer:
+        assert len(calls) == 2 and harness.errors == [] and panel.logic.trustedEntryPoints == {"torch.nn:Conv3d"}
+    else:
+        assert len(calls) == 1 and panel.logic.trustedEntryPoints == set()
+        assert harness.errors == [("Failed to compute the map.",
+                                   "Not run: the model card of /m/teacher.pt names code you did not trust "
+                                   "(torch.nn:Conv3d).")]

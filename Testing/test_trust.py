@@ -125,6 +125,24 @@ def test_the_cli_flag_trusts_by_name(tmp_path):
     assert labels.shape[-3:] == (8, 8, 8)
 
 
+def test_the_json_error_event_names_the_refused_entry_point(tmp_path, capsys):
+    """``--progress json``: the ``error`` event of a refused entry point carries ``entry_point`` and
+    ``entry_point_source`` (front ends such as the Slicer panel ask about that exact name)."""
+    from ReCoKDLib.cli import main
+    from ReCoKDLib.data.io import write_image
+    from ReCoKDLib.trust import error_fields
+
+    model = _crafted_model(tmp_path, "subprocess:run", {"args": ["touch", str(tmp_path / "pwned")]})
+    image = tmp_path / "ct.nii.gz"
+    write_image(np.zeros((8, 8, 8), np.float32), _geometry(), image)
+    assert main(["segment", str(model), str(image), str(tmp_path / "seg.nii.gz"), "--progress", "json"]) == 2
+    errors = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"error"' in line]
+    assert len(errors) == 1 and errors[0]["entry_point"] == "subprocess:run"
+    assert errors[0]["entry_point_source"] == f"the model card of {model}"
+    assert not (tmp_path / "pwned").exists()
+    assert error_fields(ValueError("a bad input")) == {}
+
+
 def _geometry():
     from ReCoKDLib.data.io import Geometry
 

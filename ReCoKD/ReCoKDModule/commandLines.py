@@ -11,6 +11,11 @@ Distillation data (:func:`dataArguments`) take the CLI's forms: ``--data FOLDER`
 folder) with labels; without labels, ``--data FOLDER --no-labels`` for such a folder (its
 ``label_free_split`` chooses the training cases) or ``--images PATH`` for a folder of images or
 one image file (a volume exported from the scene).
+
+Code a model file names (an entry point, :mod:`ReCoKDLib.trust`) runs in a child only when the
+user trusted it in this session: :func:`trustArguments` gives one ``--trust-entry-point`` per
+trusted name, to the commands whose parser takes it (``ReCoKDLib.cli.MODEL_COMMANDS``: distill and
+segment here; ``train-teacher`` loads no model and refuses the option).
 """
 
 import pathlib
@@ -158,8 +163,17 @@ def dataArguments(dataset, withoutLabels: bool = False) -> list:
     return ["--images", str(dataset)]
 
 
-def distillArguments(options: DistillOptions) -> tuple:
-    """``(arguments, environment)`` of ``python -m ReCoKDLib distill ...`` for ``options``."""
+def trustArguments(trustedEntryPoints=()) -> list:
+    """``--trust-entry-point NAME`` for each trusted entry point, in a stable (sorted) order."""
+    args = []
+    for entryPoint in sorted(set(trustedEntryPoints or ())):
+        args += ["--trust-entry-point", str(entryPoint)]
+    return args
+
+
+def distillArguments(options: DistillOptions, trustedEntryPoints=()) -> tuple:
+    """``(arguments, environment)`` of ``python -m ReCoKDLib distill ...`` for ``options``; the
+    teacher may run the code of ``trustedEntryPoints`` (:func:`trustArguments`)."""
     deviceValue, env = deviceArguments(options.device)
     args = ["-m", "ReCoKDLib", "distill", str(options.teacher),
             *dataArguments(options.dataset, options.withoutLabels),
@@ -172,18 +186,20 @@ def distillArguments(options: DistillOptions) -> tuple:
             "--progress", "json"]
     if options.resume:
         args.append("--resume")
-    return args, env
+    return args + trustArguments(trustedEntryPoints), env
 
 
 def trainTeacherArguments(dataset: str, outputFolder: str, steps: int, device: str = "auto") -> tuple:
-    """``(arguments, environment)`` of ``python -m ReCoKDLib train-teacher ...``."""
+    """``(arguments, environment)`` of ``python -m ReCoKDLib train-teacher ...`` (it builds the
+    built-in U-Net and loads no model file: no ``--trust-entry-point``, which its parser refuses)."""
     deviceValue, env = deviceArguments(device)
     return (["-m", "ReCoKDLib", "train-teacher", "--data", str(dataset), "--out", str(outputFolder),
              "--steps", str(int(steps)), "--device", deviceValue, "--progress", "json"], env)
 
 
-def segmentArguments(model: str, image: str, output: str, device: str = "auto") -> tuple:
-    """``(arguments, environment)`` of ``python -m ReCoKDLib segment MODEL IMAGE OUT ...``."""
+def segmentArguments(model: str, image: str, output: str, device: str = "auto", trustedEntryPoints=()) -> tuple:
+    """``(arguments, environment)`` of ``python -m ReCoKDLib segment MODEL IMAGE OUT ...``; the model
+    may run the code of ``trustedEntryPoints`` (:func:`trustArguments`)."""
     deviceValue, env = deviceArguments(device)
     return (["-m", "ReCoKDLib", "segment", str(model), str(image), str(output),
-             "--device", deviceValue, "--progress", "json"], env)
+             "--device", deviceValue, "--progress", "json", *trustArguments(trustedEntryPoints)], env)

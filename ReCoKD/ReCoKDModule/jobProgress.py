@@ -45,6 +45,10 @@ class JobProgress:
     log: list = field(default_factory=list)
     checkpoints: list = field(default_factory=list)
     error: Optional[str] = None
+    #: the entry point (``"package.module:callable"``) a job was refused because nobody trusted it,
+    #: and the file that names it: the ``error`` event's ``entry_point`` / ``entry_point_source``
+    untrustedEntryPoint: Optional[str] = None
+    untrustedSource: Optional[str] = None
     resultPath: Optional[str] = None
     result: dict = field(default_factory=dict)  # the ``done`` event (classes, colours, seconds, ...)
     done: bool = False
@@ -119,6 +123,9 @@ class JobProgress:
             self.log.append(f"[{stage}] {prefix}{record.get('message', '')}")
         elif event == "error":
             self.error = record.get("message") or _("the job failed without a message")
+            if record.get("entry_point"):
+                self.untrustedEntryPoint = str(record["entry_point"])
+                self.untrustedSource = str(record.get("entry_point_source") or "")
             self.log.append(f"[{stage}] " + _("error: ") + self.error)
         elif event == "done":
             self.done = True

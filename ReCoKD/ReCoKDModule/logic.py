@@ -12,6 +12,14 @@ Python console examples::
                         teacherOutputs="cache")  # no labels: a folder of images, the teacher run once per case
     logic.showAffinity(getNode("CTChest"), "/models/teacher.pt", "/models/student.pt",
                        level=0, mapName="difference")
+    logic.untrustedEntryPoints("/models/downloaded.pt")    # [("mypkg.nets:MyUNet", "the model card of ...")]
+    logic.trustEntryPoint("mypkg.nets:MyUNet")              # runs it from now on, until Slicer closes
+
+A model file never chooses code to run (:mod:`ReCoKDLib.trust`): the code a card or teacher-preset
+file names (an entry point) runs only when it is allow-listed or trusted by name. The names trusted
+with :meth:`ReCoKDLogic.trustEntryPoint` are kept in :attr:`ReCoKDLogic.trustedEntryPoints` for this
+Slicer session only, and go to every model load: in-process (``ReCoKDLib.trust.trusted_entry_points``)
+and in child jobs (``--trust-entry-point``).
 
 The scene-level work (segment a volume node, region-mask and overlay nodes, ``.seg.nrrd``
 export) is ``ReCoKDLib.mrml.logic.SceneLogic``, shared with ``recokd serve``; long jobs run as
@@ -19,6 +27,7 @@ export) is ``ReCoKDLib.mrml.logic.SceneLogic``, shared with ``recokd serve``; lo
 (:mod:`ReCoKDModule.process`), one training job and one segmentation at a time.
 """
 
+import contextlib
 import importlib
 import os
 import pathlib
@@ -52,6 +61,15 @@ def pythonSlicerExecutable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+def _isTorchScript(path) -> bool:
+    """A TorchScript file: its card's architecture is never built (``ReCoKDLib.models.files``)."""
+    try:
+        from ReCoKDLib.models.files import is_torchscript_file
+    except ImportError:  # no torch yet: nothing loads; treat it as the model file it may be
+        return False
+    return is_torchscript_file(path)
+
+
 class ReCoKDLogic(ScriptedLoadableModuleLogic):
     """Segment, distill, inspect; see the module docstring.
 
@@ -69,6 +87,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         self.jobs = {TRAINING: None, SEGMENT: None}
         self._models = None  # ReCoKDLib.mrml.logic.ModelCache, made on first use
         self._sceneLogic = None
+        #: entry points the user trusted (:meth:`trustEntryPoint`), for this Slicer session only. Never
+        #: stored in the parameter node: a scene file is shared, and trust must not travel with it.
+        self.trustedEntryPoints = set()
 
     def getParameterNode(self):
         return ReCoKDParameterNode(super().getParameterNode())
@@ -209,6 +230,78 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             raise ReCoKDInputError(_("Segment a volume first."))
         return self.sceneLogic(segmentationNode.GetScene()).export_segmentation(segmentationNode, path)
 
+    # -- code named by model files --------------------------------------------------------------
+
+    def trustEntryPoint(self, entryPoint) -> str:
+        """Trust ``entryPoint`` (exactly this ``"package.module:callable"``) for this session: every
+        model that names it may run it, here and in child jobs. Returns the name as trusted.
+
+        Raises:
+            ReCoKDInputError: not of that form.
+        """
+        from ReCoKDLib.trust import EntryPointError, entry_point_text
+
+        try:
+            name = entry_point_text(entryPoint)
+        except EntryPointError as exc:
+            raise ReCoKDInputError(str(exc)) from None
+        self.trustedEntryPoints.add(name)
+        return name
+
+    @contextlib.contextmanager
+    def trustedCode(self):
+        """A block in which in-process loading honours :attr:`trustedEntryPoints`
+        (``ReCoKDLib.trust.trusted_entry_points``)."""
+        from ReCoKDLib.trust import trusted_entry_points
+
+        with trusted_entry_points(sorted(self.trustedEntryPoints)):
+            yield
+
+    def untrustedEntryPoints(self, source) -> list:
+        """``[(entryPoint, namedBy)]``: the code a model source names that loading it would run and
+        that is neither allow-listed, built in nor in :attr:`trustedEntryPoints`; read from the model
+        card (or the teacher-preset file) without importing anything. Empty for a source that names
+        no such code, and for one that cannot be read (describing it says why)."""
+        from ReCoKDLib.mrml.logic import PRESET_PREFIX
+        from ReCoKDLib.trust import EntryPointError, entry_point_text, is_allow_listed
+
+        text = str(source or "").strip()
+        path = pathlib.Path(text)
+        named = []
+        if text.startswith(PRESET_PREFIX) or (path.suffix.lower() == ".json" and path.is_file()):
+            try:
+                from ReCoKDLib.teacher_presets import load_preset
+
+                preset = load_preset(text)
+            except (ImportError, ValueError):  # no torch yet, or not a preset: nothing of it can run
+                return []
+            if preset.builtin:
+                return []
+            namedBy = f"teacher preset {preset.path or preset.name}"  # as ReCoKDLib.trust says it
+            if preset.torchscript is None:
+                named.append((preset.entry_point, namedBy))
+            if preset.eval_hook:
+                named.append((dict(preset.eval_hook).get("factory", ""), namedBy))
+        elif path.is_file():
+            from ReCoKDLib.checkpoint import read_model_card
+
+            try:
+                architecture = read_model_card(path).architecture
+            except (ValueError, OSError):
+                return []
+            builtByCard = isinstance(architecture, dict) and architecture.get("kind") == "entry_point"
+            if builtByCard and not _isTorchScript(path):
+                named.append((architecture.get("factory", ""), f"the model card of {path}"))
+        untrusted = []
+        for entryPoint, namedBy in named:
+            try:
+                entryPoint = entry_point_text(entryPoint)
+            except EntryPointError:  # a malformed name runs nothing: loading says what is wrong with it
+                continue
+            if entryPoint not in self.trustedEntryPoints and not is_allow_listed(entryPoint):
+                untrusted.append((entryPoint, namedBy))
+        return untrusted
+
     # -- child jobs -----------------------------------------------------------------------------
 
     def job(self, kind=TRAINING):
@@ -244,7 +337,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         on every patch, ``"auto"`` (default) caches when every case fits one exact whole-volume pass.
 
         ``callback(progress, record)`` runs for every output line, ``finished(job)`` once at the end
-        (``job.progress.resultPath`` is the student file).
+        (``job.progress.resultPath`` is the student file). The teacher may run the code of
+        :attr:`trustedEntryPoints`; a job refused for other code it names ends with
+        ``job.progress.untrustedEntryPoint`` set.
         """
         options = DistillOptions(str(teacherPath or ""), str(dataset or ""), str(outputFolder or ""),
                                  method, int(reduction), int(steps), device, bool(resume), str(teacherOutputs),
@@ -252,7 +347,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         problems = options.validate()
         if problems:
             raise ReCoKDInputError("\n".join(problems))
-        arguments, env = distillArguments(options)
+        arguments, env = distillArguments(options, self.trustedEntryPoints)
         return self._startJob(TRAINING, arguments, env, outputFolder, callback, finished)
 
     @staticmethod
@@ -291,7 +386,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
     def _loadModel(self, source, device="auto"):
         self.sceneLogic(slicer.mrmlScene)
-        return self._models.get(source, torchDevice(device))
+        with self.trustedCode():
+            return self._models.get(source, torchDevice(device))
 
     def _checkSegmentInputs(self, volumeNode, modelSource):
         if volumeNode is None:
@@ -326,10 +422,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         Returns a new segmentation node on the volume's grid with named, coloured segments, beside
         the volume (same parent transform and subject-hierarchy folder). With ``roiNode`` only the
         voxels inside it are computed.
+
+        Raises:
+            ReCoKDLib.trust.UntrustedCodeError: the model names code that is not trusted (a
+                ``ValueError`` naming ``entry_point``); :meth:`trustEntryPoint` trusts it.
         """
         self._checkSegmentInputs(volumeNode, modelSource)
         logic = self.sceneLogic(volumeNode.GetScene())
-        return logic.segment(volumeNode, modelSource, self._nodeBox(roiNode, volumeNode), torchDevice(device), name)
+        with self.trustedCode():
+            return logic.segment(volumeNode, modelSource, self._nodeBox(roiNode, volumeNode), torchDevice(device),
+                                 name)
 
     def segmentInBackground(self, volumeNode, modelSource, roiNode=None, device="auto", callback=None,
                             finished=None) -> ChildJob:
@@ -338,6 +440,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         The volume (or its ROI crop) is written to a temporary NRRD, ``recokd segment`` writes the
         labels and reports the model's classes and colours in its ``done`` event, and
         ``finished(job, node)`` gets the new segmentation node (``None`` when cancelled or failed).
+        The model may run the code of :attr:`trustedEntryPoints` (``--trust-entry-point``); a job
+        refused for other code it names ends with ``job.progress.untrustedEntryPoint`` set.
         """
         from ReCoKDLib.data.io import write_image
 
@@ -365,7 +469,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             if finished is not None:
                 finished(job, node)
 
-        arguments, env = segmentArguments(modelSource, image, output, device)
+        arguments, env = segmentArguments(modelSource, image, output, device, self.trustedEntryPoints)
         return self._startJob(SEGMENT, arguments, env, folder, callback, done)
 
     def addBackgroundResult(self, volumeNode, geometry, shape, box, labelsPath, progress: JobProgress, modelSource):
@@ -398,12 +502,17 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         Returns:
             ``{"<level>/<name>[/<class>]": (D, H, W) float32 array}`` on the volume's grid
             (zero outside the ROI).
+
+        Raises:
+            ReCoKDLib.trust.UntrustedCodeError: a model names code that is not trusted
+                (:meth:`trustEntryPoint`).
         """
         if volumeNode is None:
             raise ReCoKDInputError(_("Select an input volume."))
         logic = self.sceneLogic(volumeNode.GetScene())
-        return logic.compute_maps(volumeNode, teacherSource, studentSource, labels, method, torchDevice(device),
-                                  self._nodeBox(roiNode, volumeNode))
+        with self.trustedCode():
+            return logic.compute_maps(volumeNode, teacherSource, studentSource, labels, method, torchDevice(device),
+                                      self._nodeBox(roiNode, volumeNode))
 
     def _classKey(self, teacherSource, className, device="cpu") -> str:
         from ReCoKDLib.mrml.logic import class_key

@@ -14,6 +14,11 @@ Everything that depends on a parameter (the teacher's description, the class lis
 classes, the dataset summary, the buttons' state) is recomputed from the parameter node's
 ``ModifiedEvent``, never from a widget signal: Qt calls a signal's slots in connection order, so
 a slot connected before the wrapper's own would read the previous value.
+
+Code a model names (an entry point, ``ReCoKDLib.trust``) runs only after the user says Yes to
+:meth:`ReCoKDPanel.confirmTrust`, for that exact name and this Slicer session: asked once when a
+teacher or model naming it is described, and again when a job or an inspection was refused for it
+(a job is then started again by the user, never on its own).
 """
 
 import pathlib
@@ -25,6 +30,7 @@ from slicer.i18n import tr as _
 from slicer.util import VTKObservationMixin
 
 from ReCoKDLib.choices import KD_METHODS
+from ReCoKDLib.trust import UntrustedCodeError
 from ReCoKDModule.commandLines import ReCoKDInputError, chosenPath, deviceChoices
 from ReCoKDModule.jobProgress import JobProgress, formatDuration
 from ReCoKDModule.logic import SEGMENT, TRAINING, ReCoKDLogic
@@ -51,6 +57,7 @@ class ReCoKDPanel(VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._syncing = False
         self._described = {}  # what the info labels were computed for
+        self._askedEntryPoints = set()  # asked about while describing a model: not asked there again
 
         self.uiWidget = slicer.util.loadUI(str(uiPath))
         layout.addWidget(self.uiWidget)
@@ -241,6 +248,7 @@ class ReCoKDPanel(VTKObservationMixin):
                     classes = self.logic.modelClasses(source)
             except ValueError as exc:
                 text = _("Not a usable teacher: {error}").format(error=exc)
+            text += self._untrustedNote(self.askAboutCode(source))
         self.ui.teacherInfoLabel.text = text
         self.refreshClasses(classes)
 
@@ -251,7 +259,69 @@ class ReCoKDPanel(VTKObservationMixin):
                 text = self.logic.describeModel(source)
             except ValueError as exc:
                 text = _("Not a usable model: {error}").format(error=exc)
+            text += self._untrustedNote(self.askAboutCode(source))
         self.ui.modelInfoLabel.text = text
+
+    # -- code named by model files --------------------------------------------------------------
+
+    def confirmTrust(self, entryPoint, namedBy) -> bool:
+        """Ask whether to trust ``entryPoint``, the code ``namedBy`` (a model card, a preset file)
+        names; on Yes the logic trusts exactly this name for the Slicer session
+        (:meth:`ReCoKDLogic.trustEntryPoint`). A modal ``slicer.util.confirmYesNoDisplay``: nothing is
+        trusted without Yes (No, Escape and closing the dialog all answer No)."""
+        self._askedEntryPoints.add(entryPoint)
+        namedBy = str(namedBy or _("a model file"))
+        package = str(entryPoint).split(":")[0].split(".")[0]
+        text = _("{namedBy} names Python code that builds its network:\n\n{entryPoint}\n\nLoading the model "
+                 "imports and runs that code, from the Python package '{package}' on this computer, with your "
+                 "permissions. ReCoKD runs code a file names only when you trust it by name. Trust it only if you "
+                 "trust where this file comes from.\n\nTrust {entryPoint} until Slicer closes?").format(
+            namedBy=namedBy[:1].upper() + namedBy[1:], entryPoint=entryPoint, package=package)
+        if not slicer.util.confirmYesNoDisplay(text, windowTitle=_("Run code named by a model?")):
+            return False
+        self.logic.trustEntryPoint(entryPoint)
+        return True
+
+    def askAboutCode(self, source) -> list:
+        """Ask (:meth:`confirmTrust`) about each entry point ``source`` names that is not trusted yet,
+        once per entry point: one the user declined is not asked about again while describing.
+        Returns the entry points that stay untrusted."""
+        untrusted = []
+        for entryPoint, namedBy in self.logic.untrustedEntryPoints(source):
+            if entryPoint in self._askedEntryPoints or not self.confirmTrust(entryPoint, namedBy):
+                untrusted.append(entryPoint)
+        return untrusted
+
+    @staticmethod
+    def _untrustedNote(entryPoints) -> str:
+        if not entryPoints:
+            return ""
+        return "\n" + _("It names code you have not trusted, which will not run: {entryPoints}.").format(
+            entryPoints=", ".join(entryPoints))
+
+    def _runTrusting(self, action):
+        """``action()``; when a model it loads in this process names code nobody trusted, ask
+        (:meth:`confirmTrust`) and, on Yes, run it again at once (this click asked for it).
+
+        Raises:
+            ReCoKDInputError: the user did not trust the code (nothing of it ran).
+        """
+        while True:
+            try:
+                return action()
+            except UntrustedCodeError as exc:
+                if exc.entry_point in self.logic.trustedEntryPoints:
+                    raise
+                if not self.confirmTrust(exc.entry_point, exc.source):
+                    raise ReCoKDInputError(_("Not run: {source} names code you did not trust ({entryPoint}).").format(
+                        source=exc.source, entryPoint=exc.entry_point)) from None
+                self._describeModelsAgain()
+
+    def _describeModelsAgain(self) -> None:
+        """The teacher's and the model's descriptions anew: their note on untrusted code may be gone."""
+        for what in ("teacher", "model"):
+            self._described.pop(what, None)
+        self.onParameterNodeModified()
 
     def _describeData(self, folder) -> None:
         text = _("Cases, classes and voxel spacing of the selected data appear here.")
@@ -378,7 +448,7 @@ class ReCoKDPanel(VTKObservationMixin):
             self.ui.segmentStatusLabel.text = progress.etaText()
 
     def _onSegmentFinished(self, job, node) -> None:
-        self._showJobError(job)
+        failure = self._showJobError(job, _("Segment"))
         if job.cancelled:
             self.ui.segmentStatusLabel.text = _("Cancelled")
             self.ui.segmentProgressBar.value = 0
@@ -389,7 +459,7 @@ class ReCoKDPanel(VTKObservationMixin):
             self.ui.segmentStatusLabel.text = _("{n} segments in {t}").format(
                 n=node.GetSegmentation().GetNumberOfSegments(), t=formatDuration(seconds) or "< 1 s")
         else:
-            self.ui.segmentStatusLabel.text = _("Failed")
+            self.ui.segmentStatusLabel.text = failure or _("Failed")
         self.updateButtons()
 
     # -- Distill and Train a teacher ------------------------------------------------------------
@@ -451,20 +521,38 @@ class ReCoKDPanel(VTKObservationMixin):
         if record is not None and record.get("event") in ("progress", "metrics"):
             self.logic.updatePlot(progress)
 
-    def _showJobError(self, job) -> bool:
-        if job.progress.error and not job.cancelled:
-            slicer.util.errorDisplay(_("The background job failed."), detailedText=job.progress.error)
-            return True
-        return False
+    def _showJobError(self, job, again=""):
+        """Say why ``job`` failed. Returns None when it did not, else the text for its status label.
+
+        A job refused because its model names code nobody trusted (the ``error`` event's
+        ``entry_point``) asks whether to trust that name (:meth:`confirmTrust`, even after an earlier
+        No: the user just tried to run it) instead of showing the error; a job is never restarted on
+        its own: the text asks the user to press ``again`` (Start, Segment) once more."""
+        progress = job.progress
+        if not progress.error or job.cancelled:
+            return None
+        entryPoint = progress.untrustedEntryPoint
+        if entryPoint:
+            if self.confirmTrust(entryPoint, progress.untrustedSource):
+                self._describeModelsAgain()
+                return _("{entryPoint} is trusted now: press {button} again.").format(entryPoint=entryPoint,
+                                                                                      button=again)
+            return _("Not run: the model names code you did not trust ({entryPoint}).").format(entryPoint=entryPoint)
+        slicer.util.errorDisplay(_("The background job failed."), detailedText=progress.error)
+        return _("Failed")
 
     def _onDistillFinished(self, job) -> None:
         self._onJobOutput(job.progress, None)
-        if not self._showJobError(job) and job.progress.resultPath and not job.cancelled:
+        failure = self._showJobError(job, _("Start"))
+        if not failure and job.progress.resultPath and not job.cancelled:
             student = job.progress.resultPath
             self.recentModels.remember(student)
             self._parameterNode.studentPath = pathlib.Path(student)
             self._parameterNode.segmentModel = student  # the new student segments next
-        self.ui.etaLabel.text = _("Cancelled: continue with Resume") if job.cancelled else job.progress.etaText()
+        if failure and job.progress.untrustedEntryPoint:
+            self.ui.logTextEdit.appendPlainText(failure)
+        self.ui.etaLabel.text = _("Cancelled: continue with Resume") if job.cancelled else (
+            failure if failure and job.progress.untrustedEntryPoint else job.progress.etaText())
         self.updateButtons()
 
     def _onTeacherFinished(self, job) -> None:
@@ -499,10 +587,11 @@ class ReCoKDPanel(VTKObservationMixin):
     def onShowMapButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to compute the map."), waitCursor=True):
             volume, teacher, student, level, className = self._inspectArguments()
-            self.logic.showAffinity(volume, teacher, student, level, self._parameterNode.inspectMap, className,
-                                    self._parameterNode.overlayOpacity)
+            self._runTrusting(lambda: self.logic.showAffinity(
+                volume, teacher, student, level, self._parameterNode.inspectMap, className,
+                self._parameterNode.overlayOpacity))
 
     def onShowRegionMaskButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to compute the region mask."), waitCursor=True):
             volume, teacher, student, level, className = self._inspectArguments()
-            self.logic.showRegionMask(volume, teacher, student, level, className)
+            self._runTrusting(lambda: self.logic.showRegionMask(volume, teacher, student, level, className))

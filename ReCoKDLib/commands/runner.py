@@ -18,6 +18,9 @@ exit code    meaning
   ``[stage] error: ...``; ``--progress json`` puts it on stdout) and, where the reporter prints
   nothing to the terminal (``none``, ``json``), one ``recokd STAGE: error: ...`` line on stderr;
   errors a library already reported (``exc.recokd_reported``) are not reported again;
+* code a model file names and nobody trusted (:class:`~ReCoKDLib.trust.UntrustedCodeError`): the
+  ``error`` event also carries ``entry_point`` and ``entry_point_source``
+  (:func:`ReCoKDLib.trust.error_fields`), so that the Slicer panel can ask whether to trust that name;
 * library warnings about inputs (:class:`~ReCoKDLib.data.io.InputWarning`: NaN voxels replaced,
   implausible spacing, classes left out, a stale lock) become ``warning`` events;
 * SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``, so clean-ups that handle Ctrl+C
@@ -180,7 +183,7 @@ def run_command(args: argparse.Namespace, stage: str, job: Callable[[Any], None]
     reporter = make_reporter(progress)
     resume = resume_hint or "run the same command again to start over"
     stopping.forget()
-    code, message, reported = EXIT_OK, None, False
+    code, message, reported, fields = EXIT_OK, None, False, {}
     try:
         with _sigterm_raises(), _warnings_as_events(reporter, stage, progress), _run_folder(lock):
             job(reporter)
@@ -203,6 +206,9 @@ def run_command(args: argparse.Namespace, stage: str, job: Callable[[Any], None]
             code, message = EXIT_FAILURE, f"{memory}. Lower {memory_hint or DEFAULT_MEMORY_HINT}"
         elif isinstance(exc, (ValueError, OSError)):
             message = str(exc) or type(exc).__name__
+            from ReCoKDLib.trust import error_fields
+
+            fields = error_fields(exc)  # refused code: the entry point to trust, for front ends
         else:
             where = _traceback_file(stage, exc)
             message = (f"unexpected {type(exc).__name__}: {exc}" + (f" (the traceback is in {where}; please "
@@ -210,7 +216,7 @@ def run_command(args: argparse.Namespace, stage: str, job: Callable[[Any], None]
     finally:
         if message is not None:
             if not reported:
-                reporter.error(stage, message)
+                reporter.error(stage, message, **fields)
             if progress in ("none", "json"):
                 print(f"recokd {stage}: error: {message}", file=sys.stderr, flush=True)
         reporter.close()

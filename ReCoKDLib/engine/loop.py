@@ -375,7 +375,9 @@ def _run_scope(stage: str, reporter: Reporter, dist_ctx: _Dist) -> Iterator[None
     try:
         yield
     except (TrainingError, ValueError) as exc:
-        (reporter if dist_ctx.main else Reporter()).error(stage, str(exc))
+        from ReCoKDLib.trust import error_fields
+
+        (reporter if dist_ctx.main else Reporter()).error(stage, str(exc), **error_fields(exc))
         exc.recokd_reported = True  # type: ignore[attr-defined]
         raise
     finally:
