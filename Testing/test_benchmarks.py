@@ -266,3 +266,9 @@ def test_report_names_each_datasets_own_run(tmp_path):
     for text in (readme.read_text(), (tmp_path / "report.md").read_text()):
         assert "(CTSet): 2026-02-03 on OtherCPU, 1 thread, commit 0123456789ab; `python efficacy.py --datasets ct`" in text
         assert "Note: ct rerun alone" in text and "TestCPU" not in text
+
+
+def test_efficacy_student_steps_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        efficacy.main(["--student-steps", "0"])
+    assert "--student-steps must be >= 1" in capsys.readouterr().err

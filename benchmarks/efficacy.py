@@ -829,11 +829,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="runs side by side, each with threads/workers threads (default 1)")
     parser.add_argument("--device", default=None, help="training/evaluation device (default: cuda with --gpu, else cpu)")
+    parser.add_argument("--student-steps", type=int, default=None,
+                        help="step budget of every student (default: the configuration's; e.g. a longer budget to "
+                             "test whether the students are converged)")
     args = parser.parse_args(argv)
 
     if args.gpu and args.smoke:
         parser.error("--gpu and --smoke exclude each other")
     budget = GPU if args.gpu else SMOKE if args.smoke else CPU
+    if args.student_steps is not None:
+        if args.student_steps < 1:
+            parser.error("--student-steps must be >= 1")
+        budget = dataclasses.replace(budget, student_steps=args.student_steps)
     datasets = _csv(args.datasets)
     methods = _csv(args.methods)
     unknown = [d for d in datasets if d not in ("ct", "brain")] + [m for m in methods if m not in METHODS]
