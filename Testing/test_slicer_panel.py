@@ -399,8 +399,8 @@ def test_segment_runs_in_the_background_with_cancel_and_remembers_the_model(harn
     assert harness.ui["modelComboBox"].currentData == str(model)
 
 
-def test_distillation_log_and_result(harness, tmp_path, monkeypatch):
-    teacher = _model(tmp_path / "teacher.pt", ["background", "liver"])
+def _distill_panel(harness, tmp_path, monkeypatch, teacher):
+    """A panel with ``teacher``, an empty data folder and an output folder chosen (no plot)."""
     panel = harness.make_panel()
     ui, p = harness.ui, panel._parameterNode
     monkeypatch.setattr(panel, "_showPlot", lambda: None)
@@ -408,6 +408,12 @@ def test_distillation_log_and_result(harness, tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     p.teacherPath, p.dataFolder, p.outputFolder = teacher, data, tmp_path / "out"
+    return panel, ui, p
+
+
+def test_distillation_log_and_result(harness, tmp_path, monkeypatch):
+    teacher = _model(tmp_path / "teacher.pt", ["background", "liver"])
+    panel, ui, p = _distill_panel(harness, tmp_path, monkeypatch, teacher)
     ui["methodComboBox"].userPicks("cirkd")
     assert p.method == "cirkd" and ui["startButton"].enabled
     ui["startButton"].emit("clicked", True)
@@ -650,13 +656,7 @@ def test_a_refused_distillation_asks_and_the_user_starts_it_again(harness, tmp_p
     teacher = _entry_point_model(tmp_path)
     ask = YesNo(False, True)
     harness.stubs["slicer.util"].confirmYesNoDisplay = ask
-    panel = harness.make_panel()
-    ui, p = harness.ui, panel._parameterNode
-    monkeypatch.setattr(panel, "_showPlot", lambda: None)
-    monkeypatch.setattr(panel.logic, "updatePlot", lambda progress: None)
-    data = tmp_path / "data"
-    data.mkdir()
-    p.teacherPath, p.dataFolder, p.outputFolder = teacher, data, tmp_path / "out"
+    panel, ui, p = _distill_panel(harness, tmp_path, monkeypatch, teacher)
     assert len(ask.asked) == 1 and panel.logic.trustedEntryPoints == set()
     ui["startButton"].emit("clicked", True)
     assert _parsed(harness.runners[-1].calls[0][2]).trust_entry_point == []
