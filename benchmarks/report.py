@@ -1,7 +1,8 @@
 """Turn the benchmark JSON into plots, ``report.md`` and the README's headline table (issue 6, part 3).
 
 Reads from ``--results-dir`` (default ``benchmarks/results/``): ``efficacy.json`` (and any
-``efficacy_gpu_*.json``), ``performance.json``, and ``pretrained_teacher.json`` when present
+``efficacy_gpu_*.json`` and other ``efficacy_*.json`` runs, e.g. a longer student budget: each its
+own section), ``performance.json``, and ``pretrained_teacher.json`` when present
 (top-level ``date``, ``machine``, ``command``, ``teacher`` {name, params, latency_s}, ``students``
 [{method, params, latency_s, dice_vs_teacher_mean, dice_vs_teacher_sd}]). Writes beside them:
 
@@ -470,7 +471,7 @@ def load_results(results_dir: Path) -> dict[str, Any]:
 
     return {"efficacy": maybe("efficacy.json"), "performance": maybe("performance.json"),
             "pretrained": maybe("pretrained_teacher.json"),
-            "efficacy_gpu": {p.name: _measure.read_json(p) for p in sorted(results_dir.glob("efficacy_gpu_*.json"))}}
+            "efficacy_other": {p.name: _measure.read_json(p) for p in sorted(results_dir.glob("efficacy_*.json"))}}
 
 
 def build_report(results_dir: Path, readme: Path | None = None) -> dict[str, Path]:
@@ -478,7 +479,7 @@ def build_report(results_dir: Path, readme: Path | None = None) -> dict[str, Pat
     from ReCoKDLib.checkpoint import atomic_write_text
 
     res = load_results(results_dir)
-    if res["efficacy"] is None and res["performance"] is None and not res["efficacy_gpu"]:
+    if res["efficacy"] is None and res["performance"] is None and not res["efficacy_other"]:
         raise BenchmarkError(f"no efficacy.json or performance.json in {results_dir}; run the benchmarks first")
     written: dict[str, Path] = {}
     sections = ["# ReCoKD benchmark report", "",
@@ -489,11 +490,11 @@ def build_report(results_dir: Path, readme: Path | None = None) -> dict[str, Pat
         written["curves"] = plot_curves(res["efficacy"], results_dir / "learning_curves.png")
         sections += ["", efficacy_section(res["efficacy"]), "", "![Dice per method](dice_per_method.png)", "",
                      "![Learning curves](learning_curves.png)"]
-    for name, data in res["efficacy_gpu"].items():
+    for name, data in res["efficacy_other"].items():
         stem = Path(name).stem
         written[stem] = plot_dice(data, results_dir / f"dice_per_method_{stem}.png")
-        sections += ["", efficacy_section(data).replace("## Efficacy", f"## Efficacy, GPU ({name})", 1), "",
-                     f"![Dice per method, GPU](dice_per_method_{stem}.png)"]
+        sections += ["", efficacy_section(data).replace("## Efficacy", f"## Efficacy, `{name}`", 1), "",
+                     f"![Dice per method, {stem}](dice_per_method_{stem}.png)"]
     if res["performance"]:
         written["width_plot"] = plot_width(res["performance"], results_dir / "latency_params_vs_width.png")
         sections += ["", performance_section(res["performance"]), "",
