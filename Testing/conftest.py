@@ -153,3 +153,31 @@ def s3_dicom_folder(data_root, tmp_path_factory) -> Path:
     archive = data_root / "downloads" / "totalsegmentator-2.18.0.tar.gz"
     members = {"s3": "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/"}
     return extract_members(archive, members, tmp_path_factory.mktemp("s3_dicom"))["s3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Slicer module's code outside Slicer (Testing/slicer_stubs.py)
+
+
+@pytest.fixture()
+def stubs(monkeypatch):
+    """``sys.modules`` stubs for what slicer-core lacks (qt, ctk, slicer.util, ...), removed afterwards."""
+    import slicer_stubs
+
+    keep = slicer_stubs.loaded_modules()
+    modules = slicer_stubs.stub_modules()
+    slicer_stubs.install(monkeypatch, modules)
+    yield modules
+    slicer_stubs.forget_module_code(keep)
+
+
+@pytest.fixture()
+def code(stubs):
+    """The module's code imported under the stubs: ``code.<file>`` for each ReCoKDModule file."""
+    import slicer_stubs
+
+    class Code:
+        def __getattr__(self, name):
+            return slicer_stubs.import_module_code(name)
+
+    return Code()

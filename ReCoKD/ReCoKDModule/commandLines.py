@@ -1,7 +1,8 @@
 """The ``python -m ReCoKDLib ...`` command lines the panel starts, and the devices it offers.
 
 Pure Python (no Qt, no MRML): each function returns ``(arguments, environment)`` for a child
-process; ``Testing/test_slicer_module_logic.py`` parses them with the CLI's own parsers.
+process; ``Testing/test_slicer_module_logic.py`` and ``Testing/test_slicer_distill_options.py`` parse them with
+the CLI's own parsers.
 
 Devices are stored as ``"auto"``, ``"cpu"`` or ``"cuda:<n>"`` (what ``ReCoKDLib.infer.resolve_device``
 takes). A child job pinned to GPU ``n`` gets ``CUDA_VISIBLE_DEVICES=<n>`` and ``--device cuda``, so
