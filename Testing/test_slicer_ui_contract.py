@@ -119,15 +119,6 @@ def slicer_connector(widget_class: str, annotation, stubs) -> str:
 
 
 @pytest.fixture()
-def stubs(monkeypatch):
-    keep = slicer_stubs.loaded_modules()
-    modules = slicer_stubs.stub_modules()
-    slicer_stubs.install(monkeypatch, modules)
-    yield modules
-    slicer_stubs.forget_module_code(keep)
-
-
-@pytest.fixture()
 def parameters(stubs):
     return slicer_stubs.import_module_code("parameters")
 

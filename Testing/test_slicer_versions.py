@@ -45,13 +45,7 @@ def _python(version: str) -> str | None:
 PYTHON39, PYTHON312 = _python("3.9"), _python("3.12")
 
 
-@pytest.fixture()
-def stubs(monkeypatch):
-    keep = slicer_stubs.loaded_modules()
-    modules = slicer_stubs.stub_modules()
-    slicer_stubs.install(monkeypatch, modules)
-    yield modules
-    slicer_stubs.forget_module_code(keep)
+# ``stubs``: conftest.py
 
 
 def test_the_message_names_the_supported_versions(stubs):

@@ -110,8 +110,15 @@ def runSelfTest(testCase) -> None:
         names = [node.GetSegmentation().GetNthSegment(i).GetName()
                  for i in range(node.GetSegmentation().GetNumberOfSegments())]
         testCase.assertTrue(names and set(names) <= set(CLASSES[1:]), names)
-    testCase.assertEqual(mrml.labelmap_from_segmentation_node(background, volume).tolist(),
-                         mrml.labelmap_from_segmentation_node(inProcess, volume).tolist())
+    # Same model, same scan; each process chooses its fastest backend that agrees with PyTorch fp32
+    # (ReCoKDLib.models.backends: bf16 is accepted when >= 99 % of voxels keep their class), and the
+    # choice depends on timing: one may run fp32, the other bf16. The self test's student is barely
+    # trained (near-tied logits): measured 99.78 % agreement with 2 threads. Same geometry, >= 99 %.
+    backgroundLabels = mrml.labelmap_from_segmentation_node(background, volume)
+    inProcessLabels = mrml.labelmap_from_segmentation_node(inProcess, volume)
+    testCase.assertEqual(backgroundLabels.shape, inProcessLabels.shape)
+    agreement = float(np.mean(backgroundLabels == inProcessLabels))
+    testCase.assertGreaterEqual(agreement, 0.99, f"background and in-process Segment agree on {agreement:.4%} of voxels")
 
     testCase.delayDisplay("Inspecting teacher and student")
     overlay = logic.showAffinity(volume, teacher, student, level=0, mapName="difference")
