@@ -279,6 +279,9 @@ class ModelCard:
             region and ``classes`` names the values of the painted label map.
         colors: display colour of each class, RGB in [0, 1] by class id (segments in Slicer, DICOM
             SEG); empty: the front end's default table.
+        postprocessing: what segmentation does to the label map after the network
+            (:mod:`ReCoKDLib.postprocess`), e.g. ``{"keep_largest_component": ["brain"]}``; a
+            student inherits its teacher's; empty: nothing.
     """
 
     architecture: dict[str, Any]
@@ -296,6 +299,7 @@ class ModelCard:
     #: regions and the ignore label, ``regions_class_order``); empty for plain softmax classes
     label_spec: dict[str, Any] = field(default_factory=dict)
     colors: list[list[float]] = field(default_factory=list)
+    postprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

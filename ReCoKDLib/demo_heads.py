@@ -28,6 +28,7 @@ Nothing here is specific to HD-BET except :data:`HeadsDemoConfig`'s defaults: an
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -52,8 +53,13 @@ class HeadsDemoConfig:
     Attributes:
         teacher: teacher source for ``teachers.load_model`` (default the built-in HD-BET preset).
         dataset: dataset folder name under the data folder (``recokd data fetch``).
-        student_filters: DynUNet widths, stride 2 at every stage after the first (its stages meet
-            the teacher's taps at strides 2, 4, 8, 16); (8, 16, 32, 64, 128): 1.41 M parameters.
+        student_filters: DynUNet widths, stride 2 at every stage after the first.
+        student_stem_stride: the first stage's stride. 2 (default, a *strided stem*): no
+            convolution at full resolution, logits upsampled trilinearly (``networks.build_unet``);
+            the stages are at strides 2, 4, 8, 16, where the teacher's taps are; (16, 32, 64, 128):
+            1.40 M parameters. 1: a full-resolution first stage, stages at 1, 2, 4, 8, 16 (with
+            (8, 16, 32, 64, 128), 1.41 M parameters, this was the demo's student until 2026-12-06:
+            8.4x faster than HD-BET; the full-resolution stage took most of its time).
         steps, patch_size, batch_size, lr: the student's training (AdamW, poly decay).
         kd, kd_weight: KD methods (``{method: options}``) and lambda after the warm-up.
         bf16: bf16 autocast for training on the CPU.
@@ -69,7 +75,8 @@ class HeadsDemoConfig:
 
     teacher: str = "preset:hd-bet"
     dataset: str = "Dataset904_T1Heads"
-    student_filters: tuple[int, ...] = (8, 16, 32, 64, 128)
+    student_filters: tuple[int, ...] = (16, 32, 64, 128)
+    student_stem_stride: int = 2
     steps: int = 800
     patch_size: tuple[int, int, int] = (64, 64, 64)
     batch_size: int = 2
@@ -120,11 +127,12 @@ def head_cases(data_root: Path) -> tuple[Any, list, list]:
     return raw, train, [available[c] for c in split["test"]]
 
 
-def student_config(filters: Sequence[int], num_classes: int):
-    """A DynUNet with ``filters`` and stride 2 after the first stage (no deep supervision)."""
+def student_config(filters: Sequence[int], num_classes: int, stem_stride: int = 1):
+    """A DynUNet with ``filters``, stride ``stem_stride`` at the first stage and 2 after it (no deep supervision)."""
     from ReCoKDLib.networks import UNetConfig
 
-    return UNetConfig(filters=tuple(int(f) for f in filters), strides=((1, 1, 1),) + ((2, 2, 2),) * (len(filters) - 1),
+    stem = (int(stem_stride),) * 3
+    return UNetConfig(filters=tuple(int(f) for f in filters), strides=(stem,) + ((2, 2, 2),) * (len(filters) - 1),
                       num_classes=num_classes, deep_supervision=False)
 
 
@@ -134,7 +142,7 @@ def train_config(config: HeadsDemoConfig, teacher: Any, cache_dir: Path, device:
     from ReCoKDLib.engine import TrainConfig
     from ReCoKDLib.teacher_presets import student_taps_for
 
-    student = student_config(config.student_filters, len(teacher.card.classes))
+    student = student_config(config.student_filters, len(teacher.card.classes), config.student_stem_stride)
     strides = teacher.card.provenance.get("tap_strides")
     if not strides:
         raise ValueError("the teacher's card has no tap strides (a teacher preset with 'taps' gives them)")
@@ -228,11 +236,13 @@ def load_held_out(raw: Any, cases: Sequence[Any], card: Any) -> list[HeldOutHead
     return heads
 
 
-def whole_head_probabilities(network: Any, image: np.ndarray, multiple: int = 16) -> tuple[np.ndarray, float]:
+def whole_head_probabilities(network: Any, image: np.ndarray,
+                             multiple: int | Sequence[int] = 16) -> tuple[np.ndarray, float]:
     """``(K, D, H, W)`` softmax of one fp32 CPU pass on the whole head and its seconds.
 
-    The head ``(C, D, H, W)`` is padded up to ``multiple`` with its minimum (as the teacher cache
-    and the presets do) and the output cropped back; subnormal floats are flushed.
+    The head ``(C, D, H, W)`` is padded up to ``multiple`` (one or per axis ``(D, H, W)``) with its
+    minimum (as the teacher cache and the presets do) and the output cropped back; subnormal floats
+    are flushed.
     """
     import torch
     import torch.nn.functional as F
@@ -242,7 +252,8 @@ def whole_head_probabilities(network: Any, image: np.ndarray, multiple: int = 16
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     size = x.shape[2:]
-    pad = [(-s) % multiple for s in size]
+    multiples = [int(multiple)] * 3 if isinstance(multiple, (int, np.integer)) else [int(m) for m in multiple]
+    pad = [(-s) % m for s, m in zip(size, multiples)]
     x = F.pad(x, [p for a in reversed(pad) for p in (0, a)], value=float(x.min()))
     network.eval()
     with torch.no_grad(), flush_denormals():
@@ -262,61 +273,90 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
 
 
+def pad_multiple(model: Any) -> tuple[int, int, int]:
+    """What a whole head is padded to for ``model`` (a ``LoadedModel``): the least common multiple of
+    16 and the network's own size step (a student with five stride-2 stages needs 32)."""
+    from ReCoKDLib.models.window import size_step
+
+    step = size_step(model) or (1, 1, 1)
+    return tuple(math.lcm(16, int(s)) for s in step)  # type: ignore[return-value]
+
+
 def evaluate_network(network: Any, heads: Sequence[HeldOutHead], repeats: int = 1,
-                     reporter: Reporter | None = None, name: str = "") -> dict[str, Any]:
+                     reporter: Reporter | None = None, name: str = "",
+                     multiple: int | Sequence[int] = 16, postprocessing: dict[str, Any] | None = None,
+                     classes: Sequence[str] = ("background", "brain")) -> dict[str, Any]:
     """Masks (brain = class 1) on the preprocessed grid, Dice vs each reference, median latency.
 
-    Returns ``{"masks": {case: (D, H, W) bool}, "dice_vs_reference": {case: float}, "latency_s",
-    "latencies_s"}``.
+    The masks are the model's labels after its card's ``postprocessing`` (as ``recokd segment``
+    writes them; :mod:`ReCoKDLib.postprocess`); ``masks_raw`` / ``dice_vs_reference_raw`` are the
+    network's argmax alone.
+
+    Returns ``{"masks": {case: (D, H, W) bool}, "masks_raw": {...}, "dice_vs_reference": {case:
+    float}, "dice_vs_reference_raw": {...}, "latency_s", "latencies_s"}``.
     """
     from ReCoKDLib.data.preprocess import restore_to_original
+    from ReCoKDLib.postprocess import postprocess_labels
 
-    masks, refs, latencies = {}, {}, []
+    def brain(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return labels == 1, postprocess_labels(labels, postprocessing, classes)[0] == 1
+
+    masks, masks_raw, refs, refs_raw, latencies = {}, {}, {}, {}, []
     for index, head in enumerate(heads):
-        probs, seconds = whole_head_probabilities(network, head.image)
+        probs, seconds = whole_head_probabilities(network, head.image, multiple)
         latencies.append(seconds)
         for _ in range(max(0, repeats - 1)):
-            latencies.append(whole_head_probabilities(network, head.image)[1])
-        masks[head.case_id] = probs.argmax(0) == 1
+            latencies.append(whole_head_probabilities(network, head.image, multiple)[1])
+        masks_raw[head.case_id], masks[head.case_id] = brain(probs.argmax(0).astype(np.uint8))
         if head.reference is not None:
-            refs[head.case_id] = dice(restore_to_original(probs, head.pre).argmax(0) == 1, head.reference)
+            raw, post = brain(restore_to_original(probs, head.pre).argmax(0).astype(np.uint8))
+            refs_raw[head.case_id], refs[head.case_id] = dice(raw, head.reference), dice(post, head.reference)
         if reporter is not None:
             reporter.progress(EVAL_STAGE, index + 1, len(heads), message=f"{name}: {head.case_id} {seconds:.1f} s")
-    return {"masks": masks, "dice_vs_reference": refs, "latency_s": float(statistics.median(latencies)),
-            "latencies_s": latencies}
+    return {"masks": masks, "masks_raw": masks_raw, "dice_vs_reference": refs, "dice_vs_reference_raw": refs_raw,
+            "latency_s": float(statistics.median(latencies)), "latencies_s": latencies}
 
 
 def evaluate_cached(name: str, network: Any, model_key: str, heads: Sequence[HeldOutHead], folder: Path,
-                    repeats: int, reporter: Reporter | None = None) -> dict[str, Any]:
-    """:func:`evaluate_network`, stored in ``folder/<name>.json`` + ``.npz`` and reused for the same model and heads."""
+                    repeats: int, reporter: Reporter | None = None, multiple: int | Sequence[int] = 16,
+                    postprocessing: dict[str, Any] | None = None,
+                    classes: Sequence[str] = ("background", "brain")) -> dict[str, Any]:
+    """:func:`evaluate_network`, stored in ``folder/<name>.json`` + ``.npz`` and reused for the same
+    model, heads and post-processing."""
     from ReCoKDLib.checkpoint import atomic_output, atomic_write_text
 
-    key = {"model": model_key, "heads": [h.case_id for h in heads], "repeats": repeats}
+    key = {"model": model_key, "heads": [h.case_id for h in heads], "repeats": repeats,
+           "postprocessing": dict(postprocessing or {})}
     record_path, masks_path = folder / f"{name}.json", folder / f"{name}_masks.npz"
     try:
         record = json.loads(record_path.read_text())
         if record.get("key") == key:
             with np.load(masks_path) as npz:
                 record["masks"] = {h.case_id: npz[h.case_id] for h in heads}
+                record["masks_raw"] = {h.case_id: npz[f"raw__{h.case_id}"] for h in heads}
             if reporter is not None:
                 reporter.log(EVAL_STAGE, f"{name}: reusing the evaluation in {record_path}")
             return record
     except (OSError, ValueError, KeyError):
         pass
-    result = evaluate_network(network, heads, repeats, reporter, name)
+    result = evaluate_network(network, heads, repeats, reporter, name, multiple, postprocessing, classes)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_output(masks_path, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, **result["masks"])
-    atomic_write_text(record_path, json.dumps({**{k: v for k, v in result.items() if k != "masks"}, "key": key}, indent=2))
+        np.savez_compressed(tmp, **result["masks"], **{f"raw__{c}": m for c, m in result["masks_raw"].items()})
+    atomic_write_text(record_path, json.dumps({**{k: v for k, v in result.items() if k not in ("masks", "masks_raw")},
+                                               "key": key}, indent=2))
     return {**result, "key": key}
 
 
 def score_student(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
-    """Dice of the student's masks against the teacher's per head, mean and SD."""
+    """Dice of the student's masks against the teacher's per head, mean and SD; ``..._raw``: the
+    networks' argmax before post-processing."""
     per_head = {case: dice(mask, teacher["masks"][case]) for case, mask in student["masks"].items()}
+    raw = {case: dice(mask, teacher["masks_raw"][case]) for case, mask in student["masks_raw"].items()}
     values = list(per_head.values())
     return {"dice_vs_teacher": per_head, "dice_vs_teacher_mean": float(np.mean(values)),
-            "dice_vs_teacher_sd": float(np.std(values))}
+            "dice_vs_teacher_sd": float(np.std(values)), "dice_vs_teacher_raw": raw,
+            "dice_vs_teacher_raw_mean": float(np.mean(list(raw.values())))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +379,8 @@ def format_heads_table(metrics: dict[str, Any]) -> str:
     for case, value in s["dice_vs_teacher"].items():
         rows.append((f"Dice vs teacher: {case}", "1", f"{value:.3f}"))
     rows.append(("Dice vs teacher: mean", "1", f"{s['dice_vs_teacher_mean']:.3f}"))
+    if s.get("postprocessing"):
+        rows.append(("  without post-processing", "1", f"{s['dice_vs_teacher_raw_mean']:.3f}"))
     for case in t["dice_vs_reference"]:
         rows.append((f"Dice vs reference: {case}", f"{t['dice_vs_reference'][case]:.3f}",
                      f"{s['dice_vs_reference'].get(case, float('nan')):.3f}"))
@@ -413,10 +455,12 @@ def run_heads_demo(
     heads = load_held_out(raw, test_cases, teacher.card)
     student = load_model(student_path, "cpu")
     reporter.start(EVAL_STAGE, total=len(heads), message="teacher on the held-out heads (one pass each)")
-    t_eval = evaluate_cached("teacher", teacher.network, teacher.sha256, heads, out / "evaluation", 1, reporter)
+    t_eval = evaluate_cached("teacher", teacher.network, teacher.sha256, heads, out / "evaluation", 1, reporter,
+                             pad_multiple(teacher), teacher.card.postprocessing, teacher.card.classes)
     reporter.start(EVAL_STAGE, total=len(heads), message=f"student on the held-out heads ({config.latency_repeats} passes each)")
     s_eval = evaluate_cached("student", student.network, sha256_file(student_path), heads, out / "evaluation",
-                             config.latency_repeats, reporter)
+                             config.latency_repeats, reporter, pad_multiple(student), student.card.postprocessing,
+                             student.card.classes)
     reporter.done(EVAL_STAGE, path=str(out / "evaluation"))
     reporter.progress(STAGE, 3, 4, message="evaluated teacher and student")
 
@@ -426,9 +470,13 @@ def run_heads_demo(
         "task": "heads",
         "teacher": {"name": teacher.card.architecture.get("preset", config.teacher), "source": config.teacher,
                     "params": count_parameters(teacher.network), "latency_s": t_eval["latency_s"],
-                    "dice_vs_reference": t_eval["dice_vs_reference"]},
+                    "dice_vs_reference": t_eval["dice_vs_reference"],
+                    "dice_vs_reference_raw": t_eval["dice_vs_reference_raw"],
+                    "postprocessing": teacher.card.postprocessing},
         "student": {"params": count_parameters(student.network), "latency_s": s_eval["latency_s"],
-                    "dice_vs_reference": s_eval["dice_vs_reference"], **score_student(s_eval, t_eval),
+                    "dice_vs_reference": s_eval["dice_vs_reference"],
+                    "dice_vs_reference_raw": s_eval["dice_vs_reference_raw"],
+                    "postprocessing": student.card.postprocessing, **score_student(s_eval, t_eval),
                     "model": str(student_path), "teacher_outputs": card.kd.get("teacher_outputs")},
         "speedup": t_eval["latency_s"] / s_eval["latency_s"],
         "train_heads": [c.case_id for c in train_cases], "test_heads": [c.case_id for c in test_cases],

@@ -288,6 +288,7 @@ def segment_volume(
     precision: str = "auto",
     window: Sequence[int] | str | None = "auto",
     restore: str = "auto",
+    postprocess: bool = True,
 ) -> SegmentationResult:
     """Segment one volume with a :class:`~ReCoKDLib.models.base.LoadedModel`.
 
@@ -311,10 +312,13 @@ def segment_volume(
         restore: ``"fast"`` (labels from the probabilities without resampling every class map,
             :mod:`ReCoKDLib.restore`), ``"probabilities"`` (every class map resampled, then argmax) or
             ``"auto"`` (``probabilities`` when they are returned or the labels are regions, else ``fast``).
+        postprocess: apply the card's ``postprocessing`` to the labels (:mod:`ReCoKDLib.postprocess`,
+            e.g. keep the largest brain component); probabilities are never changed.
 
     Returns:
         a :class:`SegmentationResult`; ``info`` holds the backend (and why), window (and how),
-        overlap, mirroring, restore mode and the seconds of each stage.
+        overlap, mirroring, restore mode, post-processing (voxels removed per class) and the
+        seconds of each stage.
 
     Raises:
         ImageDimensionError: not a 3D volume. InferenceError: wrong channel count, empty ROI, a
@@ -415,6 +419,11 @@ def segment_volume(
             full[:, ~inside] = 0.0
             if not regions:
                 full[0, ~inside] = 1.0
+    postprocessing_info: dict[str, Any] = {}
+    if postprocess and getattr(card, "postprocessing", None):
+        from ReCoKDLib.postprocess import postprocess_labels
+
+        labels, postprocessing_info = postprocess_labels(labels, card.postprocessing, card.classes)
     seconds = time.perf_counter() - t0
     backend_record = runner.record() if runner is not None else {"backend": None, "reason": "no window to compute"}
     if reporter is not None:
@@ -427,6 +436,7 @@ def segment_volume(
         info={"preprocessed_shape": pre.shape, "computed_region": region, "mirror_axes": mirror_axes,
               "backend": backend_record, "window": list(win), "window_choice": window_info, "overlap": overlap,
               "restore": "regions" if regions else ("probabilities" if full is not None else "fast"),
+              "postprocessing": postprocessing_info,
               "stage_seconds": {"preprocess": round(t_pre - t0, 4), "infer": round(t_infer - t_pre, 4),
                                 "restore": round(time.perf_counter() - t_infer, 4)}},
     )

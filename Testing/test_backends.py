@@ -32,9 +32,9 @@ def _geometry(spacing=(1.3, 1.1, 2.2), angle=0.3) -> Geometry:
     return Geometry(spacing, (2.0, -3.0, 5.0), tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()))
 
 
-def _save(folder, name="tiny.pt", seed=0, classes=("bg", "a", "b")):
+def _save(folder, name="tiny.pt", seed=0, classes=("bg", "a", "b"), **overrides):
     torch.manual_seed(seed)
-    config = preset("tiny", num_classes=len(classes))
+    config = preset("tiny", num_classes=len(classes), **overrides)
     network = build_unet(config)
     with torch.no_grad():  # larger logits than at initialisation: classes are decided, not tied
         for p in network.parameters():
@@ -209,6 +209,41 @@ def test_exported_onnx_student_segments_through_the_backends(tmp_path, volume):
         np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=2e-4)
     with pytest.raises(InferenceError, match="exported ONNX graph"):
         segment_volume(graph_model, image, geometry, device="cpu", backend="torch")
+
+
+def test_strided_stem_network_gives_full_resolution_logits_on_every_backend(tmp_path, volume):
+    """A first stage of stride 2 (no convolution at full resolution): logits upsampled to the input
+    in eval and in training (MONAI's stacked deep-supervision output), the same through the
+    exported graphs as through PyTorch, and its stages at strides 2, 4, 8 for the KD taps."""
+    from ReCoKDLib.models.presets import student_taps_for
+    from ReCoKDLib.models.window import size_step
+
+    stem = ((2, 2, 2), (2, 2, 2), (2, 2, 2))
+    config = preset("tiny", strides=stem)
+    assert config.strided_stem and not preset("tiny").strided_stem and config.divisor == (8, 8, 8)
+    network = build_unet(config)
+    x = torch.randn(2, 1, 16, 24, 32)
+    network.train()
+    out = network(x)
+    assert out.shape == (2, 2, 2, 16, 24, 32)  # (B, 1 + S, K, D, H, W) at the input's size
+    out.mean().backward()
+    assert network.input_block.conv1.conv.weight.grad is not None
+    network.eval()
+    with torch.no_grad():
+        assert network(x).shape == (2, 2, 16, 24, 32)
+    assert student_taps_for([(2, 2, 2), (4, 4, 4)], config) == ["input_block", "downsamples.0"]
+
+    image, geometry = volume
+    path = _save(tmp_path, "stem.pt", strides=stem)
+    model = load_model(path)
+    assert size_step(model) == (8, 8, 8)
+    reference = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32",
+                               window="patch", return_probabilities=True)
+    assert reference.labels.shape == image.shape and reference.geometry == geometry
+    for backend in ("onnxruntime", "openvino"):
+        result = segment_volume(load_model(path), image, geometry, device="cpu", backend=backend, precision="fp32",
+                                window="patch", return_probabilities=True)
+        np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=2e-4)
 
 
 def test_onednn_convolution_equals_pytorch_and_stays_out_of_exports():

@@ -45,6 +45,7 @@ def _stand_in_teacher(folder):
               "kwargs": kwargs, "weights": "stand_in.pt", "classes": ["background", "brain"],
               "spacing": [3.0, 3.0, 3.0], "normalization": {"scheme": "zscore", "nonzero": False},
               "patch_size": [32, 32, 32], "pad_multiple": 16, "output": "logits",
+              "postprocessing": {"keep_largest_component": ["brain"]},
               "taps": [{"module": m, "stride": [s] * 3, "channels": c} for m, s, c in TAPS]}
     path = folder / "stand_in.json"
     path.write_text(json.dumps(preset))
@@ -73,7 +74,7 @@ def _heads(root):
 def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(tmp_path):
     data = _heads(tmp_path)
     config = HeadsDemoConfig(teacher=str(_stand_in_teacher(tmp_path)), dataset=data.name,
-                             student_filters=(4, 8, 8, 8, 8), steps=3, patch_size=(32, 32, 32), batch_size=1,
+                             student_filters=(4, 8, 8, 8), steps=3, patch_size=(32, 32, 32), batch_size=1,
                              latency_repeats=2, bf16=False)
     out = tmp_path / "demo"
     events = []
@@ -92,7 +93,12 @@ def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(
     assert student["teacher_outputs"]["mode"] == "cache"
     assert student["teacher_outputs"]["computed"] == 3 and student["teacher_outputs"]["cases"] == 3
     card = read_model_card(out / "student" / "model_last.pt")
-    assert card.role == "student" and card.tap_names == ["downsamples.0", "downsamples.1", "downsamples.2", "bottleneck"]
+    # the default strided stem: the student's four stages sit at the teacher's tap strides 2, 4, 8, 16
+    assert card.role == "student" and card.tap_names == ["input_block", "downsamples.0", "downsamples.1", "bottleneck"]
+    assert card.architecture["config"]["strides"][0] == [2, 2, 2]
+    # the student is segmented as its teacher is: the teacher's post-processing is on its card
+    assert card.postprocessing == {"keep_largest_component": ["brain"]} == student["postprocessing"]
+    assert set(student["dice_vs_teacher_raw"]) == {"held_ref", "held_plain"} and "dice_vs_reference_raw" in teacher
     assert sorted(card.provenance["cases"]) == ["train_a", "train_b", "train_c"]  # held-out heads never trained on
     stages = {e["stage"] for e in events if e["event"] == "progress"}
     assert {"preprocess", "teacher-cache", "distill", "evaluate", "demo"} <= stages

@@ -72,18 +72,20 @@ class Config:
     lr: float = 2e-3
     threads: int = 2
     device: str = "cpu"
-    student_filters: tuple[int, ...] = (8, 16, 32, 64, 128)
+    student_filters: tuple[int, ...] = HeadsDemoConfig.student_filters
+    student_stem_stride: int = HeadsDemoConfig.student_stem_stride
     seed: int = 0
 
 
 CPU = Config()
 GPU = Config(steps=3000, patch=96, batch=4, device="cuda", threads=8)
-SMOKE = Config(steps=3, patch=32, batch=1, threads=1, student_filters=(4, 8, 8, 8, 8))
+SMOKE = Config(steps=3, patch=32, batch=1, threads=1, student_filters=(4, 8, 8, 8))
 
 
 def demo_config(config: Config, method: str, teacher: str, dataset: str, trust: Sequence[str] = ()) -> HeadsDemoConfig:
     """The demo's configuration of one method (the demo itself is ``recokd``)."""
     return HeadsDemoConfig(teacher=teacher, dataset=dataset, student_filters=tuple(config.student_filters),
+                           student_stem_stride=config.student_stem_stride,
                            steps=config.steps, patch_size=(config.patch,) * 3, batch_size=config.batch, lr=config.lr,
                            kd=METHODS[method], kd_weight=KD_LAMBDA[method], seed=config.seed,
                            bf16=config.device == "cpu", latency_repeats=3, trust_entry_points=tuple(trust))
@@ -150,7 +152,8 @@ def _smoke_setup(work: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ReCoKDLib.demo_heads import distil_student, evaluate_cached, load_held_out, prepare_heads, score_student
+    from ReCoKDLib.demo_heads import (distil_student, evaluate_cached, load_held_out, pad_multiple, prepare_heads,
+                                      score_student)
     from ReCoKDLib.networks import count_parameters
     from ReCoKDLib.progress import Reporter
     from ReCoKDLib.teachers import load_model
@@ -182,7 +185,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["load_and_preprocess_s"] = time.perf_counter() - t0
     heads = load_held_out(heads_data.raw, heads_data.test_cases, teacher.card)
     t0 = time.perf_counter()
-    t_eval = evaluate_cached("teacher", teacher.network, teacher.sha256, heads, out / "evaluation", 1, reporter)
+    t_eval = evaluate_cached("teacher", teacher.network, teacher.sha256, heads, out / "evaluation", 1, reporter,
+                             pad_multiple(teacher), teacher.card.postprocessing, teacher.card.classes)
     timings["teacher_held_out_s"] = time.perf_counter() - t0
     result: dict[str, Any] = {
         **_measure.provenance(config.threads),
@@ -205,12 +209,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         history = json.loads((path.parent / "history.json").read_text()) if (path.parent / "history.json").is_file() else {}
         student = load_model(path, "cpu")
         s_eval = evaluate_cached(method, student.network, _sha(path), heads, out / "evaluation",
-                                 method_config.latency_repeats, reporter)
+                                 method_config.latency_repeats, reporter, pad_multiple(student),
+                                 student.card.postprocessing, student.card.classes)
         scores = score_student(s_eval, t_eval)
         result["students"].append({"method": method, "params": count_parameters(student.network),
                                    "train_time_s": seconds, "latency_s": s_eval["latency_s"],
                                    "dice_vs_teacher_mean": scores["dice_vs_teacher_mean"],
                                    "dice_vs_teacher_sd": scores["dice_vs_teacher_sd"],
+                                   "dice_vs_teacher_raw_mean": scores["dice_vs_teacher_raw_mean"],
                                    "dice_vs_reference": s_eval["dice_vs_reference"],
                                    "dice_vs_teacher": scores["dice_vs_teacher"], "model": str(path),
                                    "train_steps_logged": len(history.get("train", []))})

@@ -32,7 +32,7 @@ def parse_window(text: str) -> str | list[int]:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--backend``, ``--precision``, ``--window``, ``--restore``."""
+    """``--backend``, ``--precision``, ``--window``, ``--restore``, ``--no-postprocess``."""
     group = parser.add_argument_group("inference engine")
     group.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                        help="what runs the network: auto (on the CPU, every installed backend is tried once on a window "
@@ -48,6 +48,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                        help="labels back on the input grid: fast (interpolates only near class boundaries; same labels) "
                             "or probabilities (every class map resampled) (default auto: fast unless probabilities are "
                             "written)")
+    group.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                       help="write the network's labels as they are, without the model card's post-processing "
+                            "(e.g. HD-BET and its students keep only the largest brain component)")
 
 
 def inference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,4 +59,5 @@ def inference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "amp", False) and precision == "auto":
         precision = "bf16"
     return {"backend": getattr(args, "backend", "auto"), "precision": precision,
-            "window": getattr(args, "window", "auto"), "restore": getattr(args, "restore", "auto")}
+            "window": getattr(args, "window", "auto"), "restore": getattr(args, "restore", "auto"),
+            "postprocess": getattr(args, "postprocess", True)}

@@ -130,6 +130,7 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
             normalization=dict(teacher_card.normalization), patch_size=list(config.patch_size),
             in_channels=dataset.in_channels, role="student", tap_names=student_taps, kd=kd_record,
             label_spec=_label_spec_record(dataset) or dict(teacher_card.label_spec),
+            postprocessing=dict(teacher_card.postprocessing),  # the same classes: segmented as the teacher is
             provenance={"teacher_sha256": teacher_sha, "versions": _versions(), "train_config": config.to_dict(),
                         "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes,
                         **nnunet_record},

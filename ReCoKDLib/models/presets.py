@@ -23,6 +23,8 @@ A preset says everything ReCoKD needs to use a network it did not train as a fro
 * **where to distil it**: ``taps``, a list of ``{"module": name, "stride": [sd, sh, sw],
   "channels": C}`` from shallow to deep; :func:`student_taps_for` picks the student stages at the
   same strides;
+* **what its users do after it**: ``postprocessing`` (as ``checkpoint.ModelCard``, e.g.
+  ``{"keep_largest_component": ["brain"]}``; its students inherit it);
 * **where it comes from**: ``install`` (what to ``pip install`` when the package is missing),
   ``licence``, ``source``, ``notes``.
 
@@ -129,6 +131,7 @@ class TeacherPreset:
     in_channels: int = 1
     taps: list[dict[str, Any]] = field(default_factory=list)
     probe_size: list[int] | None = None
+    postprocessing: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     install: str = ""
     licence: str = ""
@@ -156,6 +159,7 @@ class TeacherPreset:
             normalization=dict(self.normalization), patch_size=[int(p) for p in self.patch_size],
             in_channels=int(self.in_channels), role="teacher",
             tap_names=[PresetNetwork.prefix + n for n in self.tap_names],
+            postprocessing={k: list(v) for k, v in self.postprocessing.items()},
             provenance={"preset": self.name, "licence": self.licence, "source": self.source,
                         "tap_strides": [list(s) for s in self.tap_strides]},
         )
@@ -188,6 +192,12 @@ class TeacherPreset:
                 raise TeacherPresetError(f"{where}: each tap needs 'module' and a 3-element 'stride', got {tap!r}")
         if len(data["spacing"]) != 3 or len(data["patch_size"]) != 3:
             raise TeacherPresetError(f"{where}: spacing and patch_size need 3 values (D, H, W)")
+        from ReCoKDLib.postprocess import PostProcessingError, steps_for_card
+
+        try:
+            steps_for_card(data.get("postprocessing"), list(data["classes"]))
+        except (PostProcessingError, TypeError, AttributeError) as exc:
+            raise TeacherPresetError(f"{where}: postprocessing: {exc}") from None
         return cls(**fields, path=str(path), builtin=builtin)
 
 

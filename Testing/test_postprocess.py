@@ -1,0 +1,105 @@
+"""Post-processing recorded in the model card: keep the largest connected component of a class
+(HD-BET's own default, ``-pp 1`` in MIC-DKFZ/HD-BET ``HD_BET/hd_bet_cli.py``), applied by every
+front end's ``segment_volume`` unless turned off, inherited by distilled students."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ReCoKDLib.checkpoint import ModelCard
+from ReCoKDLib.commands.inference_options import inference_kwargs
+from ReCoKDLib.data.io import Geometry
+from ReCoKDLib.infer import segment_volume
+from ReCoKDLib.models.base import LoadedModel
+from ReCoKDLib.models.presets import TeacherPresetError, load_preset
+from ReCoKDLib.postprocess import PostProcessingError, keep_largest_component, postprocess_labels, steps_for_card
+
+
+def test_only_the_largest_component_of_each_named_class_survives():
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[0:3, 0:3, 0:3] = 1      # 27 voxels: kept
+    labels[5, 7, 7] = 1            # a stray voxel: removed
+    labels[4, 4, 4] = 1            # touches the next only diagonally: 26-connected to it
+    labels[5, 5, 5] = 1
+    labels[0:2, 6:8, 6:8] = 2      # class 2 is not named: untouched, two components stay
+    labels[4:6, 0:2, 6:8] = 2
+    out = keep_largest_component(labels, [1])
+    assert out.dtype == labels.dtype and out.shape == labels.shape
+    assert (out == 1).sum() == 27 and out[5, 7, 7] == 0 and out[4, 4, 4] == 0 and out[5, 5, 5] == 0
+    np.testing.assert_array_equal(out == 2, labels == 2)
+    assert labels[5, 7, 7] == 1  # the input is not changed
+    # an absent class stays absent; one component is unchanged
+    np.testing.assert_array_equal(keep_largest_component(out, [1, 3]), out)
+
+
+def test_a_card_names_classes_by_name_or_id_and_mistakes_are_refused():
+    classes = ["background", "brain", "skull"]
+    assert steps_for_card({"keep_largest_component": ["brain", 2]}, classes) == {"keep_largest_component": [1, 2]}
+    assert steps_for_card({}, classes) == {} and steps_for_card(None, classes) == {}
+    for bad, match in (({"fill_holes": ["brain"]}, "unknown post-processing step"),
+                       ({"keep_largest_component": ["liver"]}, "not a foreground class"),
+                       ({"keep_largest_component": ["background"]}, "not a foreground class"),
+                       ({"keep_largest_component": [3]}, "not a foreground class")):
+        with pytest.raises(PostProcessingError, match=match):
+            steps_for_card(bad, classes)
+    labels = np.zeros((3, 3, 9), np.uint8)
+    labels[1, 1, [0, 1, 2, 7]] = 1
+    kept, info = postprocess_labels(labels, {"keep_largest_component": ["brain"]}, classes)
+    assert info == {"keep_largest_component": {"brain": 1}} and kept.sum() == 3
+    same, info = postprocess_labels(labels, {}, classes)
+    assert same is labels and info == {}
+
+
+class _BrightIsForeground(nn.Module):
+    """Logits ``(B, 2, D, H, W)``: class 1 where the (normalised) image is above 0."""
+
+    def forward(self, x):
+        return torch.cat([-x[:, :1], x[:, :1]], dim=1) * 10.0
+
+
+def _model(postprocessing):
+    card = ModelCard(architecture={"kind": "test"}, classes=["background", "brain"], spacing=[1.0, 1.0, 1.0],
+                     normalization={"scheme": "none"}, patch_size=[8, 8, 8], postprocessing=postprocessing)
+    return LoadedModel(_BrightIsForeground().eval(), card, "recokd")
+
+
+def test_segment_volume_applies_the_cards_post_processing_unless_turned_off():
+    image = -np.ones((16, 16, 16), np.float32)
+    image[2:10, 2:10, 2:10] = 1.0   # the brain
+    image[13:15, 13:15, 13:15] = 1.0  # a blob apart from it
+    geometry = Geometry((1.0, 1.0, 1.0))
+    kw = dict(device="cpu", backend="torch", precision="fp32", window="patch", overlap=0.0)
+    result = segment_volume(_model({"keep_largest_component": ["brain"]}), image, geometry, **kw)
+    assert (result.labels == 1).sum() == 512 and result.labels[14, 14, 14] == 0
+    assert result.info["postprocessing"] == {"keep_largest_component": {"brain": 8}}
+    raw = segment_volume(_model({"keep_largest_component": ["brain"]}), image, geometry, postprocess=False, **kw)
+    assert (raw.labels == 1).sum() == 520 and raw.info["postprocessing"] == {}
+    plain = segment_volume(_model({}), image, geometry, **kw)
+    np.testing.assert_array_equal(plain.labels, raw.labels)
+
+
+def test_the_command_line_option_turns_it_off():
+    import argparse
+
+    from ReCoKDLib.commands.inference_options import add_inference_arguments
+
+    parser = argparse.ArgumentParser()
+    add_inference_arguments(parser)
+    assert inference_kwargs(parser.parse_args([]))["postprocess"] is True
+    assert inference_kwargs(parser.parse_args(["--no-postprocess"]))["postprocess"] is False
+
+
+def test_hd_bet_preset_keeps_the_largest_brain_component_and_a_bad_preset_is_refused(tmp_path):
+    assert load_preset("hd-bet").card().postprocessing == {"keep_largest_component": ["brain"]}
+    record = {"format": "recokd-teacher-preset", "name": "x", "torchscript": "x.ts", "classes": ["background", "a"],
+              "spacing": [1, 1, 1], "normalization": {"scheme": "zscore"}, "patch_size": [8, 8, 8],
+              "postprocessing": {"keep_largest_component": ["brain"]}}
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(TeacherPresetError, match="postprocessing.*not a foreground class"):
+        load_preset(path)
