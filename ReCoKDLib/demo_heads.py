@@ -9,11 +9,14 @@ unlabelled T1 heads of ``Dataset904_T1Heads`` (``recokd data fetch --only heads`
 2. **distill**: :func:`ReCoKDLib.engine.distill` with ``teacher_outputs="cache"``: the teacher runs
    once per training head on the whole volume (stage ``teacher-cache``), then the student learns
    from the cached logits and tap features (stage ``distill``): Dice + CE on the teacher's argmax
-   plus ReCo-KD at the teacher's taps (strides 2, 4, 8, 16);
+   plus ReCo-KD at the teacher's taps (strides 2, 4, 8, 16), which are the stages of the
+   strided-stem student (no convolution at full resolution: ``networks.UNetConfig.strided_stem``);
 3. **evaluate** (stage ``evaluate``): teacher and student on each held-out whole head, one pass
    each (padded to a multiple of 16): Dice of the student's brain mask against the teacher's,
    Dice of both against the reference mask where the dataset has one (Colin27, ``ch2bet > 0``,
-   on the original grid), parameters, CPU latency (fp32, median) and the speed-up;
+   on the original grid), each model's masks after its card's post-processing (HD-BET and its
+   student: the largest brain component, HD-BET's own default) and without it, parameters, CPU
+   latency (fp32, median) and the speed-up;
    ``metrics.json``, ``report.md``, ``summary.txt``.
 
 Every stage is resumable: preprocessing and teacher outputs are cached, training writes
@@ -60,7 +63,9 @@ class HeadsDemoConfig:
             1.40 M parameters. 1: a full-resolution first stage, stages at 1, 2, 4, 8, 16 (with
             (8, 16, 32, 64, 128), 1.41 M parameters, this was the demo's student until 2026-12-06:
             8.4x faster than HD-BET; the full-resolution stage took most of its time).
-        steps, patch_size, batch_size, lr: the student's training (AdamW, poly decay).
+        steps, patch_size, batch_size, lr: the student's training (AdamW, poly decay). The
+            strided-stem student's Dice vs the teacher (mean of the held-out heads, largest component
+            kept / raw argmax): 0.956 / 0.938 after 800 steps, 0.962 / 0.953 after 1600 (default).
         kd, kd_weight: KD methods (``{method: options}``) and lambda after the warm-up.
         bf16: bf16 autocast for training on the CPU.
         augmentation: nnU-Net-style patch augmentation (``data.sampling.AugmentationConfig``), on the
@@ -77,7 +82,7 @@ class HeadsDemoConfig:
     dataset: str = "Dataset904_T1Heads"
     student_filters: tuple[int, ...] = (16, 32, 64, 128)
     student_stem_stride: int = 2
-    steps: int = 800
+    steps: int = 1600
     patch_size: tuple[int, int, int] = (64, 64, 64)
     batch_size: int = 2
     lr: float = 2e-3

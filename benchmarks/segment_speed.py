@@ -201,9 +201,12 @@ def default_models() -> dict[str, dict[str, Any]]:
                        "cases": ["s1_ct"]},
         "hdbet_teacher": {"path": "preset:hd-bet", "family": "hdbet", "role": "teacher", "cases": ["t1_head"],
                           "settings": ["fp32", "best"]},
-        "hdbet_student": {"path": runs / "segment_speed/hdbet_student/model.pt", "family": "hdbet",
-                          "role": "student", "note": "make_hdbet_student(): untrained weights, speed only",
-                          "cases": ["t1_head"], "settings": ["fp32", "best"]},
+        "hdbet_student": ({"path": runs / "demo/student/model_last.pt", "family": "hdbet", "role": "student",
+                           "note": "the student of `recokd demo` (README command 1)"}
+                          if (runs / "demo/student/model_last.pt").is_file() else
+                          {"path": runs / "segment_speed/hdbet_student/model.pt", "family": "hdbet",
+                           "role": "student", "note": "make_hdbet_student(): untrained weights, speed only"})
+                         | {"cases": ["t1_head"], "settings": ["fp32", "best"]},
         "ct_div4": {"path": runs / "segment_speed/student_div4/model_last.pt", "family": "ct", "role": "student",
                     "reduction": 4, "cases": ["s1_ct"]},
         "ct_div2": {"path": runs / "segment_speed/student_div2/model_last.pt", "family": "ct", "role": "student",
@@ -220,21 +223,25 @@ def default_models() -> dict[str, dict[str, Any]]:
 
 
 def make_hdbet_student(path: Path) -> Path:
-    """The HD-BET student architecture of ``benchmarks/pretrained_teacher.py`` (DynUNet 8-16-32-64-128,
-    stride 2 at every stage, 1.4 M parameters) with untrained weights and the preset's card: what a
-    student of HD-BET costs to run (its labels are not a brain mask; Dice is against its own fp32 run)."""
+    """The HD-BET student architecture of ``recokd demo`` (``demo_heads.HeadsDemoConfig``: the
+    strided-stem DynUNet 16-32-64-128, 1.4 M parameters) with untrained weights and the preset's
+    card: what a student of HD-BET costs to run when the demo's trained student is not there (its
+    labels are not a brain mask; Dice is against its own fp32 run)."""
     import torch
 
     from ReCoKDLib.checkpoint import ModelCard, save_model
+    from ReCoKDLib.demo_heads import HeadsDemoConfig, student_config
     from ReCoKDLib.models.presets import load_preset
-    from ReCoKDLib.networks import UNetConfig, build_unet
+    from ReCoKDLib.networks import build_unet
 
     preset = load_preset("hd-bet")
-    config = UNetConfig(filters=(8, 16, 32, 64, 128), strides=((1, 1, 1),) + ((2, 2, 2),) * 4, num_classes=2)
+    demo = HeadsDemoConfig()
+    config = student_config(demo.student_filters, len(preset.classes), demo.student_stem_stride)
     torch.manual_seed(0)
     card = ModelCard(architecture={"kind": "dynunet", "config": config.to_dict()}, classes=list(preset.classes),
                      spacing=list(preset.spacing), normalization=dict(preset.normalization),
-                     patch_size=list(preset.patch_size), role="student", provenance={"note": "untrained, speed only"})
+                     patch_size=list(preset.patch_size), role="student", provenance={"note": "untrained, speed only"},
+                     postprocessing=dict(preset.postprocessing))  # the same work after the network as the teacher
     return save_model(path, build_unet(config).state_dict(), card)
 
 
@@ -387,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             models = default_models()
             student = Path(models["hdbet_student"]["path"])
-            if not student.is_file():
+            if not student.is_file() and "untrained" in models["hdbet_student"]["note"]:
                 make_hdbet_student(student)
         if args.nnunet_teacher and args.nnunet_case:
             cases["nnunet_case"] = args.nnunet_case
