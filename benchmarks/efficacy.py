@@ -685,6 +685,21 @@ def default_output(budget: Budget) -> Path:
     return _measure.RESULTS_DIR / f"efficacy_gpu_{safe}.json"
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux the worker gets SIGTERM when the benchmark process ends (killed
+    included), so no orphan keeps training into a run folder that a resumed benchmark also uses
+    (two writers of one checkpoint). Elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 class _Pool:
     """Runs jobs in ``workers`` processes (``workers == 1``: in this process), yielding results as they finish."""
 
@@ -696,7 +711,7 @@ class _Pool:
             import multiprocessing
 
             self._executor = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"))
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent)
 
     def run(self, items: Sequence[tuple[Context, Job, str | None]]):
         if self._executor is None:
