@@ -272,3 +272,42 @@ def test_efficacy_student_steps_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         efficacy.main(["--student-steps", "0"])
     assert "--student-steps must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_efficacy_pool_workers_die_with_the_benchmark(tmp_path):
+    """A killed benchmark leaves no worker training on (a resumed run would share its run folders)."""
+    import os
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "import efficacy\n"
+        "if __name__ == '__main__':\n"
+        "    pool = efficacy._Pool(2)\n"
+        "    pool._executor.submit(time.sleep, 120)  # starts the workers\n"
+        "    time.sleep(2)\n"
+        "    print(' '.join(str(pid) for pid in pool._executor._processes), flush=True)\n"
+        "    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert workers
+    parent.kill()  # SIGKILL: no clean-up in the parent
+    parent.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, f"workers {left} outlived the killed benchmark"
