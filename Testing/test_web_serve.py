@@ -247,11 +247,12 @@ class _Page:
         while digest == previous and time.monotonic() < deadline:
             self.page.wait_for_timeout(300)
             digest = self.digest()
-        settled = None  # then until two frames agree (the view may still be refitting)
-        while settled != digest and time.monotonic() < deadline:
-            settled = digest
+        stable = 0  # then until three frames 400 ms apart agree (the view may still be refitting; on a
+        while stable < 2 and time.monotonic() < deadline:  # loaded machine two agreeing frames were not enough)
             self.page.wait_for_timeout(400)
-            digest = self.digest()
+            now = self.digest()
+            stable = stable + 1 if now == digest else 0
+            digest = now
         self.save(name)
         assert digest != previous, f"the view did not change after: {name}"
         return digest
