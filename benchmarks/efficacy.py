@@ -220,7 +220,7 @@ class Budget:
 #: 2 CPU cores (run with --workers 2: two runs side by side, one thread each). Students get 4,000
 #: steps: at 2,000 the brain students' validation Dice was still rising (+0.04 median in the last
 #: quarter) and the plain student's test Dice rose from 0.560 to 0.665 at 4,000
-#: (results/efficacy_brain_budget4000_plain.json). Student patience 10 validations (1,000 steps):
+#: (budget experiment of commit d439183). Student patience 10 validations (1,000 steps):
 #: with 5, a plain brain student stopped at step 2,300 while its noisy validation curve was still
 #: rising (best 0.44 at 1,800; test 0.560 against 0.661 for the seed that ran 4,000 steps).
 CPU = Budget("cpu", teacher_steps=6000, student_steps=4000, val_every=150, patience=6, student_patience=10,
