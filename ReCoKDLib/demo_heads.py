@@ -65,7 +65,8 @@ class HeadsDemoConfig:
             8.4x faster than HD-BET; the full-resolution stage took most of its time).
         steps, patch_size, batch_size, lr: the student's training (AdamW, poly decay). The
             strided-stem student's Dice vs the teacher (mean of the held-out heads, largest component
-            kept / raw argmax): 0.956 / 0.938 after 800 steps, 0.962 / 0.953 after 1600 (default).
+            kept / raw argmax, one thread): 0.956 / 0.938 after 800 steps, 0.962 / 0.953 after 1600
+            (default; with 2 threads 0.959 / 0.954, README command 1 from a fresh clone: 13 min).
         kd, kd_weight: KD methods (``{method: options}``) and lambda after the warm-up.
         bf16: bf16 autocast for training on the CPU.
         augmentation: nnU-Net-style patch augmentation (``data.sampling.AugmentationConfig``), on the
