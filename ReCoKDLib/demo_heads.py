@@ -12,7 +12,7 @@ unlabelled T1 heads of ``Dataset904_T1Heads`` (``recokd data fetch --only heads`
    plus ReCo-KD at the teacher's taps (strides 2, 4, 8, 16), which are the stages of the
    strided-stem student (no convolution at full resolution: ``networks.UNetConfig.strided_stem``);
 3. **evaluate** (stage ``evaluate``): teacher and student on each held-out whole head, one pass
-   each (padded to a multiple of 16): Dice of the student's brain mask against the teacher's,
+   each (padded to a multiple of 16 and of the network's size step, :func:`pad_multiple`): Dice of the student's brain mask against the teacher's,
    Dice of both against the reference mask where the dataset has one (Colin27, ``ch2bet > 0``,
    on the original grid), each model's masks after its card's post-processing (HD-BET and its
    student: the largest brain component, HD-BET's own default) and without it, parameters, CPU
