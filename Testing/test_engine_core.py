@@ -189,6 +189,41 @@ def test_nan_gradients_with_a_finite_loss_skip_the_step(ct_cases, teacher_file, 
     assert result.step == 4 and all(torch.isfinite(p).all() for p in result.network.parameters())
 
 
+class _OverflowsInBF16(nn.Module):
+    """A KD loss stand-in whose gradient is NaN whenever CPU autocast is on (as bf16 overflowed in a
+    ReCo-KD student's convolution backward), finite in float32; records the autocast state per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast_per_call: list[bool] = []
+
+    def forward(self, batch, return_maps=False):
+        under_autocast = torch.is_autocast_enabled("cpu")
+        self.autocast_per_call.append(under_autocast)
+        loss = torch.nn.functional.mse_loss(batch.student_logits.float(), batch.teacher_logits.float())
+        if under_autocast:
+            loss = loss + 0.0 * torch.sqrt(batch.student_logits.float() * 0.0).sum()
+        return KDOutput(loss=loss, terms={"mse": loss.detach()})
+
+
+def test_a_bf16_overflow_redoes_the_step_in_float32_and_stays_there(ct_cases, teacher_file, tmp_path, monkeypatch):
+    kd = _OverflowsInBF16()
+    _patch_kd(monkeypatch, kd)
+    monkeypatch.setattr(engine.loop, "FP32_AFTER_OVERFLOW", 3)
+    events = _Events()
+    # every bf16 step would be skipped and max_nonfinite=2 would stop the run; redone in float32 it trains on
+    result = distill(_config(steps=8, bf16=True, max_nonfinite=2), teacher_file, ct_cases, tmp_path / "b", events)
+    assert result.step == 8 and all(torch.isfinite(p).all() for p in result.network.parameters())
+    # step 1 in bf16 overflows -> redone in fp32 -> steps 2-3 fp32 -> step 4 bf16 again overflows -> ...
+    assert kd.autocast_per_call == [True, False, False, False, True, False, False, False, True, False, False]
+    assert result.history["fp32_redone"] == [1, 4, 7]
+    warnings = [w["message"] for w in events.of("warning")]
+    assert len(warnings) == 3 and "bfloat16 autocast gave NaN/Inf at step 1: step redone in float32 (finite)" in warnings[0]
+    assert not any("skipped" in w for w in warnings)
+    state = safe_torch_load(tmp_path / "b" / "checkpoint.pt")
+    assert state["fp32_until"] == 9 and json.loads(state["history"])["fp32_redone"] == [1, 4, 7]
+
+
 def test_repeated_nan_stops_with_the_last_checkpoint_intact(ct_cases, teacher_file, tmp_path, monkeypatch):
     _patch_kd(monkeypatch, _NaNInjector((), after=3))
     events = _Events()

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ReCoKDLib import checkpoint as ckpt
 from ReCoKDLib import stopping
@@ -28,6 +28,10 @@ from ReCoKDLib.engine.state import _rng_state, _set_rng_state
 from ReCoKDLib.engine.validation import validate
 from ReCoKDLib.networks import UNetConfig, build_unet, count_parameters, split_deep_supervision
 from ReCoKDLib.progress import Reporter
+
+
+FP32_AFTER_OVERFLOW = 100
+"""Steps trained in float32 after a bf16 autocast step gave NaN/Inf (that step is redone in float32)."""
 
 
 @dataclass
@@ -143,6 +147,7 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                            AugmentationConfig.from_dict(config.augmentation), seed=config.seed + dist_ctx.rank)
 
     step, best, best_step, bad_vals, nonfinite = 0, -1.0, -1, 0, 0
+    fp32_until = 0  # after a bf16 overflow: float32 up to this step
     history: dict[str, list] = {"train": [], "val": []}
     last_metrics: dict[str, Any] = {}
     if resume and ckpt_path.exists():
@@ -169,12 +174,14 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
         _set_rng_state(state["rng"])
         step, best, best_step = int(state["step"]), float(state["best_metric"]), int(state["best_step"])
         bad_vals, nonfinite = int(state["bad_validations"]), int(state["nonfinite"])
+        fp32_until = int(state.get("fp32_until", 0))
         history = json.loads(state["history"])
         last_metrics = json.loads(state.get("metrics", "{}"))
         say.log(stage, f"resumed from {ckpt_path} at step {step}")
     elif resume:
         say.log(stage, f"no checkpoint in {out_dir}; starting a new run")
 
+    fp32_redone: list[int] = history.setdefault("fp32_redone", [])  # steps whose bf16 pass overflowed
     wrapped: nn.Module = job.module
     if dist_ctx.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -197,6 +204,39 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                                    patch_size=list(config.patch_size))
         return ckpt.save_model(path, eval_network().state_dict(), card)
 
+    def forward_backward(images: Tensor, labels: Tensor, cached: dict[str, Any], step: int,
+                         step_dtype: torch.dtype | None) -> tuple[bool, Tensor, Tensor, float, Tensor | None, dict]:
+        """One forward and backward pass under ``step_dtype`` autocast (``None``: float32). Returns
+        whether the loss and the gradients are finite on every process, then the loss, its
+        segmentation part, the KD weight, the KD loss and its terms. Gradients are left for the
+        optimizer only when finite (with fp16 loss scaling the scaler judges them itself)."""
+        with _autocast(device, step_dtype):
+            out, kd_loss, kd_terms, *targets = wrapped(images, labels, **cached)
+        seg_labels, unlabelled = targets[0] if targets else (labels, None)  # label-free: teacher argmax
+        seg = pseudo_weighted_seg_loss(seg_loss, [o.float() for o in split_deep_supervision(out)], seg_labels,
+                                       unlabelled, config.pseudo_label_weight)
+        lam = kd_lambda(step, config.kd_weight, job.kd_warmup)
+        loss = seg if kd_loss is None else seg + lam * kd_loss.float()
+        finite = bool(torch.isfinite(loss.detach()).item())
+        (finite_all,) = [1.0 - v for v in _all_max([0.0 if finite else 1.0], dist_ctx)]
+        optimizer.zero_grad(set_to_none=True)
+        if finite_all:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(
+                trained_params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+            if not scaler.is_enabled():
+                # a finite loss can still give NaN/Inf gradients (bf16 autocast): stepping would poison
+                # the weights for good (with fp16 loss scaling the scaler skips the step itself)
+                (bad_grads,) = _all_max([0.0 if bool(torch.isfinite(norm).item()) else 1.0], dist_ctx)
+                finite_all = bad_grads == 0.0
+        elif dist_ctx.active:
+            # DDP expects a backward after each forward: run one whose gradients are dropped
+            (loss * 0.0).backward()
+        if not finite_all:
+            optimizer.zero_grad(set_to_none=True)
+        return bool(finite_all), loss, seg, lam, kd_loss, kd_terms
+
     saved_at = [-1]  # step of the last checkpoint written
 
     def save_state() -> Path:
@@ -207,6 +247,7 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                 "format": TRAIN_STATE_FORMAT, "version": 1, "job": stage, "identity": job.identity,
                 "config": json.dumps(config.to_dict()), "step": step, "best_metric": best, "best_step": best_step,
                 "bad_validations": bad_vals, "nonfinite": nonfinite,
+                "fp32_until": fp32_until,
                 "network": job.network.state_dict(),
                 "aux": {name: m.state_dict() for name, m in job.aux.items()},
                 "ema": ema.state_dict() if ema is not None else None,
@@ -239,36 +280,24 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                 "teacher_logits": drawn.teacher_logits.to(device),
                 "teacher_features": [f.to(device) for f in drawn.teacher_features]}
             try:
-                with _autocast(device, dtype):
-                    out, kd_loss, kd_terms, *targets = wrapped(images, labels, **cached)
-                labels, unlabelled = targets[0] if targets else (labels, None)  # label-free: teacher argmax
-                seg = pseudo_weighted_seg_loss(seg_loss, [o.float() for o in split_deep_supervision(out)], labels,
-                                               unlabelled, config.pseudo_label_weight)
-                lam = kd_lambda(step, config.kd_weight, job.kd_warmup)
-                loss = seg if kd_loss is None else seg + lam * kd_loss.float()
-                finite = bool(torch.isfinite(loss.detach()).item())
-                (finite_all,) = [1.0 - v for v in _all_max([0.0 if finite else 1.0], dist_ctx)]
-                optimizer.zero_grad(set_to_none=True)
+                step_dtype = dtype if step >= fp32_until else None
+                finite_all, loss, seg, lam, kd_loss, kd_terms = forward_backward(images, labels, cached, step, step_dtype)
+                if not finite_all and step_dtype is not None and not scaler.is_enabled():
+                    # bf16 autocast (no loss scaling) can overflow in a convolution's backward even when the
+                    # float32 step is fine (seen with ReCo-KD: NaN weight gradients for several steps in a
+                    # row): redo this step in float32 and stay there for a while instead of skipping steps
+                    # until the run is stopped as diverged
+                    fp32_until = step + FP32_AFTER_OVERFLOW
+                    fp32_redone.append(step + 1)
+                    finite_all, loss, seg, lam, kd_loss, kd_terms = forward_backward(images, labels, cached, step, None)
+                    say.warning(stage, f"{str(dtype).removeprefix('torch.')} autocast gave NaN/Inf at step {step + 1}: step redone in float32 "
+                                       f"({'finite' if finite_all else 'still not finite'}); float32 until step "
+                                       f"{fp32_until}", step=step)
                 if finite_all:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(
-                        trained_params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-                    if not scaler.is_enabled():
-                        # a finite loss can still give NaN/Inf gradients (bf16 autocast): stepping would
-                        # poison the weights for good, so such a step is skipped like a NaN loss (with fp16
-                        # loss scaling the scaler skips it and lowers its scale itself)
-                        (bad_grads,) = _all_max([0.0 if bool(torch.isfinite(norm).item()) else 1.0], dist_ctx)
-                        finite_all = bad_grads == 0.0
-                    if finite_all:
-                        scaler.step(optimizer)
-                    else:
-                        optimizer.zero_grad(set_to_none=True)
-                    scaler.update()
-                elif dist_ctx.active:
-                    # DDP expects a backward after each forward: run one whose gradients are dropped
-                    (loss * 0.0).backward()
+                    scaler.step(optimizer)
+                else:
                     optimizer.zero_grad(set_to_none=True)
+                scaler.update()
             except torch.cuda.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
