@@ -24,6 +24,7 @@ from ReCoKDLib.engine import (
     train_teacher,
 )
 from ReCoKDLib.losses.base import KDOutput
+from ReCoKDLib.models import backends
 from ReCoKDLib.networks import build_unet, encoder_tap_names, preset
 from ReCoKDLib.progress import Reporter
 
@@ -210,6 +211,7 @@ def test_a_bf16_overflow_redoes_the_step_in_float32_and_stays_there(ct_cases, te
     kd = _OverflowsInBF16()
     _patch_kd(monkeypatch, kd)
     monkeypatch.setattr(engine.loop, "FP32_AFTER_OVERFLOW", 3)
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)  # whatever this CPU has
     events = _Events()
     # every bf16 step would be skipped and max_nonfinite=2 would stop the run; redone in float32 it trains on
     result = distill(_config(steps=8, bf16=True, max_nonfinite=2), teacher_file, ct_cases, tmp_path / "b", events)
@@ -222,6 +224,18 @@ def test_a_bf16_overflow_redoes_the_step_in_float32_and_stays_there(ct_cases, te
     assert not any("skipped" in w for w in warnings)
     state = safe_torch_load(tmp_path / "b" / "checkpoint.pt")
     assert state["fp32_until"] == 9 and json.loads(state["history"])["fp32_redone"] == [1, 4, 7]
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_float32_with_a_warning(ct_cases, teacher_file, tmp_path,
+                                                                            monkeypatch):
+    kd = _OverflowsInBF16()
+    _patch_kd(monkeypatch, kd)
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: False)  # an AVX2-only CPU
+    events = _Events()
+    result = distill(_config(steps=3, bf16=True), teacher_file, ct_cases, tmp_path / "f", events)
+    assert result.step == 3 and kd.autocast_per_call == [False, False, False]
+    warnings = [w["message"] for w in events.of("warning")]
+    assert len(warnings) == 1 and "no bf16 kernels" in warnings[0] and "float32" in warnings[0]
 
 
 def test_repeated_nan_stops_with_the_last_checkpoint_intact(ct_cases, teacher_file, tmp_path, monkeypatch):

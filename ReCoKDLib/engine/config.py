@@ -51,7 +51,8 @@ class TrainConfig:
     Devices:
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:i"``.
         amp: autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler).
-        bf16: bf16 autocast on CPU (fp32 by default).
+        bf16: bf16 autocast on CPU where oneDNN has bf16 kernels (AVX-512 BF16 or AMX); float32 with a
+            warning elsewhere (an AVX2-only CPU runs bf16 convolutions ~40x slower). fp32 by default.
         deterministic: ``torch.use_deterministic_algorithms`` (as far as the device allows).
         log_every: progress event every this many steps.
     Networks and KD (``distill`` only, except ``network``):

@@ -132,6 +132,9 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
             "or choose another output folder"
         )
     dtype = _autocast_dtype(device, config)
+    if config.bf16 and device.type == "cpu" and dtype is None:
+        say.warning(stage, "bf16 asked for, but this CPU has no bf16 kernels (AVX-512 BF16 or AMX): training in "
+                           "float32 (bf16 would be many times slower here)")
     _check_patch(config, job.network_config)
 
     job.module.to(device)
