@@ -293,9 +293,9 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                     fp32_until = step + FP32_AFTER_OVERFLOW
                     fp32_redone.append(step + 1)
                     finite_all, loss, seg, lam, kd_loss, kd_terms = forward_backward(images, labels, cached, step, None)
-                    say.warning(stage, f"{str(dtype).removeprefix('torch.')} autocast gave NaN/Inf at step {step + 1}: step redone in float32 "
-                                       f"({'finite' if finite_all else 'still not finite'}); float32 until step "
-                                       f"{fp32_until}", step=step)
+                    outcome = "finite" if finite_all else "still not finite"
+                    say.warning(stage, f"{str(dtype).removeprefix('torch.')} autocast gave NaN/Inf at step {step + 1}: "
+                                       f"step redone in float32 ({outcome}); float32 until step {fp32_until}", step=step)
                 if finite_all:
                     scaler.step(optimizer)
                 else:
