@@ -114,7 +114,7 @@ class NNUNetFixture(tuple):
 
 @pytest.fixture(scope="session")
 def nnunet_model_folder(ct_dataset, tmp_path_factory) -> NNUNetFixture:
-    """A real nnU-Net v2 model folder, built once per session by nnunetv2's own commands (~30-60 s on 1 core).
+    """A real nnU-Net v2 model folder, built once per session by nnunetv2's own commands (~1 min on 1 core).
 
     Returns ``(model_folder, raw_dataset)``: ``.../res/Dataset001_TinyCT/nnUNetTrainer__nnUNetPlans__3d_tiny``
     (``fold_0/checkpoint_final.pth`` and ``checkpoint_best.pth``, trained by ``nnUNetTrainer`` on CPU) and the raw

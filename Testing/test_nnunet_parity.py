@@ -142,7 +142,14 @@ def test_segment_command_reproduces_nnunet(nnunet_model_folder, references, tmp_
     assert main(["segment", str(folder), str(image), str(torch_out), "--mirror", "--device", "cpu",
                  "--backend", "torch"]) == 0
     labels_api, _ = predict_file(folder, image, None, use_mirroring=True)
-    assert np.array_equal(labels_api, read_image(torch_out)[0])  # PyTorch: the very same labels as nnU-Net's API
+    # PyTorch: nnU-Net API's labels wherever the winning class is clear; a near-tie (top two probabilities
+    # within 1e-3) may round either way (one voxel of 368,640 did on this model, once)
+    data, props = _read(raw, "s3aniso")
+    _, probs = predict_case(load_nnunet_model(folder), data, props["spacing"], use_mirroring=True,
+                            return_probabilities=True)
+    top_two = np.sort(probs, axis=0)[-2:]
+    differ = labels_api != read_image(torch_out)[0]
+    assert differ.mean() < 1e-4 and (top_two[1] - top_two[0])[differ].max(initial=0.0) < 1e-3
 
 
 def test_folder_is_a_teacher_for_distillation(nnunet_model_folder):
