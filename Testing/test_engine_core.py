@@ -224,6 +224,7 @@ def test_a_bf16_overflow_redoes_the_step_in_float32_and_stays_there(ct_cases, te
     assert not any("skipped" in w for w in warnings)
     state = safe_torch_load(tmp_path / "b" / "checkpoint.pt")
     assert state["fp32_until"] == 9 and json.loads(state["history"])["fp32_redone"] == [1, 4, 7]
+    assert load_model_file(result.last_model)[0].metrics["training_precision"] == "bf16"  # the run's, redone steps apart
 
 
 def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_float32_with_a_warning(ct_cases, teacher_file, tmp_path,
@@ -236,6 +237,7 @@ def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_float32_with_a_warning(ct_
     assert result.step == 3 and kd.autocast_per_call == [False, False, False]
     warnings = [w["message"] for w in events.of("warning")]
     assert len(warnings) == 1 and "no bf16 kernels" in warnings[0] and "float32" in warnings[0]
+    assert load_model_file(result.last_model)[0].metrics["training_precision"] == "fp32"  # what it ran in, not asked
 
 
 def test_repeated_nan_stops_with_the_last_checkpoint_intact(ct_cases, teacher_file, tmp_path, monkeypatch):

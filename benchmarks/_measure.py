@@ -85,8 +85,11 @@ def git_commit() -> str | None:
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
-    """CPU, core count, threads used, torch version and, when CUDA is available, the GPU."""
+    """CPU, core count, threads used, torch version, whether oneDNN has bf16 kernels here (AVX-512 BF16 or
+    AMX; without them bf16 runs in float32 or is refused) and, when CUDA is available, the GPU."""
     import torch
+
+    from ReCoKDLib.models.backends import cpu_supports_bf16
 
     info: dict[str, Any] = {
         "cpu": cpu_name(),
@@ -95,6 +98,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_bf16_kernels": cpu_supports_bf16(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

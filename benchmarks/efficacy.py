@@ -594,7 +594,7 @@ def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[st
     """Train (or reuse/resume) and evaluate one run; returns its record (scores on the test case)."""
     import torch
 
-    from ReCoKDLib.engine import TrainingDivergedError, distill, train_teacher
+    from ReCoKDLib.engine import TrainingDivergedError, distill, train_teacher, training_precision
     from ReCoKDLib.networks import UNetConfig, derive_student_config
     from ReCoKDLib.progress import Reporter
 
@@ -633,6 +633,7 @@ def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[st
         tag = "" if job.candidate < 0 else f"-c{job.candidate}"
         out_dir = work / f"{job.method}{tag}-seed{job.seed}-{key}"
         record = {"dataset": job.dataset, "method": job.method, "seed": job.seed, **choice}
+    record["precision"] = training_precision(ctx.device, cfg)  # bf16 asked for may train in fp32 (no bf16 kernels)
     try:
         done = _train_or_reuse(out_dir, key, start, log)
     except TrainingDivergedError as exc:  # recorded, not hidden; a rerun resumes from its checkpoint

@@ -44,7 +44,7 @@ from ReCoKDLib.engine.modules import _DistillModule, _SegModule  # noqa: F401  (
 from ReCoKDLib.engine.pairing import OUTPUT_LEVEL_METHODS
 from ReCoKDLib.engine.pairing import _teacher_parts  # noqa: F401
 from ReCoKDLib.engine.parts import (ModelEMA, build_seg_loss, deep_supervision_weights, kd_lambda, poly_lr,
-                                    resolve_device)
+                                    resolve_device, training_precision)
 from ReCoKDLib.engine.pseudo_labels import (merge_pseudo_labels, merge_region_pseudo_labels, pseudo_weighted_seg_loss,
                                             unlabelled_samples)
 from ReCoKDLib.engine.validation import dice_per_class, validate
@@ -61,6 +61,7 @@ __all__ = [
     "deep_supervision_weights",
     "build_seg_loss",
     "resolve_device",
+    "training_precision",
     "ModelEMA",
     "TRAIN_STATE_FORMAT",
     "merge_pseudo_labels",

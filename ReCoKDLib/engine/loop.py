@@ -22,7 +22,8 @@ from ReCoKDLib import stopping
 from ReCoKDLib.data.sampling import AugmentationConfig, CaseSet, PatchSampler
 from ReCoKDLib.engine.config import CHECKPOINT_NAME, STOP_FILE, TRAIN_STATE_FORMAT, TrainConfig, TrainingDivergedError, TrainingError, TrainResult
 from ReCoKDLib.engine.distributed import _Dist, _all_max, _finish_dist, _gather, _init_distributed
-from ReCoKDLib.engine.parts import ModelEMA, flush_denormals, _autocast, _autocast_dtype, build_seg_loss, kd_lambda, poly_lr, resolve_device
+from ReCoKDLib.engine.parts import (ModelEMA, flush_denormals, _autocast, _autocast_dtype, build_seg_loss, kd_lambda,
+                                    poly_lr, resolve_device, training_precision)
 from ReCoKDLib.engine.pseudo_labels import pseudo_weighted_seg_loss
 from ReCoKDLib.engine.state import _rng_state, _set_rng_state
 from ReCoKDLib.engine.validation import validate
@@ -203,7 +204,8 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
         return ema.module if ema is not None else job.network
 
     def write_model(path: Path, metrics: dict[str, Any]) -> Path:
-        card = dataclasses.replace(job.card, metrics={**job.card.metrics, **metrics, "step": step},
+        card = dataclasses.replace(job.card, metrics={**job.card.metrics, **metrics, "step": step,
+                                                      "training_precision": training_precision(device, config)},
                                    patch_size=list(config.patch_size))
         return ckpt.save_model(path, eval_network().state_dict(), card)
 

@@ -84,6 +84,14 @@ def _autocast_dtype(device: torch.device, config: TrainConfig) -> torch.dtype | 
     return None
 
 
+def training_precision(device: str | torch.device, config: TrainConfig) -> str:
+    """The precision a run of ``config`` trains in on ``device``: ``"bf16"``, ``"fp16"`` or ``"fp32"``
+    (``bf16=True`` on a CPU without bf16 kernels trains in ``"fp32"``). Steps redone in float32 after
+    an overflow are listed apart (``history["fp32_redone"]``)."""
+    dtype = _autocast_dtype(torch.device(device), config)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
