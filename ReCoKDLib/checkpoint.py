@@ -318,7 +318,14 @@ class ModelCard:
         if missing:
             raise CheckpointError(f"model card lacks {missing}; it needs {list(required)}")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        card = cls(**{k: v for k, v in data.items() if k in known})
+        from ReCoKDLib.postprocess import PostProcessingError, steps_for_card
+
+        try:  # a hand-edited card is refused when it is read, not after a whole inference
+            steps_for_card(card.postprocessing, list(card.classes))
+        except PostProcessingError as exc:
+            raise CheckpointError(f"model card: postprocessing: {exc}") from None
+        return card
 
 
 def card_path_for(model_path: str | os.PathLike) -> Path:

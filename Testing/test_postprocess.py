@@ -103,3 +103,23 @@ def test_hd_bet_preset_keeps_the_largest_brain_component_and_a_bad_preset_is_ref
     path.write_text(json.dumps(record))
     with pytest.raises(TeacherPresetError, match="postprocessing.*not a foreground class"):
         load_preset(path)
+
+
+def test_a_hand_edited_card_with_a_bad_step_is_refused_when_read_not_after_inference(tmp_path):
+    """The card inside a model file and its sidecar JSON are both checked when read (``ModelCard.from_dict``)."""
+    from ReCoKDLib.checkpoint import CheckpointError, read_model_card, save_model
+
+    path = save_model(tmp_path / "m.pt", {}, _model({"keep_largest_component": ["brain"]}).card)
+    assert read_model_card(path).postprocessing == {"keep_largest_component": ["brain"]}
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar["postprocessing"] = {"keep_largest_component": ["skull"]}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError, match="postprocessing: .*'skull' is not a foreground class"):
+        read_model_card(path)
+    bad = ModelCard.from_dict(json.loads(path.with_suffix(".json").read_text()) | {"postprocessing": {}})
+    payload = torch.load(path, weights_only=True)
+    payload["card"] = json.dumps(bad.to_dict() | {"postprocessing": {"fill_holes": ["brain"]}})
+    torch.save(payload, path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(CheckpointError, match="unknown post-processing step 'fill_holes'"):
+        read_model_card(path)
