@@ -26,14 +26,16 @@ The headline ratios (end to end, ``best`` unless said): ``ct_div4_vs_teacher``,
 ``max_peak_memory_vs_teacher`` (the largest student peak over its teacher's, per family).
 
 Models (``--models FILE`` JSON ``{"name": {"path": ..., "family": "ct"|"hdbet", "role":
-"teacher"|"student", "cases": [...]}}``) default to ``runs/demo/teacher/model_last.pt`` (the
-demo's CT teacher), ``runs/segment_speed/student_div{2,4,8}/model_last.pt`` (``recokd distill`` from
-that teacher, ``--min-channels 8``), ``preset:hd-bet`` and ``runs/segment_speed/hdbet_student``
-(a 1.4 M DynUNet distilled from it with logit KD); see ``config.models`` in the JSON.
+"teacher"|"student", "cases": [...]}}``) default to what ``recokd demo --task ct`` writes
+(``runs/demo-ct/teacher`` and its /4 ReCo-KD student ``runs/demo-ct/distilled``),
+``runs/segment_speed/student_div{2,8}/model_last.pt`` (``recokd distill`` from that teacher with the
+demo's student budget), ``preset:hd-bet`` and the student of ``recokd demo`` (``runs/demo/student``;
+else the same architecture untrained, for its cost); see ``config.models`` in the JSON. ``--prepare``
+trains the missing CT models first (:func:`prepare_models`).
 
 Usage::
 
-    python benchmarks/segment_speed.py --threads 2 --reps 3
+    python benchmarks/segment_speed.py --prepare --threads 2 --reps 3   # an idle machine: ratios from one run
     python benchmarks/segment_speed.py --smoke --output /tmp/segment_speed.json   # tests
 """
 
@@ -197,7 +199,7 @@ def _cases(smoke: bool, tmp: Path) -> dict[str, str]:
 def default_models() -> dict[str, dict[str, Any]]:
     runs = _measure.REPO / "runs"
     models = {
-        "ct_teacher": {"path": runs / "demo/teacher/model_last.pt", "family": "ct", "role": "teacher", "reduction": 1,
+        "ct_teacher": {"path": runs / "demo-ct/teacher/model_last.pt", "family": "ct", "role": "teacher", "reduction": 1,
                        "cases": ["s1_ct"]},
         "hdbet_teacher": {"path": "preset:hd-bet", "family": "hdbet", "role": "teacher", "cases": ["t1_head"],
                           "settings": ["fp32", "best"]},
@@ -207,19 +209,50 @@ def default_models() -> dict[str, dict[str, Any]]:
                           {"path": runs / "segment_speed/hdbet_student/model.pt", "family": "hdbet",
                            "role": "student", "note": "make_hdbet_student(): untrained weights, speed only"})
                          | {"cases": ["t1_head"], "settings": ["fp32", "best"]},
-        "ct_div4": {"path": runs / "segment_speed/student_div4/model_last.pt", "family": "ct", "role": "student",
+        "ct_div4": {"path": runs / "demo-ct/distilled/model_last.pt", "family": "ct", "role": "student",
                     "reduction": 4, "cases": ["s1_ct"]},
         "ct_div2": {"path": runs / "segment_speed/student_div2/model_last.pt", "family": "ct", "role": "student",
                     "reduction": 2, "cases": ["s1_ct"], "settings": ["fp32", "best"]},
         "ct_div8": {"path": runs / "segment_speed/student_div8/model_last.pt", "family": "ct", "role": "student",
                     "reduction": 8, "cases": ["s1_ct"], "settings": ["fp32", "best"]},
-        "ct_teacher@s3": {"path": runs / "demo/teacher/model_last.pt", "family": "ct", "role": "teacher",
+        "ct_teacher@s3": {"path": runs / "demo-ct/teacher/model_last.pt", "family": "ct", "role": "teacher",
                           "cases": ["s3_dicom"], "settings": ["fp32", "best"]},
-        "ct_div4@s3": {"path": runs / "segment_speed/student_div4/model_last.pt", "family": "ct", "role": "student",
+        "ct_div4@s3": {"path": runs / "demo-ct/distilled/model_last.pt", "family": "ct", "role": "student",
                        "cases": ["s3_dicom"], "settings": ["fp32", "best"]},
     }
     # the order is the priority on 2 shared cores: the JSON is rewritten after every model
     return {k: {**v, "path": str(v["path"])} for k, v in models.items()}
+
+
+def prepare_models(models: dict[str, dict[str, Any]], threads: int) -> list[str]:
+    """Train what :func:`default_models` names and is missing, with the commands a user runs: ``recokd demo
+    --task ct`` (the CT teacher and its /4 ReCo-KD student, ``runs/demo-ct``), then ``recokd distill`` of the
+    /2 and /8 students from that teacher with the demo's student budget (``demo.DemoConfig``: 350 steps,
+    AdamW 2e-3, ReCo-KD lambda 0.01, seed 42). Returns the commands run (recorded in the JSON)."""
+    from ReCoKDLib.data.fetch import fetch_datasets
+    from ReCoKDLib.demo import DemoConfig
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    recokd = [sys.executable, "-m", "ReCoKDLib"]
+    commands: list[list[str]] = []
+    teacher = Path(models["ct_teacher"]["path"])
+    if not teacher.is_file() or not Path(models["ct_div4"]["path"]).is_file():
+        commands.append(recokd + ["demo", "--task", "ct", "--out", str(teacher.parent.parent), "--progress", "none"])
+    demo = DemoConfig()
+    data = Path(fetch_datasets(None, only="ct")["Dataset901_CTAbdomenOrgans"])
+    for name in ("ct_div2", "ct_div8"):
+        out = Path(models[name]["path"]).parent
+        if not (out / "model_last.pt").is_file():
+            commands.append(recokd + [
+                "distill", str(teacher), "--data", str(data), "--out", str(out), "--reduction",
+                str(models[name]["reduction"]), "--kd", demo.kd, "--kd-weight", str(demo.kd_weight),
+                "--steps", str(demo.student_steps), "--batch", str(demo.batch_size), "--optimizer", "adamw",
+                "--lr", str(demo.lr), "--weight-decay", "1e-4", "--ema-decay", "0", "--val-cases", "0",
+                "--seed", str(demo.seed), "--bf16", "--progress", "none"] + (["--resume"] if (out / "checkpoint.pt").is_file() else []))
+    for command in commands:
+        print(f"[segment_speed] prepare: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+        subprocess.run(command, env=env, cwd=_measure.REPO, check=True)
+    return [" ".join(["recokd", *c[3:]]) for c in commands]
 
 
 def make_hdbet_student(path: Path) -> Path:
@@ -369,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--settings", default="before,fp32,best")
+    parser.add_argument("--prepare", action="store_true",
+                        help="first train the default models that are missing (recokd demo --task ct, recokd distill "
+                             "of the /2 and /8 students; see prepare_models)")
     parser.add_argument("--smoke", action="store_true", help="tiny random models on S1 (tests)")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (tests; memory less exact)")
     parser.add_argument("--output", default=str(_measure.RESULTS_DIR / "segment_speed.json"))
@@ -387,12 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cases = _cases(args.smoke, tmp)
+        prepared: list[str] = []
         if args.smoke:
             models = _smoke_models(tmp)
         elif args.models:
             models = json.loads(Path(args.models).read_text())
         else:
             models = default_models()
+            if args.prepare:
+                prepared = prepare_models(models, args.threads)
             student = Path(models["hdbet_student"]["path"])
             if not student.is_file() and "untrained" in models["hdbet_student"]["note"]:
                 make_hdbet_student(student)
@@ -419,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                 "load_average": {"before": list(load_before), "now": list(os.getloadavg())},
                 "config": {"threads": args.threads, "reps": args.reps, "settings": {s: SETTINGS[s] for s in settings},
                            "cases": {k: Path(v).name for k, v in cases.items()},
-                           "models": {k: dict(v) for k, v in models.items()}, "main_case": main_case},
+                           "models": {k: dict(v) for k, v in models.items()}, "main_case": main_case,
+                           "prepared_with": prepared},
                 "headline": headline(merged, main_case),
                 "results": merged,
                 "skipped": skipped,
