@@ -29,6 +29,13 @@ class NetworkConfigError(ValueError):
     """A network configuration is inconsistent (lengths, strides, widths)."""
 
 
+#: :attr:`UNetConfig.norm` -> MONAI's normalisation layer (``DynUNet``'s ``norm_name``)
+NORMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "instance": ("INSTANCE", {"affine": True}),
+    "batch": ("BATCH", {"affine": True}),
+}
+
+
 def _triple(value: int | Sequence[int], what: str) -> Triple:
     if isinstance(value, int):
         return (value, value, value)
@@ -55,6 +62,11 @@ class UNetConfig:
         deep_supervision: add auxiliary heads on the decoder (training only).
         deep_supr_num: how many auxiliary heads (at most ``len(filters) - 2``).
         res_block: residual blocks instead of plain conv blocks.
+        norm: ``"instance"`` (nnU-Net's, the default) or ``"batch"``. Instance norm takes its statistics
+            over the window, so such a network must segment with its training patch as window
+            (:mod:`ReCoKDLib.models.window`); batch norm uses fixed running statistics at inference,
+            which makes the network fully convolutional: a student with it segments a whole scan in
+            the largest window memory allows, without the overlapping windows' repeated work.
     """
 
     in_channels: int = 1
@@ -65,9 +77,12 @@ class UNetConfig:
     deep_supervision: bool = True
     deep_supr_num: int = 2
     res_block: bool = False
+    norm: str = "instance"
 
     def __post_init__(self) -> None:
         n = len(self.filters)
+        if self.norm not in NORMS:
+            raise NetworkConfigError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
         object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))
         object.__setattr__(self, "strides", tuple(_triple(s, "stride") for s in self.strides))
         kernels = self.kernel_sizes or tuple((3, 3, 3) for _ in range(n))
@@ -108,6 +123,8 @@ class UNetConfig:
         d["strides"] = [list(s) for s in self.strides]
         d["kernel_sizes"] = [list(k) for k in self.kernel_sizes]
         d["filters"] = list(self.filters)
+        if self.norm == "instance":  # the default is left out: cards and run keys written before the field stay as they were
+            del d["norm"]
         return d
 
     @classmethod
@@ -149,11 +166,13 @@ def preset(name: str, **overrides: Any) -> UNetConfig:
     return replace(PRESETS[name], **overrides)
 
 
-def derive_student_config(teacher: UNetConfig, reduction: int = 4, min_channels: int = 8) -> UNetConfig:
+def derive_student_config(teacher: UNetConfig, reduction: int = 4, min_channels: int = 8,
+                          norm: str | None = None) -> UNetConfig:
     """The student of ReCo-KD: every stage width divided by ``reduction`` (= 2**t), floored at ``min_channels``.
 
     ``C'_i = max(C_i // reduction, min_channels)``, as in the authors' code release. Everything
-    else (stages, strides, kernels, deep supervision) is the teacher's.
+    else (stages, strides, kernels, deep supervision) is the teacher's, and so is the normalisation
+    unless ``norm`` is given (``"batch"``: a fully convolutional student, see :attr:`UNetConfig.norm`).
 
     Example:
         >>> derive_student_config(preset("nnunet"), reduction=4).filters
@@ -164,7 +183,7 @@ def derive_student_config(teacher: UNetConfig, reduction: int = 4, min_channels:
     if min_channels < 1:
         raise NetworkConfigError(f"min_channels must be >= 1, got {min_channels}")
     filters = tuple(max(c // reduction, min(min_channels, c)) for c in teacher.filters)
-    return replace(teacher, filters=filters)
+    return replace(teacher, filters=filters, norm=teacher.norm if norm is None else norm)
 
 
 #: inputs of at least this many elements take oneDNN in :class:`OneDNNConv3d` (below it PyTorch's
@@ -262,7 +281,7 @@ def _strided_stem_unet_class() -> type:
 
 
 def build_unet(config: UNetConfig) -> nn.Module:
-    """Build a MONAI ``DynUNet`` (instance norm, leaky ReLU, transposed-conv upsampling) from ``config``,
+    """Build a MONAI ``DynUNet`` (``config.norm``, leaky ReLU, transposed-conv upsampling) from ``config``,
     its convolutions as :class:`OneDNNConv3d` (fast thin layers on the CPU). A strided first stage
     (:attr:`UNetConfig.strided_stem`) gives a ``DynUNet`` subclass with the same state dict whose
     logits are upsampled to the input's size."""
@@ -277,7 +296,7 @@ def build_unet(config: UNetConfig) -> nn.Module:
         strides=[list(s) for s in config.strides],
         upsample_kernel_size=[list(s) for s in config.strides[1:]],
         filters=list(config.filters),
-        norm_name=("INSTANCE", {"affine": True}),
+        norm_name=NORMS[config.norm],
         act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
         deep_supervision=config.deep_supervision,
         deep_supr_num=config.deep_supr_num if config.deep_supervision else 1,

@@ -304,6 +304,10 @@ def test_window_dependent_layers_are_found():
     grouped = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.GroupNorm(2, 4))
     assert window_dependent_layer(SimpleNamespace(network=grouped, kind="entry_point")) == "GroupNorm"
     assert window_dependent_layer(SimpleNamespace(network=build_unet(preset("tiny")), kind="recokd")) == "InstanceNorm3d"
+    assert window_dependent_layer(SimpleNamespace(network=build_unet(preset("tiny", norm="batch")), kind="recokd")) is None
+    for norm, expected in (({}, "InstanceNorm3d"), ({"norm": "batch"}, None)):  # exported graphs: from the card
+        card = SimpleNamespace(architecture={"kind": "dynunet", "config": dict(preset("tiny").to_dict(), **norm)})
+        assert window_dependent_layer(SimpleNamespace(network=None, kind="onnx", card=card)) == expected
 
 
 def test_large_window_result_is_on_the_exact_grid(tmp_path, volume):

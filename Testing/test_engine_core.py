@@ -318,3 +318,32 @@ def test_state_hash_covers_zero_dim_buffers_and_changes_with_the_weights():
     with torch.no_grad():
         network[0].weight.add_(1.0)
     assert len({first, second, state_sha256(network)}) == 3
+
+
+def test_a_batch_norm_student_is_fully_convolutional_and_segments_in_a_large_window(ct_cases, teacher_file, tmp_path):
+    """``student_norm="batch"``: the derived student has BatchNorm3d (the teacher instance norm), its card says so,
+    and Segment's ``--window auto`` gives it the largest window instead of the training patch."""
+    from ReCoKDLib.infer import segment_volume
+    from ReCoKDLib.models.loading import load_model
+    from ReCoKDLib.models.window import choose_window, window_dependent_layer
+
+    result = distill(_config(steps=2, student_norm="batch"), teacher_file, ct_cases, tmp_path / "bn", _Events())
+    norms = {type(m).__name__ for m in result.network.modules() if "Norm" in type(m).__name__}
+    assert norms == {"BatchNorm3d"}
+    card, _ = load_model_file(result.last_model)
+    assert card.architecture["config"]["norm"] == "batch" and "norm" not in load_model_file(teacher_file)[0].architecture["config"]
+    student, teacher = load_model(result.last_model), load_model(teacher_file)
+    assert window_dependent_layer(student) is None and window_dependent_layer(teacher) == "InstanceNorm3d"
+    shape = (40, 100, 90)
+    assert choose_window(student, shape)[0] == (40, 100, 92) and choose_window(teacher, shape)[0] == (16, 32, 32)
+    image = ct_cases.cases[0].image[0]
+    from ReCoKDLib.data.io import Geometry
+
+    segmented = segment_volume(student, image, Geometry((3.0, 3.0, 3.0)), device="cpu", backend="torch",
+                               precision="fp32")
+    assert segmented.labels.shape == image.shape and segmented.info["window"] != [16, 32, 32]
+    with pytest.raises(TrainingError, match="student_norm"):  # an explicit architecture carries its own norm
+        distill(_config(steps=1, student_norm="batch", student_config=preset("tiny", num_classes=ct_cases.num_classes)
+                        .to_dict()), teacher_file, ct_cases, tmp_path / "explicit", _Events())
+    with pytest.raises(TrainingError, match="student_norm must be"):
+        _config(student_norm="layer")

@@ -188,10 +188,11 @@ def test_cli_distill_from_images_only(teacher_file, tmp_path):
     rc = main(["distill", str(teacher_file), "--images", str(folder), "--out", str(out), "--steps", "2",
                "--patch", "16,16,16", "--batch", "1", "--val-cases", "0", "--device", "cpu", "--reduction", "2",
                "--min-channels", "4", "--kd", "recokd:1,logit:1", "--pseudo-label-weight", "0.5",
-               "--progress", "none"])
+               "--student-norm", "batch", "--progress", "none"])
     assert rc == 0 and (out / "model_last.pt").exists()
     card = json.loads((out / "model_last.json").read_text())
     assert card["role"] == "student" and sorted(card["provenance"]["cases"]) == ["c0", "c1"]
+    assert card["architecture"]["config"]["norm"] == "batch"  # --student-norm: a fully convolutional student
     assert card["provenance"]["train_config"]["pseudo_label_weight"] == 0.5
     rc = main(["distill", str(teacher_file), "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"),
                "--progress", "none"])

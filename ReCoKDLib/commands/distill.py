@@ -102,6 +102,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--reduction", type=int, choices=(1, 2, 4, 8), default=4,
                    help="student widths = teacher widths / REDUCTION, at least --min-channels (default 4)")
     t.add_argument("--min-channels", type=int, default=8, help="floor of the student's widths (default 8)")
+    t.add_argument("--student-norm", choices=("instance", "batch"), default=None,
+                   help="the student's normalisation (default: the teacher's, instance norm for nnU-Net-like "
+                        "U-Nets). batch: fixed statistics at inference, so Segment runs the student on the largest "
+                        "window memory allows (a whole CT in one or a few windows) instead of overlapping "
+                        "training-patch windows: much faster on a CPU. Built-in U-Net teachers only")
     t.add_argument("--student-json", metavar="JSON",
                    help="explicit student architecture (UNetConfig fields) as a file or a JSON object")
     t.add_argument("--teacher-taps", metavar="NAMES", help="comma-separated teacher module names to distil "
@@ -252,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         fields.setdefault("patch_size", tuple(teacher.card.patch_size))
         config = TrainConfig(
             kd=spec, kd_weight=args.kd_weight, kd_warmup_steps=args.kd_warmup, frozen_aux=args.frozen_aux,
-            student_reduction=args.reduction, min_channels=args.min_channels,
+            student_reduction=args.reduction, min_channels=args.min_channels, student_norm=args.student_norm,
             student_config=_json_arg(args.student_json) if args.student_json else None,
             teacher_taps=args.teacher_taps.split(",") if args.teacher_taps else None,
             student_taps=args.student_taps.split(",") if args.student_taps else None,

@@ -59,6 +59,9 @@ class TrainConfig:
         network: architecture of ``train_teacher`` as ``UNetConfig.to_dict()``.
         student_reduction, min_channels: the student's widths ``max(C // r, min_channels)``.
         student_config: explicit student ``UNetConfig`` dict (overrides the reduction).
+        student_norm: the derived student's normalisation, ``"instance"`` or ``"batch"`` (``None``: the
+            teacher's). ``"batch"`` makes the student fully convolutional at inference: it segments a
+            scan in the largest window memory allows (``UNetConfig.norm``). Built-in U-Net teachers only.
         teacher_taps, student_taps: distilled module names (default: encoder stages).
         kd: ``{method: {"weight": w, **options}}`` (see ``losses.registry``).
         kd_weight: ``lambda`` after warm-up (ReCo-KD: 0.01).
@@ -106,6 +109,7 @@ class TrainConfig:
     student_reduction: int = 4
     min_channels: int = 8
     student_config: dict[str, Any] | None = None
+    student_norm: str | None = None
     teacher_taps: list[str] | None = None
     student_taps: list[str] | None = None
     kd: dict[str, dict[str, Any]] = field(default_factory=lambda: {"recokd": {"weight": 1.0}})
@@ -136,6 +140,8 @@ class TrainConfig:
             problems.append(f"pseudo_label_weight must be >= 0, got {self.pseudo_label_weight}")
         if self.teacher_outputs not in ("auto", "cache", "live"):
             problems.append(f"teacher_outputs must be 'auto', 'cache' or 'live', got {self.teacher_outputs!r}")
+        if self.student_norm not in (None, "instance", "batch"):
+            problems.append(f"student_norm must be None, 'instance' or 'batch', got {self.student_norm!r}")
         if self.num_val_cases < 0 or self.patience < 0:
             problems.append("num_val_cases and patience must be >= 0")
         if problems:

@@ -92,6 +92,10 @@ def _teacher_parts(teacher: Any) -> tuple[nn.Module, ckpt.ModelCard, str]:
 def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetConfig:
     from ReCoKDLib.nnunet.student import NNUNetStudentConfig, is_nnunet_architecture, student_architecture
 
+    if config.student_norm is not None and (config.student_config is not None
+                                             or teacher_card.architecture.get("kind") != "dynunet"):
+        raise TrainingError("student_norm (--student-norm) applies to a student derived from a built-in U-Net "
+                            "teacher; with an explicit student architecture set its 'norm' there")
     if is_nnunet_architecture(config.student_config):
         return NNUNetStudentConfig(config.student_config)  # type: ignore[return-value]
     if config.student_config is not None:
@@ -105,7 +109,7 @@ def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetCo
             "architecture (student_config / --student-json) and the taps of both networks"
         )
     teacher_config = UNetConfig.from_dict(teacher_card.architecture["config"])
-    return derive_student_config(teacher_config, config.student_reduction, config.min_channels)
+    return derive_student_config(teacher_config, config.student_reduction, config.min_channels, config.student_norm)
 
 
 #: KD methods that read only the logits (all others read tapped features)

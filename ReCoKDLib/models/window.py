@@ -69,6 +69,8 @@ def window_dependent_layer(model: LoadedModel) -> str | None:
     network = getattr(model, "network", None)
     if getattr(model, "kind", None) in ("onnx", "torchscript") or network is None:
         arch = (model.card.architecture or {}) if hasattr(model, "card") else {}
+        if arch.get("kind") == "dynunet" and (arch.get("config") or {}).get("norm") == "batch":
+            return None  # an exported batch-norm U-Net: fixed statistics, fully convolutional
         return "InstanceNorm3d" if arch.get("kind") in ("dynunet", "nnunet", "preset") or arch.get("graph") else "unknown layers"
     for layer in network.modules():
         name = type(layer).__name__
