@@ -112,17 +112,18 @@ class Method:
     candidates: tuple[Candidate, ...] = ()
     frozen_aux: bool = False
     description: str = ""
+    student_norm: str | None = None  # None: the teacher's (instance); "batch": a fully convolutional student
 
     def kd_spec(self, candidate: Candidate) -> dict[str, dict[str, Any]]:
         return {self.kd: {"weight": 1.0, **candidate.options}}
 
     def to_dict(self) -> dict[str, Any]:
         return {"kd": self.kd, "frozen_aux": self.frozen_aux, "description": self.description,
-                "candidates": [dataclasses.asdict(c) for c in self.candidates]}
+                "candidates": [dataclasses.asdict(c) for c in self.candidates], "student_norm": self.student_norm}
 
 
-def _decade(name: str, default: float, description: str, frozen: bool = False) -> Method:
-    return Method(name, tuple(Candidate(default * f) for f in (0.1, 1.0, 10.0)), frozen, description)
+def _decade(name: str, default: float, description: str, frozen: bool = False, student_norm: str | None = None) -> Method:
+    return Method(name, tuple(Candidate(default * f) for f in (0.1, 1.0, 10.0)), frozen, description, student_norm)
 
 
 METHODS: dict[str, Method] = {
@@ -133,6 +134,9 @@ METHODS: dict[str, Method] = {
     "recokd": _decade("recokd", 0.01, "ReCo-KD: MS-SARD + MS-CA, trainable adapters and context blocks"),
     "recokd_frozen_aux": _decade("recokd", 0.01, "ReCo-KD with the code release's frozen adapters (frozen_aux)",
                                  frozen=True),
+    "none_bn": Method(None, (), False, "plain student with batch norm (fully convolutional: segments in one large "
+                                      "window)", "batch"),
+    "recokd_bn": _decade("recokd", 0.01, "ReCo-KD, student with batch norm (fully convolutional)", student_norm="batch"),
     "ms_sard": _decade("ms_sard", 0.01, "MS-SARD only"),
     "ms_ca": _decade("ms_ca", 0.01, "MS-CA only"),
     "fitnet": _decade("fitnet", 1.0, "FitNet: adapter + MSE"),
@@ -614,7 +618,7 @@ def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[st
         teacher_net = UNetConfig.from_dict(dict(data.setup.network, in_channels=data.case_set.in_channels,
                                                 num_classes=data.case_set.num_classes))
         if spec.kd is None:
-            student_net = derive_student_config(teacher_net, budget.reduction).to_dict()
+            student_net = derive_student_config(teacher_net, budget.reduction, norm=spec.student_norm).to_dict()
             cfg = train_config(budget, data.setup, budget.student_steps, job.seed, ctx.device, num_val, student=True,
                                network=student_net)
             start = lambda resume: train_teacher(cfg, data.case_set, out_dir, reporter, resume=resume,  # noqa: E731
@@ -624,7 +628,7 @@ def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[st
             candidate = spec.candidates[job.candidate]
             cfg = train_config(budget, data.setup, budget.student_steps, job.seed, ctx.device, num_val, student=True,
                                student_reduction=budget.reduction, kd=spec.kd_spec(candidate),
-                               kd_weight=candidate.kd_weight, frozen_aux=spec.frozen_aux,
+                               kd_weight=candidate.kd_weight, frozen_aux=spec.frozen_aux, student_norm=spec.student_norm,
                                teacher_cache_dir=str(work / "teacher_outputs"))  # computed once, shared by all students
             start = lambda resume: distill(cfg, teacher_model, data.case_set, out_dir, reporter,  # noqa: E731
                                            resume=resume)
