@@ -196,6 +196,14 @@ def test_efficacy_smoke_writes_and_resumes(tmp_path, ct_dataset):
                                    log=lambda msg: None)["datasets"]["ct"]
     assert all(r["reused_training"] for r in again["runs"]) and again["teacher"]["reused_training"]
     assert [r["mean_dice"] for r in again["runs"]] == [r["mean_dice"] for r in block["runs"]]
+    # --reuse-selection: a fresh work dir trains only the candidate chosen before, and says so
+    fresh = efficacy.run_benchmark(efficacy.SMOKE, ["ct"], ["none", "recokd"], [0], tmp_path / "work2",
+                                   tmp_path / "eff2.json", "cpu", 1, log=lambda msg: None, reuse_selection=data)
+    reused = fresh["datasets"]["ct"]["selection"]["recokd"]
+    assert reused["chosen"] == chosen and reused["candidates"] == selection["candidates"]
+    assert reused["reused_from"]["date"] == data["date"] and reused["chosen_run_now"]["test_mean_dice"] is not None
+    assert len(list((tmp_path / "work2" / "ct").glob("recokd-c*"))) == 1
+    assert [r["method"] for r in fresh["datasets"]["ct"]["runs"]] == ["none", "recokd"]
 
 
 def test_holdout_split_withholds_validation_labels_from_training():

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -736,12 +737,19 @@ class _Pool:
 
 def run_benchmark(budget: Budget, datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
                   work_dir: Path, output: Path, device: str, threads: int, data_dir: Path | None = None,
-                  argv: Sequence[str] | None = None, log=print, workers: int = 1) -> dict[str, Any]:
+                  argv: Sequence[str] | None = None, log=print, workers: int = 1,
+                  reuse_selection: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the benchmark; the JSON at ``output`` is rewritten after every finished run.
 
     Three phases, each spread over ``workers`` processes of ``threads // workers`` threads: (1) the
     teachers, (2) every plain student and seed 0 of every KD candidate, (3) the other seeds of the
     candidate each KD method chose on validation (:func:`select_candidate`).
+
+    ``reuse_selection``: an earlier result of this benchmark (its JSON). A KD method whose choice it
+    holds for a dataset, among the same candidates, keeps that choice: phase 2 trains only the chosen
+    candidate's seed 0, and the selection block keeps the earlier candidates' scores and says where
+    they come from (``reused_from``). A way to finish the seeds when the selection itself was already
+    made by the same rule; the candidates' scores are then those of the earlier run.
     """
     methods = ["none"] + [m for m in methods if m != "none"] if "none" in methods else list(methods)
     ctx = Context(budget, Path(work_dir), device, max(1, threads // max(1, workers)), data_dir)
@@ -778,7 +786,27 @@ def run_benchmark(budget: Budget, datasets: Sequence[str], methods: Sequence[str
                 f"(best step {record['best_step']} of {record['steps']}, train {record['train_seconds'] or 0:.0f} s, "
                 f"total {time.perf_counter() - t_start:.0f} s)")
 
+    def reused(ds: str, method: str) -> dict[str, Any] | None:
+        """The earlier selection of ``method`` on ``ds`` when it was made among the same candidates."""
+        earlier = ((reuse_selection or {}).get("datasets", {}).get(ds) or {}).get("selection", {}).get(method)
+        spec = METHODS[method]
+        if not earlier or [c["hyperparameters"] for c in earlier.get("candidates", [])] != \
+                [dataclasses.asdict(c) for c in spec.candidates]:
+            return None
+        return earlier
+
     def choose(ds: str, method: str) -> None:
+        earlier = reused(ds, method)
+        if earlier is not None:
+            chosen = int(earlier["chosen"])
+            record = candidates[(ds, method)][chosen]
+            if record is None:
+                return
+            selection[ds][method] = dict(earlier, reused_from={
+                k: (reuse_selection or {}).get(k) for k in ("date", "git_commit", "command")},
+                chosen_run_now={"val_dice": record.get("best_val_dice"), "test_mean_dice": record.get("mean_dice")})
+            runs[ds].append(record)
+            return
         records = candidates[(ds, method)]
         scores = [None if r is None else (r.get("best_val_dice") if r.get("status") == "done" else -1.0)
                   for r in records]
@@ -814,7 +842,12 @@ def run_benchmark(budget: Budget, datasets: Sequence[str], methods: Sequence[str
                     items += [(ctx, Job(ds, "student", method, -1, seed), tm) for seed in seeds]
                 else:
                     candidates[(ds, method)] = [None] * len(spec.candidates)
-                    items += [(ctx, Job(ds, "student", method, i, seeds[0]), tm) for i in range(len(spec.candidates))]
+                    earlier = reused(ds, method)
+                    chosen = range(len(spec.candidates)) if earlier is None else [int(earlier["chosen"])]
+                    if earlier is not None:
+                        log(f"{ds} {method}: candidate {earlier['chosen']} as chosen before "
+                            f"({(reuse_selection or {}).get('date')}); only it is trained")
+                    items += [(ctx, Job(ds, "student", method, i, seeds[0]), tm) for i in chosen]
         for job, record in pool.run(items):
             record_student(job, record)
             if job.candidate >= 0:
@@ -854,6 +887,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="runs side by side, each with threads/workers threads (default 1)")
     parser.add_argument("--device", default=None, help="training/evaluation device (default: cuda with --gpu, else cpu)")
+    parser.add_argument("--reuse-selection", type=Path, metavar="JSON",
+                        help="an earlier efficacy JSON: KD methods it chose a candidate for (same candidates) train "
+                             "only that candidate (see run_benchmark)")
     parser.add_argument("--student-steps", type=int, default=None,
                         help="step budget of every student (default: the configuration's; e.g. a longer budget to "
                              "test whether the students are converged)")
@@ -884,8 +920,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torch.cuda.is_available():
             parser.error("--gpu/--device cuda needs CUDA, which is not available here")
     output = args.output or default_output(budget)
+    earlier = json.loads(args.reuse_selection.read_text()) if args.reuse_selection else None
     run_benchmark(budget, datasets, methods, seeds, args.work_dir, output, device, args.threads, args.data_dir,
-                  argv=[__file__, *(sys.argv[1:] if argv is None else argv)], workers=args.workers)
+                  argv=[__file__, *(sys.argv[1:] if argv is None else argv)], workers=args.workers,
+                  reuse_selection=earlier)
     print(f"wrote {output}")
     return 0
 
