@@ -28,8 +28,8 @@ The headline ratios (end to end, ``best`` unless said): ``ct_div4_vs_teacher``,
 Models (``--models FILE`` JSON ``{"name": {"path": ..., "family": "ct"|"hdbet", "role":
 "teacher"|"student", "cases": [...]}}``) default to what ``recokd demo --task ct`` writes
 (``runs/demo-ct/teacher`` and its /4 ReCo-KD student ``runs/demo-ct/distilled``),
-``runs/segment_speed/student_div{2,8}/model_last.pt`` (``recokd distill`` from that teacher with the
-demo's student budget), ``preset:hd-bet`` and the student of ``recokd demo`` (``runs/demo/student``;
+``runs/segment_speed/student_div{2,8}`` and ``student_div4_bn`` (``recokd distill`` from that teacher
+with the demo's student budget; the last with ``--student-norm batch``: fully convolutional), ``preset:hd-bet`` and the student of ``recokd demo`` (``runs/demo/student``;
 else the same architecture untrained, for its cost); see ``config.models`` in the JSON. ``--prepare``
 trains the missing CT models first (:func:`prepare_models`).
 
@@ -211,6 +211,10 @@ def default_models() -> dict[str, dict[str, Any]]:
                          | {"cases": ["t1_head"], "settings": ["fp32", "best"]},
         "ct_div4": {"path": runs / "demo-ct/distilled/model_last.pt", "family": "ct", "role": "student",
                     "reduction": 4, "cases": ["s1_ct"]},
+        "ct_div4_bn": {"path": runs / "segment_speed/student_div4_bn/model_last.pt", "family": "ct", "role": "student",
+                       "reduction": 4, "norm": "batch", "cases": ["s1_ct"],
+                       "note": "the /4 student with batch norm (recokd distill --student-norm batch): fully "
+                               "convolutional, segments in the largest window memory allows"},
         "ct_div2": {"path": runs / "segment_speed/student_div2/model_last.pt", "family": "ct", "role": "student",
                     "reduction": 2, "cases": ["s1_ct"], "settings": ["fp32", "best"]},
         "ct_div8": {"path": runs / "segment_speed/student_div8/model_last.pt", "family": "ct", "role": "student",
@@ -227,8 +231,8 @@ def default_models() -> dict[str, dict[str, Any]]:
 def prepare_models(models: dict[str, dict[str, Any]], threads: int) -> list[str]:
     """Train what :func:`default_models` names and is missing, with the commands a user runs: ``recokd demo
     --task ct`` (the CT teacher and its /4 ReCo-KD student, ``runs/demo-ct``), then ``recokd distill`` of the
-    /2 and /8 students from that teacher with the demo's student budget (``demo.DemoConfig``: 350 steps,
-    AdamW 2e-3, ReCo-KD lambda 0.01, seed 42). Returns the commands run (recorded in the JSON)."""
+    /4 batch-norm, /2 and /8 students from that teacher with the demo's student budget (``demo.DemoConfig``:
+    350 steps, AdamW 2e-3, ReCo-KD lambda 0.01, seed 42). Returns the commands run (recorded in the JSON)."""
     from ReCoKDLib.data.fetch import fetch_datasets
     from ReCoKDLib.demo import DemoConfig
 
@@ -240,7 +244,7 @@ def prepare_models(models: dict[str, dict[str, Any]], threads: int) -> list[str]
         commands.append(recokd + ["demo", "--task", "ct", "--out", str(teacher.parent.parent), "--progress", "none"])
     demo = DemoConfig()
     data = Path(fetch_datasets(None, only="ct")["Dataset901_CTAbdomenOrgans"])
-    for name in ("ct_div2", "ct_div8"):
+    for name in ("ct_div4_bn", "ct_div2", "ct_div8"):
         out = Path(models[name]["path"]).parent
         if not (out / "model_last.pt").is_file():
             commands.append(recokd + [
@@ -248,7 +252,9 @@ def prepare_models(models: dict[str, dict[str, Any]], threads: int) -> list[str]
                 str(models[name]["reduction"]), "--kd", demo.kd, "--kd-weight", str(demo.kd_weight),
                 "--steps", str(demo.student_steps), "--batch", str(demo.batch_size), "--optimizer", "adamw",
                 "--lr", str(demo.lr), "--weight-decay", "1e-4", "--ema-decay", "0", "--val-cases", "0",
-                "--seed", str(demo.seed), "--bf16", "--progress", "none"] + (["--resume"] if (out / "checkpoint.pt").is_file() else []))
+                "--seed", str(demo.seed), "--bf16", "--progress", "none"]
+                + (["--student-norm", models[name]["norm"]] if models[name].get("norm") else [])
+                + (["--resume"] if (out / "checkpoint.pt").is_file() else []))
     for command in commands:
         print(f"[segment_speed] prepare: {' '.join(command[1:])}", file=sys.stderr, flush=True)
         subprocess.run(command, env=env, cwd=_measure.REPO, check=True)
@@ -333,6 +339,7 @@ def headline(results: dict[str, Any], main_case: dict[str, str]) -> dict[str, An
         "hdbet_student_vs_teacher": _ratio(seconds("hdbet_teacher", "best"), seconds("hdbet_student", "best")),
         "nnunet_student_vs_predictor": _ratio(seconds("nnunet_teacher", "predictor"),
                                               seconds("nnunet_student", "best")),
+        "ct_div4_bn_vs_teacher": _ratio(seconds("ct_teacher", "best"), seconds("ct_div4_bn", "best")),
         "before_div4_vs_teacher": _ratio(seconds("ct_teacher", "before"), seconds("ct_div4", "before")),
         "ct_div4_best_vs_before": _ratio(seconds("ct_div4", "before"), seconds("ct_div4", "best")),
     }
