@@ -272,8 +272,15 @@ def test_report_names_each_datasets_own_run(tmp_path):
     data["datasets"]["ct"]["provenance"] = {"date": "2026-02-03", "machine": {"cpu": "OtherCPU", "threads": 1},
                                             "git_commit": "0123456789abcdef", "command": "python efficacy.py --datasets ct"}
     data["note"] = "ct rerun alone"
+    data["datasets"]["ct"]["selection"] = {"recokd": {
+        "chosen": 0, "candidates": [{"label": "lambda=0.01", "val_dice": 0.5, "test_mean_dice": 0.4}],
+        "reused_from": {"date": "2026-01-01", "git_commit": "fedcba9876543210", "command": "python efficacy.py"},
+        "chosen_run_now": {"val_dice": 0.52, "test_mean_dice": 0.41}}}
     readme = _write(tmp_path, data, f"{report.BEGIN}\n{report.END}\n")
     report.build_report(tmp_path, readme)
+    assert ("recokd: the choice and these candidate scores are those of the run of 2026-01-01 (commit fedcba987654; "
+            "`--reuse-selection`); the chosen candidate was trained again here: validation Dice 0.520, test 0.410."
+            in (tmp_path / "report.md").read_text())
     for text in (readme.read_text(), (tmp_path / "report.md").read_text()):
         assert "(CTSet): 2026-02-03 on OtherCPU, 1 thread, commit 0123456789ab; `python efficacy.py --datasets ct`" in text
         assert "Note: ct rerun alone" in text and "TestCPU" not in text

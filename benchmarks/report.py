@@ -298,6 +298,13 @@ def efficacy_section(efficacy: Mapping[str, Any]) -> str:
                      "**chosen**" if i == sel.get("chosen") else ""]
                     for method, sel in selection.items() for i, c in enumerate(sel.get("candidates", []))]
             out.append(table(["method", "candidate", "validation Dice", "test Dice", ""], rows))
+            for method, sel in selection.items():
+                if sel.get("reused_from"):
+                    now = sel.get("chosen_run_now") or {}
+                    out += ["", f"{method}: the choice and these candidate scores are those of the run of "
+                                f"{sel['reused_from'].get('date')} (commit {str(sel['reused_from'].get('git_commit'))[:12]}; "
+                                f"`--reuse-selection`); the chosen candidate was trained again here: validation Dice "
+                                f"{fmt(now.get('val_dice'))}, test {fmt(now.get('test_mean_dice'))}."]
         classes = block.get("classes", [])
         if classes and block.get("summary"):
             out += ["", "Per-class Dice (mean over seeds):", ""]
