@@ -13,6 +13,8 @@ interpolating only where the answer can change:
   whose largest entry is ``c`` keeps ``c`` largest): the label is ``c``, no interpolation needed;
 * only the voxels of mixed cells (near class boundaries, a few percent) are interpolated, 8 taps
   over the ``K`` probabilities, then the argmax.
+* when the network's grid is the input's (the scan already has the model's spacing), the labels
+  are the argmax itself.
 
 The result equals the argmax of the linearly resampled probabilities (ties aside). Memory stays
 at the size of the label map plus one slab.
@@ -47,6 +49,8 @@ def source_coordinates(n_source: int, n_target: int) -> tuple[np.ndarray, np.nda
 def _labels_on_crop(probabilities: np.ndarray, crop_shape: tuple[int, int, int], label_dtype) -> np.ndarray:
     """``(K, D', H', W')`` probabilities -> ``(D, H, W)`` labels (see the module docstring)."""
     k = probabilities.shape[0]
+    if tuple(probabilities.shape[1:]) == tuple(crop_shape):  # the same grid: every tap is the voxel itself
+        return np.argmax(probabilities, axis=0).astype(label_dtype)
     source_labels = np.argmax(probabilities, axis=0).astype(np.int32)
     coords = [source_coordinates(n_src, n_dst) for n_src, n_dst in zip(probabilities.shape[1:], crop_shape)]
     (z0, wz), (y0, wy), (x0, wx) = coords

@@ -108,6 +108,22 @@ def test_auto_measures_once_remembers_and_logs_why(tmp_path, volume):
     assert result.info["backend"]["backend"] == runner.backend
 
 
+def test_pytorch_fp32_asked_for_runs_no_probe(tmp_path, volume, monkeypatch):
+    # the reference needs no check against itself: its first segmentation costs no extra passes
+    # (a fully convolutional student's probe is the whole scan: two passes were 9 s of a 17 s first call)
+    def no_probe(*_args, **_kwargs):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(backends, "_time_once", no_probe)
+    image, geometry = volume
+    path = _save(tmp_path)
+    runner = backends.prepare_runner(load_model(path), backend="torch", precision="fp32")
+    assert (runner.backend, runner.precision, runner.checks) == ("torch", "fp32", [])
+    assert runner.reason == "torch fp32: as asked"
+    result = segment_volume(load_model(path), image, geometry, device="cpu", backend="torch", precision="fp32")
+    assert result.labels.shape == image.shape and not list(tmp_path.glob(".recokd-cache/*"))
+
+
 def test_a_graph_dropped_into_the_cache_is_never_loaded(tmp_path):
     path = _save(tmp_path)
     backends.prepare_runner(load_model(path), "onnxruntime", "fp32")
@@ -333,6 +349,8 @@ def test_fast_restore_equals_argmax_of_resampled_probabilities(spacing, target):
     fast = restore_labels(probabilities, pre)
     assert fast.shape == image.shape and fast.dtype == np.uint8
     assert np.mean(fast == exact) > 0.999, np.mean(fast == exact)
+    if pre.shape == pre.crop_shape:  # the same grid: the argmax itself, exactly
+        np.testing.assert_array_equal(fast[tuple(slice(a, b) for a, b in pre.crop_box)], np.argmax(probabilities, 0))
 
 
 def test_segment_command_takes_backend_window_and_restore(tmp_path, volume, capsys):

@@ -22,7 +22,9 @@ compared with PyTorch fp32's. An fp32 backend must agree within :data:`FP32_TOLE
 ``|Δlogit|`` relative to ``max(1, max |logit|)``: summation order only); a bf16 backend must give
 the same class for at least :data:`BF16_MIN_AGREEMENT` of the probe's voxels. A backend that
 disagrees is refused (named with its numbers): ``auto`` goes on with the next, an explicit choice
-is an :class:`~ReCoKDLib.models.base.InferenceError`. A missing runtime is a clear error when asked
+is an :class:`~ReCoKDLib.models.base.InferenceError`. The reference asked for by name (``torch
+fp32``; ONNX Runtime fp32 for an exported graph) is not probed: nothing to compare or choose, so its
+first segmentation costs no extra network passes. A missing runtime is a clear error when asked
 for, and skipped (with the reason logged) by ``auto``.
 
 **Graph cache.** ONNX Runtime and OpenVINO run an ONNX graph exported from the network (dynamic
@@ -468,6 +470,13 @@ def prepare_runner(model: LoadedModel, backend: str = "auto", precision: str = "
     else:
         reference_candidate = _Candidate("torch", "fp32")
     reference_nets = _build(model, reference_candidate, device, graphs if reference_candidate.backend != "torch" else None)
+    if candidates == [reference_candidate]:  # the reference itself: nothing to check or choose, no probe runs
+        runner = Runner(reference_nets, reference_candidate.backend, reference_candidate.precision, device,
+                        f"{reference_candidate.name}: as asked", [],
+                        [str(model.source)] if kind == "onnx" else [])
+        runners[key] = runner
+        say(f"backend: {runner.reason}")
+        return runner
     reference, reference_seconds = _time_once(reference_nets[0], probe)
 
     checks: list[dict[str, Any]] = []
