@@ -39,6 +39,43 @@ def test_teacher_outputs_offered_are_the_clis(code, stubs):
     assert code.parameters.ReCoKDParameterNode.withoutLabels is False
 
 
+def test_student_norms_offered_are_the_clis(code, stubs):
+    """``"teacher"`` (the default) gives no option, so the CLI's default (the teacher's own) holds; the
+    others are ``recokd distill --student-norm``'s choices. Slicer's ``QComboBoxToStringableConnector``
+    fills the combo box with ``str(choice)`` of the ``Choice`` annotation (Base/Python/slicer/
+    parameterNodeWrapper/guiConnectors.py, ``addItem(str(c))``, Slicer 583e9b3)."""
+    import typing
+
+    from ReCoKDLib import cli
+
+    action = _distill_action("student_norm")
+    norms = code.commandLines.STUDENT_NORMS
+    assert norms[0] == "teacher" and tuple(norms[1:]) == tuple(action.choices) and action.default is None
+    annotation = typing.get_type_hints(code.parameters.ReCoKDParameterNode, include_extras=True)["studentNorm"]
+    choice = next(a for a in annotation.__metadata__ if isinstance(a, stubs["slicer.parameterNodeWrapper"].Choice))
+    assert tuple(choice.choices) == tuple(norms) and code.parameters.ReCoKDParameterNode.studentNorm == "teacher"
+    for norm in norms:
+        options = code.commandLines.DistillOptions("t.pt", "data", "out", studentNorm=norm)
+        args, _env = code.commandLines.distillArguments(options)
+        parsed = cli.build_parser("distill").parse_args(args[2:])
+        assert parsed.student_norm == (None if norm == "teacher" else norm)
+    wrong = code.commandLines.DistillOptions("preset:hd-bet", "data", "out", studentNorm="layer").validate()
+    assert any("Student norm must be one of teacher, instance, batch" in p for p in wrong)
+
+
+def test_a_batch_norm_student_of_an_nnunet_folder_is_refused_before_it_starts(code, tmp_path):
+    """The engine refuses ``--student-norm`` for a teacher that is not a built-in U-Net
+    (``engine.pairing``); the panel says so before a child process starts."""
+    folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir()
+    data = tmp_path / "Dataset001"
+    data.mkdir()
+    options = code.commandLines.DistillOptions(str(folder), str(data), str(tmp_path / "out"), studentNorm="batch")
+    assert any("keeps the teacher's normalisation" in p for p in options.validate())
+    options.studentNorm = "teacher"
+    assert options.validate() == []
+
+
 @pytest.mark.parametrize("teacher_outputs", ["auto", "cache", "live"])
 @pytest.mark.parametrize("data", ["dataset", "images", "image"])
 @pytest.mark.parametrize("without_labels", [False, True])

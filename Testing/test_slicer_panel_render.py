@@ -69,7 +69,8 @@ def test_parameter_bindings_survive_loading(rendered):
     assert bindings["teacherOutputsComboBox"] == "teacherOutputs"
     assert bindings["withoutLabelsCheckBox"] == "withoutLabels"
     assert "modelComboBox" not in bindings and "methodComboBox" not in bindings  # synced by the panel
-    assert len(bindings) == 17
+    assert bindings["studentNormComboBox"] == "studentNorm"
+    assert len(bindings) == 18
 
 
 def test_screenshot_is_written_and_the_committed_one_is_current(rendered):

@@ -164,7 +164,7 @@ def test_every_bound_widget_gets_the_connector_slicer_creates(ui, fields, stubs)
     assert made["studentReduction"] == "QComboBoxToStringableConnector"
     assert made["overlayOpacity"] == "QDoubleSpinBoxCtkSliderWidgetToFloatIntConnector"
     assert made["teacherPath"] == "ctkPathLineEditToPathConnector"
-    assert made["teacherOutputs"] == "QComboBoxToStringableConnector"
+    assert made["teacherOutputs"] == made["studentNorm"] == "QComboBoxToStringableConnector"
     assert made["withoutLabels"] == made["resume"] == "QCheckBoxToBoolConnector"
 
 
@@ -325,6 +325,11 @@ def test_distill_section_offers_teacher_outputs_and_distillation_without_labels(
     cache = next(line for line in lines if line.startswith("cache"))
     assert "bytes per voxel" in cache and "once per training case" in cache and "teacher_cache" in cache
     assert "every training patch" in next(line for line in lines if line.startswith("live"))
+    norm = widgets["studentNormComboBox"]
+    assert "studentNormComboBox" in inside and not norm.findall("item")
+    tip = norm.findtext("property[@name='toolTip']/string").splitlines()
+    assert "--student-norm" in tip[0] and [line.split(":")[0] for line in tip[1:]] == ["teacher", "batch", "instance"]
+    assert "largest window" in tip[2]
     box = widgets["withoutLabelsCheckBox"]
     assert box.findtext("property[@name='text']/string").startswith("Without labels")
     assert "--no-labels" in box.findtext("property[@name='toolTip']/string")

@@ -28,6 +28,9 @@ from slicer.i18n import tr as _
 
 #: ``recokd distill --teacher-outputs`` (``TrainConfig.teacher_outputs``), the default first
 TEACHER_OUTPUTS = ("auto", "cache", "live")
+#: the student's normalisation: ``"teacher"`` (the default: no option, the teacher's own) or
+#: ``recokd distill --student-norm`` ``instance`` | ``batch`` (``TrainConfig.student_norm``)
+STUDENT_NORMS = ("teacher", "instance", "batch")
 
 
 class ReCoKDInputError(ValueError):
@@ -79,7 +82,8 @@ class DistillOptions:
     ``dataset`` is an nnU-Net raw folder; with ``withoutLabels`` (``--no-labels``: the student learns
     from the teacher's predictions only) also a folder of images or one image file
     (:func:`dataArguments`). ``teacherOutputs`` is one of :data:`TEACHER_OUTPUTS`
-    (``--teacher-outputs``).
+    (``--teacher-outputs``), ``studentNorm`` one of :data:`STUDENT_NORMS` (``--student-norm``
+    unless ``"teacher"``).
     """
 
     teacher: str
@@ -92,6 +96,7 @@ class DistillOptions:
     resume: bool = False
     teacherOutputs: str = "auto"
     withoutLabels: bool = False
+    studentNorm: str = "teacher"
 
     def validate(self) -> list:
         """Human-readable problems; empty when the options can run."""
@@ -112,6 +117,13 @@ class DistillOptions:
         if str(self.teacherOutputs) not in TEACHER_OUTPUTS:
             problems.append(_("Teacher outputs must be one of {choices}, not {value!r}.").format(
                 choices=", ".join(TEACHER_OUTPUTS), value=self.teacherOutputs))
+        if str(self.studentNorm) not in STUDENT_NORMS:
+            problems.append(_("Student norm must be one of {choices}, not {value!r}.").format(
+                choices=", ".join(STUDENT_NORMS), value=self.studentNorm))
+        elif str(self.studentNorm) != "teacher" and teacher and pathlib.Path(teacher).is_dir():
+            problems.append(_("Student norm {value!r} applies to a student of a built-in U-Net teacher; the student "
+                              "of an nnU-Net model folder keeps the teacher's normalisation (choose 'teacher').").format(
+                value=self.studentNorm))
         if not chosenPath(self.outputFolder):
             problems.append(_("Select an output folder for the student and its checkpoints."))
         if int(self.reduction) not in (2, 4, 8):
@@ -185,6 +197,8 @@ def distillArguments(options: DistillOptions, trustedEntryPoints=()) -> tuple:
             "--teacher-outputs", str(options.teacherOutputs),
             "--device", deviceValue,
             "--progress", "json"]
+    if str(options.studentNorm) != "teacher":
+        args += ["--student-norm", str(options.studentNorm)]
     if options.resume:
         args.append("--resume")
     return args + trustArguments(trustedEntryPoints), env

@@ -324,7 +324,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return job
 
     def distill(self, teacherPath, dataset, outputFolder, method="recokd", reduction=4, steps=1000, device="auto",
-                resume=False, callback=None, finished=None, teacherOutputs="auto", withoutLabels=False) -> ChildJob:
+                resume=False, callback=None, finished=None, teacherOutputs="auto", withoutLabels=False,
+                studentNorm="teacher") -> ChildJob:
         """Start ``recokd distill`` in a child process; returns the ``ChildJob`` at once.
 
         ``dataset`` is an nnU-Net raw folder. ``withoutLabels=True`` distils from the teacher's
@@ -335,6 +336,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         ``<outputFolder>/teacher_cache`` (float16, ``2 * (K + sum_l C_l / s_l^3)`` bytes per voxel:
         ``K`` classes, ``C_l`` channels at distilled level ``l`` of stride ``s_l``), ``"live"`` runs it
         on every patch, ``"auto"`` (default) caches when every case fits one exact whole-volume pass.
+        ``studentNorm`` (``--student-norm``): ``"teacher"`` (default) keeps the teacher's normalisation;
+        ``"batch"`` gives a student that Segment runs on the largest window memory allows (built-in
+        U-Net teachers only); ``"instance"``.
 
         ``callback(progress, record)`` runs for every output line, ``finished(job)`` once at the end
         (``job.progress.resultPath`` is the student file). The teacher may run the code of
@@ -343,7 +347,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """
         options = DistillOptions(str(teacherPath or ""), str(dataset or ""), str(outputFolder or ""),
                                  method, int(reduction), int(steps), device, bool(resume), str(teacherOutputs),
-                                 bool(withoutLabels))
+                                 bool(withoutLabels), str(studentNorm))
         problems = options.validate()
         if problems:
             raise ReCoKDInputError("\n".join(problems))

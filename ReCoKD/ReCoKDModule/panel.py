@@ -492,7 +492,8 @@ class ReCoKDPanel(VTKObservationMixin):
             self.logic.distill(self._teacherSource(), self._trainingData(labelled=not p.withoutLabels),
                                chosenPath(p.outputFolder), p.method, int(p.studentReduction), p.steps, p.device,
                                p.resume, callback=self._onJobOutput, finished=self._onDistillFinished,
-                               teacherOutputs=p.teacherOutputs, withoutLabels=p.withoutLabels)
+                               teacherOutputs=p.teacherOutputs, withoutLabels=p.withoutLabels,
+                               studentNorm=p.studentNorm)
             self._showPlot()
         self.updateButtons()
 
