@@ -55,6 +55,18 @@ def test_summarize_per_seed_and_of_means():
     assert s["recokd"]["mean_dice"] == pytest.approx(0.45)
 
 
+def test_a_batch_norm_kd_student_is_compared_with_the_batch_norm_plain_student():
+    assert efficacy.METHODS["recokd_bn"].baseline == "none_bn"
+    assert efficacy.METHODS["none_bn"].baseline == efficacy.METHODS["recokd"].baseline == "none"
+    runs = [_run("none", 0, 0.2), _run("none_bn", 0, 0.4), _run("recokd", 0, 0.5), _run("recokd_bn", 0, 0.6)]
+    baselines = {m: efficacy.METHODS[m].baseline for m in ("none", "none_bn", "recokd", "recokd_bn")}
+    s = efficacy.summarize(runs, 0.8, list(baselines), baselines)
+    assert s["recokd_bn"]["baseline"] == "none_bn" and s["recokd_bn"]["delta_dice_vs_plain"] == pytest.approx(0.2)
+    assert s["recokd_bn"]["gap_recovery_per_seed"]["values"] == [pytest.approx(0.5)]  # (0.6-0.4)/(0.8-0.4)
+    assert s["recokd"]["gap_recovery_per_seed"]["values"] == [pytest.approx(0.5)]  # (0.5-0.2)/(0.8-0.2)
+    assert s["none_bn"]["baseline"] == "none" and s["none"]["baseline"] is None
+
+
 def test_cropped_metrics_equal_whole_grid():
     from ReCoKDLib.evaluate import dice_hd95
 

@@ -61,10 +61,9 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -72,257 +71,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and when
 import _measure  # noqa: E402
 from _measure import BenchmarkError  # noqa: E402
 
-#: the teacher must beat the plain student by at least this much mean Dice for a gap recovery
-MIN_GAP = 1e-3
-
-GAP_RECOVERY_DEFINITION = (
-    "gap recovery = (Dice_KD - Dice_student) / (Dice_teacher - Dice_student) on the mean Dice over foreground "
-    "classes on the test case. per_seed: KD run of seed s vs the plain student of seed s, then mean and sd over "
-    f"seeds; of_means: mean KD Dice vs mean plain-student Dice. null when Dice_teacher - Dice_student < {MIN_GAP} "
-    "(no gap to recover)."
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# What is compared
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One KD hyper-parameter setting: lambda (``kd_weight``) and options of the loss (e.g. temperature)."""
-
-    kd_weight: float
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def label(self) -> str:
-        extra = "".join(f", {k}={v}" for k, v in sorted(self.options.items()))
-        return f"lambda={self.kd_weight:g}{extra}"
-
-
-@dataclass(frozen=True)
-class Method:
-    """A student training recipe: a KD loss (``losses.registry`` name, ``None`` = plain student:
-    Dice + CE only) with three candidate settings chosen on validation (:func:`select_candidate`).
-
-    The middle candidate is the published default (kd-methods.md §2.7, §4.1: ReCo-KD and its parts
-    lambda 0.01, CIRKD 0.1, the others 1.0); the others are a decade below and above, and for logit
-    KD the temperature (1 or 4) is chosen too.
-    """
-
-    kd: str | None
-    candidates: tuple[Candidate, ...] = ()
-    frozen_aux: bool = False
-    description: str = ""
-    student_norm: str | None = None  # None: the teacher's (instance); "batch": a fully convolutional student
-
-    def kd_spec(self, candidate: Candidate) -> dict[str, dict[str, Any]]:
-        return {self.kd: {"weight": 1.0, **candidate.options}}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kd": self.kd, "frozen_aux": self.frozen_aux, "description": self.description,
-                "candidates": [dataclasses.asdict(c) for c in self.candidates], "student_norm": self.student_norm}
-
-
-def _decade(name: str, default: float, description: str, frozen: bool = False, student_norm: str | None = None) -> Method:
-    return Method(name, tuple(Candidate(default * f) for f in (0.1, 1.0, 10.0)), frozen, description, student_norm)
-
-
-METHODS: dict[str, Method] = {
-    "none": Method(None, (), False, "plain student: Dice + CE, no distillation"),
-    "logit": Method("logit", (Candidate(1.0, {"temperature": 1.0}), Candidate(1.0, {"temperature": 4.0}),
-                              Candidate(10.0, {"temperature": 4.0})), False, "logit KD (KL, temperature)"),
-    "mskd": _decade("mskd", 1.0, "MSKD: feature filtering + region graph"),
-    "recokd": _decade("recokd", 0.01, "ReCo-KD: MS-SARD + MS-CA, trainable adapters and context blocks"),
-    "recokd_frozen_aux": _decade("recokd", 0.01, "ReCo-KD with the code release's frozen adapters (frozen_aux)",
-                                 frozen=True),
-    "none_bn": Method(None, (), False, "plain student with batch norm (fully convolutional: segments in one large "
-                                      "window)", "batch"),
-    "recokd_bn": _decade("recokd", 0.01, "ReCo-KD, student with batch norm (fully convolutional)", student_norm="batch"),
-    "ms_sard": _decade("ms_sard", 0.01, "MS-SARD only"),
-    "ms_ca": _decade("ms_ca", 0.01, "MS-CA only"),
-    "fitnet": _decade("fitnet", 1.0, "FitNet: adapter + MSE"),
-    "cwd": _decade("cwd", 1.0, "channel-wise distillation"),
-    "ifvd": _decade("ifvd", 1.0, "intra-class feature variation distillation"),
-    "cirkd": _decade("cirkd", 0.1, "cross-image relational KD"),
-}
-#: what runs without --methods (the issue's default set; the others stay selectable)
-DEFAULT_METHODS = ("none", "logit", "mskd", "recokd", "recokd_frozen_aux")
-
-BRAIN_NETWORK = {
-    "filters": [16, 32, 64, 128, 160],
-    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-    "kernel_sizes": [[3, 3, 3]] * 5,
-    "deep_supervision": True, "deep_supr_num": 2,
-}
-#: one training volume: more affine and intensity variation than the default (no flips: L/R labels)
-BRAIN_AUGMENTATION = {"enabled": True, "rotate_deg": 15.0, "scale": [0.85, 1.2], "p_affine": 0.5, "flip_axes": [],
-                      "p_noise": 0.15, "noise_std": 0.1, "p_brightness": 0.3, "brightness": 0.3, "p_gamma": 0.3,
-                      "gamma": [0.7, 1.5]}
-
-
-@dataclass(frozen=True)
-class DatasetSetup:
-    """One dataset of the benchmark: where it is, how it is preprocessed, the teacher's network."""
-
-    key: str
-    raw_name: str
-    network: dict[str, Any]
-    spacing: tuple[float, float, float]
-    normalization: str
-    patch_size: tuple[int, int, int]
-    augmentation: dict[str, Any] | None = None  # None: the engine's default
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _ct_network() -> dict[str, Any]:
-    from ReCoKDLib.networks import preset
-
-    return preset("ct_demo").to_dict()
-
-
-def dataset_setups(patches: Mapping[str, Sequence[int]], spacings: Mapping[str, Sequence[float]]) -> dict[str, DatasetSetup]:
-    return {
-        "ct": DatasetSetup("ct", "Dataset901_CTAbdomenOrgans", _ct_network(), tuple(spacings["ct"]), "ct",
-                           tuple(patches["ct"])),
-        "brain": DatasetSetup("brain", "Dataset902_BrainSubcortical", BRAIN_NETWORK, tuple(spacings["brain"]),
-                              "zscore", tuple(patches["brain"]), BRAIN_AUGMENTATION),
-    }
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Step caps, validation, patches and settings shared by every run of one configuration.
-
-    ``teacher_steps`` / ``student_steps`` are caps: a run stops earlier when its validation mean
-    Dice has not improved for ``patience`` validations (one every ``val_every`` steps; students:
-    ``student_patience`` every ``student_val_every``); the poly learning-rate schedule runs over the cap.
-    """
-
-    name: str
-    teacher_steps: int
-    student_steps: int
-    patches: dict[str, tuple[int, int, int]]
-    spacings: dict[str, tuple[float, float, float]]
-    val_every: int = 100
-    patience: int = 6
-    student_val_every: int = 100
-    student_patience: int = 5
-    #: per dataset: (block, every): every ``every``-th block of ``block`` axial slices is validation
-    val_blocks: dict[str, tuple[int, int]] = field(default_factory=lambda: {"ct": (8, 4), "brain": (4, 4)})
-    batch_size: int = 2
-    lr: float = 2e-3
-    reduction: int = 4
-    bf16: bool = True
-    overlap: float = 0.25
-    teacher_seed: int = 42
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-#: 2 CPU cores (run with --workers 2: two runs side by side, one thread each). Students get 4,000
-#: steps: at 2,000 the brain students' validation Dice was still rising (+0.04 median in the last
-#: quarter) and the plain student's test Dice rose from 0.560 to 0.665 at 4,000
-#: (budget experiment of commit d439183). Student patience 10 validations (1,000 steps):
-#: with 5, a plain brain student stopped at step 2,300 while its noisy validation curve was still
-#: rising (best 0.44 at 1,800; test 0.560 against 0.661 for the seed that ran 4,000 steps).
-CPU = Budget("cpu", teacher_steps=6000, student_steps=4000, val_every=150, patience=6, student_patience=10,
-             patches={"ct": (16, 64, 64), "brain": (32, 32, 32)},
-             spacings={"ct": (3.0, 3.0, 3.0), "brain": (2.0, 2.0, 2.0)})
-GPU = Budget("gpu", teacher_steps=12000, student_steps=6000, val_every=250, patience=8,
-             patches={"ct": (16, 128, 128), "brain": (64, 64, 64)},
-             spacings={"ct": (3.0, 3.0, 3.0), "brain": (1.5, 1.5, 1.5)}, batch_size=2, bf16=False, overlap=0.5)
-SMOKE = Budget("smoke", teacher_steps=4, student_steps=2, val_every=2, patience=2, student_val_every=2,
-               student_patience=2, val_blocks={"ct": (2, 2), "brain": (2, 2)},
-               patches={"ct": (16, 32, 32), "brain": (32, 32, 32)},
-               spacings={"ct": (6.0, 6.0, 6.0), "brain": (6.0, 6.0, 6.0)}, batch_size=1, overlap=0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics (pure)
-
-
-def gap_recovery(kd: float | None, student: float | None, teacher: float | None, min_gap: float = MIN_GAP) -> float | None:
-    """``(kd - student) / (teacher - student)``; ``None`` when a value is missing or the gap < ``min_gap``."""
-    if kd is None or student is None or teacher is None:
-        return None
-    gap = teacher - student
-    if not gap >= min_gap:
-        return None
-    return (kd - student) / gap
-
-
-def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean, sample standard deviation (``None`` for fewer than 2 values) and count of the defined values."""
-    defined = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not defined:
-        return None, None, 0
-    sd = statistics.stdev(defined) if len(defined) > 1 else None
-    return statistics.fmean(defined), sd, len(defined)
-
-
-#: two-sided 95 % Student t quantiles by degrees of freedom (1..30)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def paired_difference(kd: Mapping[int, float | None], plain: Mapping[int, float | None]) -> dict[str, Any]:
-    """Mean and 95 % t-interval of ``kd[seed] - plain[seed]`` over the seeds both have.
-
-    ``ci95`` is ``None`` with fewer than 2 pairs (no spread to estimate).
-    """
-    diffs = [float(kd[s]) - float(plain[s]) for s in sorted(set(kd) & set(plain))
-             if kd[s] is not None and plain[s] is not None]
-    mean, sd, n = mean_sd(diffs)
-    ci = None
-    if n >= 2 and sd is not None:
-        half = _T975[min(n - 1, len(_T975)) - 1] * sd / math.sqrt(n)
-        ci = [mean - half, mean + half]
-    return {"mean": mean, "sd": sd, "n": n, "ci95": ci, "per_seed": diffs}
-
-
-def summarize(runs: Sequence[Mapping[str, Any]], teacher_dice: float | None, methods: Sequence[str]) -> dict[str, Any]:
-    """Per method: mean ± sd of the test mean Dice and HD95 over seeds, training time and steps, gap
-    recovery (per seed and of the means) and the paired difference to the plain student.
-
-    ``runs`` are the records of one dataset (``method``, ``seed``, ``mean_dice``, ``mean_hd95``,
-    ``train_seconds``); plain students are the records of method ``"none"``.
-    """
-    plain = {r["seed"]: r["mean_dice"] for r in runs if r["method"] == "none"}
-    plain_mean, _, _ = mean_sd(list(plain.values()))
-    out: dict[str, Any] = {}
-    for method in methods:
-        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        dice_m, dice_sd, n = mean_sd([r["mean_dice"] for r in mine])
-        hd_m, hd_sd, _ = mean_sd([r.get("mean_hd95") for r in mine])
-        t_m, _, _ = mean_sd([r.get("train_seconds") for r in mine])
-        steps_m, _, _ = mean_sd([r.get("steps") for r in mine])
-        per_seed = [None if method == "none" else gap_recovery(r["mean_dice"], plain.get(r["seed"]), teacher_dice)
-                    for r in mine]
-        gr_m, gr_sd, gr_n = mean_sd(per_seed)
-        out[method] = {
-            "seeds": [r["seed"] for r in mine], "n": n,
-            "diverged_seeds": [r["seed"] for r in mine if r.get("status") == "diverged"],
-            "mean_dice": dice_m, "sd_dice": dice_sd, "mean_hd95": hd_m, "sd_hd95": hd_sd,
-            "mean_train_seconds": t_m, "mean_steps": steps_m,
-            "delta_dice_vs_plain": None if dice_m is None or plain_mean is None else dice_m - plain_mean,
-            "gap_recovery_per_seed": {"mean": gr_m, "sd": gr_sd, "n": gr_n, "values": per_seed},
-            "gap_recovery_of_means": None if method == "none" else gap_recovery(dice_m, plain_mean, teacher_dice),
-            "paired_diff_vs_plain": None if method == "none" else paired_difference(
-                {r["seed"]: r["mean_dice"] for r in mine}, plain),
-        }
-    return out
-
-
-def select_candidate(scores: Sequence[float | None]) -> int | None:
-    """Index of the best validation Dice (the first on ties); ``None`` until every candidate has one."""
-    if not scores or any(v is None for v in scores):
-        return None
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+from _efficacy_setup import (  # noqa: E402,F401  (re-exported: efficacy.METHODS, efficacy.CPU, ...)
+    CPU, DEFAULT_METHODS, GPU, METHODS, SMOKE, Budget, Candidate, DatasetSetup, Method, dataset_setups)
+from _efficacy_stats import (  # noqa: E402,F401
+    GAP_RECOVERY_DEFINITION, MIN_GAP, gap_recovery, mean_sd, paired_difference, select_candidate, summarize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,17 +419,20 @@ def _run_job_in_worker(args: tuple[Context, Job, str | None]) -> tuple[Job, dict
 def _dataset_block(data: PreparedData, teacher: Mapping[str, Any] | None, runs: list[dict[str, Any]],
                    selection: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     teacher_dice = None if teacher is None else teacher.get("mean_dice")
-    plain = {r["seed"]: r["mean_dice"] for r in runs if r["method"] == "none"}
+    baselines = {m: METHODS[m].baseline for m in methods if m in METHODS}
     for r in runs:
+        baseline = baselines.get(r["method"], "none")
+        plain = next((p["mean_dice"] for p in runs if p["method"] == baseline and p["seed"] == r["seed"]), None)
         r["teacher_mean_dice"] = teacher_dice
-        r["plain_student_mean_dice"] = plain.get(r["seed"])
-        r["gap_recovery"] = None if r["method"] == "none" else gap_recovery(r["mean_dice"], plain.get(r["seed"]), teacher_dice)
+        r["plain_student_mean_dice"] = plain
+        r["plain_student_method"] = baseline
+        r["gap_recovery"] = None if r["method"] == "none" else gap_recovery(r["mean_dice"], plain, teacher_dice)
     return {
         "dataset": data.setup.raw_name, "train_cases": data.train_ids,
         "test_cases": [c.case_id for c in data.test_cases], "classes": data.class_names[1:],
         "setup": data.setup.to_dict(), "validation_split": data.validation, "teacher": teacher,
         "selection": dict(selection), "runs": sorted(runs, key=lambda r: (list(methods).index(r["method"]), r["seed"])),
-        "summary": summarize(runs, teacher_dice, list(methods)),
+        "summary": summarize(runs, teacher_dice, list(methods), baselines),
     }
 
 

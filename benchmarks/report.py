@@ -286,7 +286,8 @@ def efficacy_section(efficacy: Mapping[str, Any]) -> str:
             gr = s["gap_recovery_per_seed"]
             diverged = s.get("diverged_seeds") or []
             seeds = f"{s['n']} (+{len(diverged)} diverged)" if diverged else s["n"]
-            rows.append([method, seeds, pm(s["mean_dice"], s["sd_dice"]), diff_ci(s) if method != "none" else "–",
+            versus = f" (vs {s['baseline']})" if s.get("baseline") not in (None, "none") else ""
+            rows.append([method, seeds, pm(s["mean_dice"], s["sd_dice"]), diff_ci(s) + versus if method != "none" else "–",
                          pm(gr["mean"], gr["sd"], 2), fmt(s["gap_recovery_of_means"], 2), pm(s["mean_hd95"], s["sd_hd95"], 1),
                          fmt(s.get("mean_steps"), 0), fmt(s["mean_train_seconds"], 0)])
         out.append(table(["method", "seeds", "mean Dice", "Δ vs plain, paired [95 % CI]", "gap recovery (per seed)",
