@@ -358,6 +358,26 @@ def headline(results: dict[str, Any], main_case: dict[str, str]) -> dict[str, An
     return out
 
 
+def markdown_table(data: dict[str, Any]) -> str:
+    """The README's table of a result: one row per model, scan and setting."""
+    def number(value, digits):
+        return "" if value is None else f"{value:.{digits}f}"
+
+    rows = ["| model | scan | setting | engine | window | s (median) | first call s | peak MB | Dice vs fp32 PyTorch |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for model, per_case in data["results"].items():
+        for case, per_setting in per_case.items():
+            for setting, record in per_setting.items():
+                backend = record.get("backend")
+                engine = f"{backend['backend']} {backend['precision']}" if isinstance(backend, dict) else str(backend or "")
+                window = "×".join(map(str, record.get("window") or [])) or ""
+                peak = record.get("peak_extra_bytes")
+                rows.append(f"| {model} | {case} | {setting} | {engine} | {window} | {number(record.get('seconds'), 2)} | "
+                            f"{number(record.get('first_seconds'), 1)} | {number(peak / 1e6 if peak else None, 0)} | "
+                            f"{number(record.get('dice_vs_fp32_pytorch'), 4)} |")
+    return "\n".join(rows)
+
+
 def plot(data: dict[str, Any], path: str | os.PathLike) -> Path:
     """Seconds per model and setting on each model's main scan (log scale), with Dice in the labels."""
     import matplotlib
@@ -415,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random models on S1 (tests)")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (tests; memory less exact)")
     parser.add_argument("--output", default=str(_measure.RESULTS_DIR / "segment_speed.json"))
+    parser.add_argument("--table", metavar="JSON", help="print the README table of a result and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return 0
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(work_nnunet_predictor(spec) if spec["setting"] == "predictor" else work(spec)))
