@@ -399,6 +399,11 @@ def segment_volume(
             raise InferenceError(
                 f"the network outputs {logits.shape[0]} channels but its card names "
                 + (f"{k} regions {spec.head_names}" if regions else f"{k} classes {card.classes}"))
+        if tuple(logits.shape[1:]) != tuple(crop.shape[1:]):
+            raise InferenceError(
+                f"the {runner.backend} {runner.precision} backend gave logits of size {tuple(logits.shape[1:])} for a "
+                f"{tuple(crop.shape[1:])} volume in {'x'.join(map(str, win))} windows"
+                + ("; segment with --backend torch" if runner.backend != "torch" else ""))
         probs[(slice(None),) + sl] = (torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)).numpy()
     t_infer = time.perf_counter()
     mode = restore if restore != "auto" else ("probabilities" if return_probabilities or regions else "fast")

@@ -254,9 +254,12 @@ def upsample_logits(output: Tensor, size: Sequence[int]) -> Tensor:
     Returns:
         ``(B, K, D, H, W)`` or ``(B, 1 + S, K, D, H, W)``.
     """
-    size = tuple(int(s) for s in size)
-    if tuple(output.shape[-3:]) == size:
-        return output
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        size = tuple(size)  # the input's symbolic sizes: an exported graph upsamples to every input's size
+    else:
+        size = tuple(int(s) for s in size)
+        if tuple(output.shape[-3:]) == size:
+            return output
     if output.dim() == 6:
         heads = output.flatten(1, 2)
         return nn.functional.interpolate(heads, size=size, mode="trilinear", align_corners=False).unflatten(

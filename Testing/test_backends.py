@@ -18,6 +18,7 @@ from ReCoKDLib.data.preprocess import preprocess_case, restore_to_original
 from ReCoKDLib.infer import segment_volume
 from ReCoKDLib.models import backends, runtimes
 from ReCoKDLib.models.base import InferenceError
+from ReCoKDLib.models.runtimes import GraphNetwork, export_onnx
 from ReCoKDLib.models.loading import load_model
 from ReCoKDLib.models.window import choose_window
 from ReCoKDLib.networks import OneDNNConv3d, build_unet, derive_student_config, plain_convolutions, preset
@@ -122,6 +123,16 @@ def test_pytorch_fp32_asked_for_runs_no_probe(tmp_path, volume, monkeypatch):
     assert runner.reason == "torch fp32: as asked"
     result = segment_volume(load_model(path), image, geometry, device="cpu", backend="torch", precision="fp32")
     assert result.labels.shape == image.shape and not list(tmp_path.glob(".recokd-cache/*"))
+
+
+def test_logits_of_the_wrong_size_are_a_clear_error(tmp_path, volume, monkeypatch):
+    # a backend whose output does not follow the window (as exported strided-stem graphs did with a
+    # remembered choice and a new window) is named, not a numpy broadcasting error
+    real = backends.TorchNetwork.forward
+    monkeypatch.setattr(backends.TorchNetwork, "forward", lambda self, x: real(self, x)[..., ::2, ::2, ::2])
+    image, geometry = volume
+    with pytest.raises(InferenceError, match=r"torch fp32 backend gave logits of size \(\d+, \d+, \d+\) for a"):
+        segment_volume(load_model(_save(tmp_path)), image, geometry, device="cpu", backend="torch", precision="fp32")
 
 
 def test_a_graph_dropped_into_the_cache_is_never_loaded(tmp_path):
@@ -260,6 +271,16 @@ def test_strided_stem_network_gives_full_resolution_logits_on_every_backend(tmp_
         result = segment_volume(load_model(path), image, geometry, device="cpu", backend=backend, precision="fp32",
                                 window="patch", return_probabilities=True)
         np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=2e-4)
+    # the graph is exported once, for the probe's window, and then runs every window: its upsampling
+    # must follow the input (a graph that kept the export's size gave mis-shaped logits on a whole head)
+    graph = export_onnx(network, torch.zeros(1, 1, 16, 16, 16), tmp_path / "stem.onnx", dynamic_axes=True)
+    other = torch.randn(1, 1, 24, 32, 40)
+    with torch.no_grad():
+        expected = network(other)
+    for runtime in ("onnxruntime", "openvino"):
+        got = GraphNetwork(graph, runtime, "fp32")(other)
+        assert got.shape == expected.shape == (1, 2, 24, 32, 40)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-3)
 
 
 def test_onednn_convolution_equals_pytorch_and_stays_out_of_exports():
@@ -396,6 +417,9 @@ def test_segment_speed_benchmark_smoke(tmp_path, ct_dataset):
     assert student["before"]["dice_vs_fp32_pytorch"] == 1.0 and student["before"]["window"] == [8, 16, 16]
     assert student["best"]["backend"]["backend"] in ("torch", "onnxruntime", "openvino")
     assert 0 <= student["best"]["dice_vs_fp32_pytorch"] <= 1
+    table = segment_speed.markdown_table(data).splitlines()  # the README's table (--table JSON)
+    measured = sum(len(per_setting) for per_case in data["results"].values() for per_setting in per_case.values())
+    assert len(table) == 2 + measured and table[2].startswith("| ct_teacher | s1_ct | before | torch fp32 | 8×16×16 |")
 
 
 _SIGNAL_AFTER_OPENVINO = r"""

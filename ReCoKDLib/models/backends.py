@@ -74,8 +74,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 FP32_TOLERANCE = 1e-2
 #: a bf16 backend's share of probe voxels whose class (argmax) equals PyTorch fp32's
 BF16_MIN_AGREEMENT = 0.99
-#: bumped when the exported graphs change (part of the cache key)
-GRAPH_FORMAT = 1
+#: bumped when the exported graphs change (part of the cache key). 2: a strided-stem network's graph
+#: upsamples its logits to each input's size (format 1 baked the export probe's size in)
+GRAPH_FORMAT = 2
 CACHE_FOLDER = ".recokd-cache"
 
 
