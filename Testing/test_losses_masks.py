@@ -89,3 +89,10 @@ def test_pseudo_labels_from_teacher():
     assert ids.shape == (1, 1, 2, 2, 2) and int(ids[0, 0, 0, 0, 0]) == 2 and int(ids.sum()) == 2
     regions = pseudo_labels_from_teacher(logits, regions=True)
     assert regions.shape == (1, 3, 2, 2, 2) and int(regions.sum()) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pseudo_labels_equal_argmax_ties_included(dtype):
+    """The labels are the argmax exactly (first maximal class on ties), in the cache's fp16 too."""
+    logits = torch.randint(0, 3, (2, 4, 6, 7, 8)).to(dtype)  # many ties
+    assert torch.equal(pseudo_labels_from_teacher(logits), logits.argmax(dim=1, keepdim=True))
