@@ -283,6 +283,30 @@ def test_strided_stem_network_gives_full_resolution_logits_on_every_backend(tmp_
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-3)
 
 
+def test_export_keeps_the_exporters_output_off_the_terminal(tmp_path, capfd):
+    """What the exporters write, from Python or C++ (the TorchScript exporter dumps its IR graph on
+    failure: 70 kB for HD-BET), does not reach the user's stdout or stderr; the graph is still written."""
+    import os
+
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            print("python noise")
+            os.write(2, b"c-level noise on fd 2\n")
+            os.write(1, b"c-level noise on fd 1\n")
+            return self.conv(x)
+
+    capfd.readouterr()
+    graph = export_onnx(Noisy().eval(), torch.zeros(1, 1, 8, 8, 8), tmp_path / "noisy.onnx")
+    out, err = capfd.readouterr()
+    assert graph.is_file() and "noise" not in out and "noise" not in err
+    print("after")  # the streams work again
+    assert capfd.readouterr().out == "after\n"
+
+
 def test_onednn_convolution_equals_pytorch_and_stays_out_of_exports():
     torch.manual_seed(0)
     student = build_unet(derive_student_config(preset("ct_demo", num_classes=12), 4)).eval()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import io
 import os
 import sys
 import threading
@@ -120,6 +121,38 @@ def _libc():
         return None
 
 
+@contextlib.contextmanager
+def exporter_output_captured():
+    """Everything written to the process's stdout and stderr inside, by Python or by C++, goes to a
+    temporary file that is thrown away (an exporter's failure is reported by its exception).
+
+    The exporters print progress lines, and the TorchScript one dumps its whole IR graph (tens of
+    kilobytes for a teacher) from C++ when it fails on a network that the other exporter handles.
+    Neither belongs on a user's terminal or in ``--progress json`` output.
+    """
+    import tempfile
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            text = io.StringIO()  # Python-level writes (sys.stdout / sys.stderr may not be the fds)
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def export_onnx(network: nn.Module, example: Tensor, path: str | os.PathLike, *, dynamic_axes: bool = False) -> Path:
     """Export ``network`` (eval mode) for inputs shaped like ``example`` ``(B, C, D, H, W)`` to ONNX at
     ``path``, atomically (a temporary file beside it, then renamed). Input ``image``, output
@@ -148,8 +181,7 @@ def export_onnx(network: nn.Module, example: Tensor, path: str | os.PathLike, *,
 
     errors = []
     wrapped = _Logits(network).eval()
-    # the exporters print their steps on stdout, which belongs to --progress json: send them to stderr
-    with plain_convolutions(network), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    with plain_convolutions(network), exporter_output_captured(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for dynamo in (False, True):
             try:
