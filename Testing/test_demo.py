@@ -11,7 +11,7 @@ import torch
 
 from ReCoKDLib.checkpoint import read_model_card
 from ReCoKDLib.cli import main
-from ReCoKDLib.data.io import Geometry, write_image
+from ReCoKDLib.data.io import Geometry, read_image, write_image
 from ReCoKDLib.demo import MODEL_NAMES, format_table, quick_config, run_ct_demo
 from ReCoKDLib.demo_heads import HeadsDemoConfig, dice, format_heads_table, run_heads_demo
 from ReCoKDLib.progress import Reporter
@@ -103,6 +103,15 @@ def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(
     stages = {e["stage"] for e in events if e["event"] == "progress"}
     assert {"preprocess", "teacher-cache", "distill", "evaluate", "demo"} <= stages
     assert "Dice vs teacher: mean" in (out / "summary.txt").read_text() and (out / "report.md").is_file()
+    # Scored and timed on the path recokd segment runs: its label map is the demo's mask, on the head's grid.
+    assert metrics["evaluation"] == "segment_volume" and student["network_s"] <= student["latency_s"]
+    assert set(student["stage_seconds"]) == {"preprocess", "infer", "restore", "postprocess"}
+    assert len(student["latencies_s"]) == 2 * 2 and len(teacher["latencies_s"]) == 2  # repeats x heads
+    seg = tmp_path / "held_ref_seg.nii.gz"
+    assert main(["segment", str(out / "student" / "model_last.pt"), str(data / "imagesTs" / "held_ref_0000.nii.gz"),
+                 str(seg), "--progress", "json"]) == 0
+    with np.load(out / "evaluation" / "student_masks.npz") as npz:
+        assert np.array_equal(read_image(seg)[0] == 1, npz["held_ref"]) and npz["held_ref"].shape == (24, 24, 24)
 
     # A second run reuses the preprocessing, the finished student and both evaluations: no training, no pass.
     events = []
@@ -135,12 +144,14 @@ def test_dice_and_table():
     assert dice(a, b) == pytest.approx(0.5) and dice(a & False, b & False) == 1.0
     with pytest.raises(ValueError, match="shapes"):
         dice(a, b[:2])
-    metrics = {"teacher": {"params": 16_000_000, "latency_s": 40.0, "dice_vs_reference": {"colin27": 0.95}},
-               "student": {"params": 1_400_000, "latency_s": 2.0, "dice_vs_reference": {"colin27": 0.94},
+    metrics = {"teacher": {"params": 16_000_000, "latency_s": 40.0, "network_s": 38.5,
+                           "dice_vs_reference": {"colin27": 0.95}},
+               "student": {"params": 1_400_000, "latency_s": 2.0, "network_s": 0.25, "dice_vs_reference": {"colin27": 0.94},
                            "dice_vs_teacher": {"colin27": 0.97, "other": 0.98}, "dice_vs_teacher_mean": 0.975},
                "speedup": 20.0}
     table = format_heads_table(metrics)
     assert "0.975" in table and "16,000,000" in table and "20.0x" in table and "colin27" in table
+    assert "38.50" in table and "0.25" in table  # the network's share of each model's time
 
 
 def test_ct_demo_end_to_end_then_reuses_finished_runs(tmp_path, data_root, ct_dataset):

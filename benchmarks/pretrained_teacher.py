@@ -17,9 +17,10 @@ Steps (each cached, so an interrupted run resumes where it stopped):
    strides 2, 4, 8, 16), all on the teacher's hard labels (argmax) as the segmentation target:
    ``recokd`` (+ ReCo-KD on the taps, lambda 0.01), ``logit`` (+ logit KD, T = 2, weight 1) and
    ``hard`` (no KD term: logit KD at weight 0);
-3. **evaluate** on the held-out heads (``demo_heads.evaluate_cached``): Dice of the student's brain
-   mask vs the teacher's (on the teacher's grid) and, for Colin27, vs ``ch2bet > 0`` on the original
-   grid; parameters; CPU latency of teacher and student on the whole volume.
+3. **evaluate** on the held-out heads (``demo_heads.evaluate_cached``: each model segments each head
+   as ``recokd segment`` does): Dice of the student's brain mask vs the teacher's and, for Colin27,
+   vs ``ch2bet > 0``, on the head's own grid; parameters; CPU seconds of teacher and student to
+   segment a whole head end to end.
 
 Usage::
 
@@ -152,8 +153,7 @@ def _smoke_setup(work: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ReCoKDLib.demo_heads import (distil_student, evaluate_cached, load_held_out, pad_multiple, prepare_heads,
-                                      score_student)
+    from ReCoKDLib.demo_heads import distil_student, evaluate_cached, load_held_out, prepare_heads, score_student
     from ReCoKDLib.networks import count_parameters
     from ReCoKDLib.progress import Reporter
     from ReCoKDLib.teachers import load_model
@@ -183,17 +183,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     heads_data = prepare_heads(base, data_dir, out / "preprocessed", reporter)
     teacher = heads_data.teacher
     timings["load_and_preprocess_s"] = time.perf_counter() - t0
-    heads = load_held_out(heads_data.raw, heads_data.test_cases, teacher.card)
+    heads = load_held_out(heads_data.raw, heads_data.test_cases)
     t0 = time.perf_counter()
-    t_eval = evaluate_cached("teacher", teacher.network, teacher.sha256, heads, out / "evaluation", 1, reporter,
-                             pad_multiple(teacher), teacher.card.postprocessing, teacher.card.classes)
+    t_eval = evaluate_cached("teacher", teacher, teacher.sha256, heads, out / "evaluation", 1, reporter)
     timings["teacher_held_out_s"] = time.perf_counter() - t0
     result: dict[str, Any] = {
         **_measure.provenance(config.threads),
         "config": {**config.__dict__, "student_filters": list(config.student_filters), "kd_lambda": KD_LAMBDA,
                    "methods": METHODS, "train_heads": [c.case_id for c in heads_data.train_cases],
                    "test_heads": [h.case_id for h in heads], "teacher_source": source,
-                   "engine": "ReCoKDLib.engine.distill, teacher_outputs=cache (ReCoKDLib.demo_heads)"},
+                   "engine": "ReCoKDLib.engine.distill, teacher_outputs=cache (ReCoKDLib.demo_heads)",
+                   "evaluation": "recokd segment's path (demo_heads.segment_head)"},
         "teacher": {"name": teacher.card.architecture.get("preset", source), "params": count_parameters(teacher.network),
                     "dice_vs_reference": t_eval["dice_vs_reference"], "latency_s": t_eval["latency_s"]},
         "students": [], "steps": timings,
@@ -208,9 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         history = json.loads((path.parent / "history.json").read_text()) if (path.parent / "history.json").is_file() else {}
         student = load_model(path, "cpu")
-        s_eval = evaluate_cached(method, student.network, _sha(path), heads, out / "evaluation",
-                                 method_config.latency_repeats, reporter, pad_multiple(student),
-                                 student.card.postprocessing, student.card.classes)
+        s_eval = evaluate_cached(method, student, _sha(path), heads, out / "evaluation",
+                                 method_config.latency_repeats, reporter)
         scores = score_student(s_eval, t_eval)
         result["students"].append({"method": method, "params": count_parameters(student.network),
                                    "train_time_s": seconds, "latency_s": s_eval["latency_s"],

@@ -275,7 +275,7 @@ def make_hdbet_student(path: Path) -> Path:
 
     preset = load_preset("hd-bet")
     demo = HeadsDemoConfig()
-    config = student_config(demo.student_filters, len(preset.classes), demo.student_stem_stride)
+    config = student_config(demo.student_filters, len(preset.classes), demo.student_stem_stride, demo.student_norm)
     torch.manual_seed(0)
     card = ModelCard(architecture={"kind": "dynunet", "config": config.to_dict()}, classes=list(preset.classes),
                      spacing=list(preset.spacing), normalization=dict(preset.normalization),

@@ -28,6 +28,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="--task heads: the teacher (default preset:hd-bet; any preset JSON with taps)")
     parser.add_argument("--trust-entry-point", action="append", default=[], metavar="MODULE:CALLABLE",
                         help="--task heads: an entry point the teacher preset may import (repeatable)")
+    parser.add_argument("--student-norm", choices=("instance", "batch"), default=None,
+                        help="--task heads: the student's normalisation (default instance, HD-BET's own: "
+                             "recokd segment runs it in its 64^3 training patches; batch: fixed statistics, run in "
+                             "one window on the whole head, faster but less close to the teacher)")
     parser.add_argument("--full", action="store_true", help="--task ct: the longer configuration (for a GPU)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="--task ct: override the teacher's step budget")
     parser.add_argument("--student-steps", type=int, default=None, help="override each student's step budget")
@@ -49,7 +53,7 @@ def heads_config(args: argparse.Namespace):
         raise ValueError("--full and --teacher-steps apply to --task ct (the heads demo's teacher is pretrained)")
     config = HeadsDemoConfig(trust_entry_points=tuple(args.trust_entry_point))
     overrides = {"teacher": args.teacher, "steps": args.student_steps, "kd_weight": args.kd_weight, "seed": args.seed,
-                 "kd": parse_kd_spec(args.kd) if args.kd else None}
+                 "kd": parse_kd_spec(args.kd) if args.kd else None, "student_norm": args.student_norm}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     return replace(config, bf16=False) if args.no_bf16 else config
 
@@ -58,8 +62,9 @@ def ct_config(args: argparse.Namespace):
     """:class:`~ReCoKDLib.demo.DemoConfig` from the command line (``--task ct``)."""
     from ReCoKDLib.demo import FULL, DemoConfig
 
-    if args.teacher or args.trust_entry_point:
-        raise ValueError("--teacher and --trust-entry-point apply to --task heads (--task ct trains its teacher)")
+    if args.teacher or args.trust_entry_point or args.student_norm:
+        raise ValueError("--teacher, --trust-entry-point and --student-norm apply to --task heads "
+                         "(--task ct trains its teacher)")
     config = FULL if args.full else DemoConfig()
     overrides = {
         "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "kd": args.kd,
