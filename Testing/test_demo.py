@@ -107,6 +107,7 @@ def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(
     assert metrics["evaluation"] == "segment_volume" and student["network_s"] <= student["latency_s"]
     assert set(student["stage_seconds"]) == {"preprocess", "infer", "restore", "postprocess"}
     assert len(student["latencies_s"]) == 2 * 2 and len(teacher["latencies_s"]) == 2  # repeats x heads
+    assert set(student["seconds_per_head"]) == set(teacher["seconds_per_head"]) == {"held_ref", "held_plain"}
     seg = tmp_path / "held_ref_seg.nii.gz"
     assert main(["segment", str(out / "student" / "model_last.pt"), str(data / "imagesTs" / "held_ref_0000.nii.gz"),
                  str(seg), "--progress", "json"]) == 0
@@ -145,13 +146,16 @@ def test_dice_and_table():
     with pytest.raises(ValueError, match="shapes"):
         dice(a, b[:2])
     metrics = {"teacher": {"params": 16_000_000, "latency_s": 40.0, "network_s": 38.5,
+                           "seconds_per_head": {"colin27": 19.25, "other": 60.75},
                            "dice_vs_reference": {"colin27": 0.95}},
                "student": {"params": 1_400_000, "latency_s": 2.0, "network_s": 0.25, "dice_vs_reference": {"colin27": 0.94},
+                           "seconds_per_head": {"colin27": 1.75, "other": 2.25},
                            "dice_vs_teacher": {"colin27": 0.97, "other": 0.98}, "dice_vs_teacher_mean": 0.975},
                "speedup": 20.0}
     table = format_heads_table(metrics)
     assert "0.975" in table and "16,000,000" in table and "20.0x" in table and "colin27" in table
     assert "38.50" in table and "0.25" in table  # the network's share of each model's time
+    assert "19.25" in table and "60.75" in table and "1.75" in table and "2.25" in table  # each head's seconds
 
 
 def test_ct_demo_end_to_end_then_reuses_finished_runs(tmp_path, data_root, ct_dataset):
