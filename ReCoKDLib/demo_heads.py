@@ -294,8 +294,8 @@ def evaluate_model(model: Any, heads: Sequence[HeldOutHead], repeats: int = 1, r
 
     Returns ``{"masks": {case: (D, H, W) bool}, "masks_raw": {...}, "dice_vs_reference": {case: float},
     "dice_vs_reference_raw": {...}, "latency_s" (median of all runs), "latencies_s", "seconds_per_head"
-    ({case: median}), "network_s" (median seconds in the
-    network), "stage_seconds" (median per stage), "first_call_s", "backend", "window"}``.
+    ({case: median}), "network_s" (median seconds in the network), "stage_seconds" (median per stage),
+    "first_call_s", "backend", "window"}``.
     """
     t0 = time.perf_counter()
     first = segment_head(model, heads[0])
@@ -353,8 +353,9 @@ def evaluate_cached(name: str, model: Any, model_key: str, heads: Sequence[HeldO
 def timing(evaluation: dict[str, Any]) -> dict[str, Any]:
     """The timing fields of an evaluation, as ``metrics.json`` holds them for each model (``None``
     where a stored evaluation predates the field)."""
-    return {k: evaluation.get(k) for k in ("latency_s", "latencies_s", "seconds_per_head", "network_s", "stage_seconds",
-                                           "first_call_s", "backend", "window")}
+    fields = ("latency_s", "latencies_s", "seconds_per_head", "network_s", "stage_seconds", "first_call_s",
+              "backend", "window")
+    return {k: evaluation.get(k) for k in fields}
 
 
 def score_student(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
