@@ -33,8 +33,9 @@ The steps, in nnU-Net v2's order (``DefaultPreprocessor``), after one of ours:
    interpolation rules (inside test, borders, mirror boundaries), so the result is SimpleITK's
    ``ResampleImageFilter`` output to float32 rounding (~1e-7 of the data range, checked in
    ``Testing/test_resample_separable.py``), about 9x faster for B-splines on a 1 mm head with 2
-   threads (``benchmarks/resample_speed.py``). Labels, grids with different directions and
-   B-splines from a 2-voxel axis go to SimpleITK.
+   threads (``benchmarks/resample_speed.py``). Labels and grids with different directions go to
+   SimpleITK. One deliberate difference: B-splines from a 2-voxel axis, where ITK's mirror boundary
+   reads outside the image (garbage in SimpleITK), fold that tap back onto the axis.
 
 :class:`PreprocessedCase` keeps what is needed to go back: :func:`restore_to_original` resamples a
 label map (nearest) or class probabilities (linear) from the preprocessed grid onto the cropped
@@ -317,7 +318,7 @@ def _resampled_geometry(geometry: Geometry, shape: Sequence[int], new_shape: Seq
 #   floor(float32(x)) - 1 .. + 2, weights w3 = w^3/6, w0 = 1/6 + w(w - 1)/2 - w3, w2 = w + w0 - 2 w3,
 #   w1 = 1 - w0 - w2 - w3 (w = x - tap 1), mirror boundary k < 0 -> -k, then k > n - 1 -> 2(n - 1) - k
 #   (all taps 0 when n == 1). When n == 2 the last tap can land on -1, outside the line, and ITK reads
-#   a neighbouring line: B-splines from a source with a 2-voxel axis stay on SimpleITK.
+#   a neighbouring line (garbage): :func:`_mirror` folds it back onto the axis instead.
 # With one direction for both grids each output voxel's continuous index along an axis depends only on
 # its own index along that axis, and the 3-D weights are products of these per-axis weights: the
 # resampling is three matrix products, one per axis, and the SimpleITK result up to float32 rounding.
@@ -348,11 +349,15 @@ def _axis_maps(geometry: Geometry, ref: Geometry, ref_shape: Sequence[int]) -> l
 
 
 def _mirror(k: np.ndarray, n: int) -> np.ndarray:
-    """ITK's B-spline mirror boundary of integer indices ``k`` on an axis of ``n`` voxels."""
+    """ITK's B-spline mirror boundary of integer indices ``k`` on an axis of ``n`` voxels, folded until
+    the index lies on the axis. ITK reflects once (``k < 0 -> -k``, then ``k > n - 1 -> 2(n - 1) - k``),
+    which is the same wherever that lands on the axis; on a 2-voxel axis it can land on -1, where
+    SimpleITK reads outside the image (values like 7e8 that change from call to call)."""
     if n == 1:
         return np.zeros_like(k)
-    k = np.where(k < 0, -k, k)
-    return np.where(k > n - 1, 2 * (n - 1) - k, k)
+    period = 2 * (n - 1)
+    k = np.abs(k) % period
+    return np.where(k > n - 1, period - k, k)
 
 
 def _bspline_coefficients(weights: np.ndarray) -> np.ndarray:
@@ -458,7 +463,7 @@ def _resample(array: np.ndarray, geometry: Geometry, ref: Geometry, ref_shape: S
 
     if SEPARABLE_RESAMPLING and order in ("linear", "bspline") and np.ndim(array) == 3:
         maps = _axis_maps(geometry, ref, ref_shape)
-        if maps is not None and not (order == "bspline" and 2 in np.shape(array)):
+        if maps is not None:
             return _separable_resample(array, maps, ref_shape, order)
     interp = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}[order]
     source = to_sitk(array if order == "nearest" else np.asarray(array, np.float32), geometry)
