@@ -128,7 +128,9 @@ def exporter_output_captured():
 
     The exporters print progress lines, and the TorchScript one dumps its whole IR graph (tens of
     kilobytes for a teacher) from C++ when it fails on a network that the other exporter handles.
-    Neither belongs on a user's terminal or in ``--progress json`` output.
+    Neither belongs on a user's terminal or in ``--progress json`` output. The capture is
+    process-wide: what other threads write meanwhile (``recokd serve``'s log during a model's first,
+    one-off export) is discarded too.
     """
     import tempfile
 
