@@ -69,6 +69,24 @@ def test_normalization_errors(case):
         normalize_image(image, {"scheme": "ct"})
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_nonzero_bbox_equals_the_box_of_the_hole_filled_mask(seed):
+    """nnU-Net's crop is the box of the non-zero mask with holes filled; the projections give the same box."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    image = np.zeros((2, 20, 24, 18), np.float32)
+    shell = np.zeros((20, 24, 18), bool)
+    shell[3:15, 5:20, 2:16] = True
+    shell[5:13, 7:18, 4:14] = False  # a closed hollow box: its inside is a hole
+    image[0][shell] = rng.normal(size=int(shell.sum())) + 5
+    image[1, rng.integers(0, 20), rng.integers(0, 24), rng.integers(0, 18)] = -1.0  # a stray voxel, other channel
+    filled = ndimage.binary_fill_holes(np.any(image != 0, axis=0))
+    expected = tuple((s.start, s.stop) for s in ndimage.find_objects(filled.astype(np.uint8))[0])
+    assert nonzero_bbox(image) == expected
+    assert nonzero_bbox(image[0]) == ((3, 15), (5, 20), (2, 16))
+
+
 def test_nonzero_bbox_and_label_values(case):
     image, label, _ = case
     assert nonzero_bbox(image) == ((2, 18), (3, 27), (4, 22))

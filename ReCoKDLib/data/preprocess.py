@@ -8,7 +8,7 @@ The steps, in nnU-Net v2's order (``DefaultPreprocessor``), after one of ours:
    matrices (the TotalSegmentator scans S1 and S3 are mirrored in x and y against each other)
    then reach the network the same way round; nnU-Net instead assumes a consistent dataset.
 1. **Crop to the non-zero region** (:func:`nonzero_bbox`): the bounding box of voxels that are
-   non-zero in any channel, holes filled (``scipy.ndimage.binary_fill_holes``). CT volumes,
+   non-zero in any channel (nnU-Net fills the mask's holes first, which cannot change the box). CT volumes,
    where air is -1000, are usually not cropped at all; skull-stripped MR volumes shrink a lot.
 2. **Normalise** (:func:`normalize_image`) with the scheme of the model card
    (:func:`compute_normalization` makes it from training data):
@@ -230,15 +230,22 @@ def normalize_image(image: np.ndarray, normalization: dict[str, Any]) -> np.ndar
 
 def nonzero_bbox(image: np.ndarray) -> Box:
     """Bounding box ``((d0, d1), (h0, h1), (w0, w1))`` (half-open) of the non-zero region of a
-    ``(C, D, H, W)`` or ``(D, H, W)`` image; the whole volume when it is all zero."""
-    from scipy import ndimage
+    ``(C, D, H, W)`` or ``(D, H, W)`` image; the whole volume when it is all zero.
 
+    nnU-Net takes the box of the mask with its holes filled (``binary_fill_holes``); filling holes
+    cannot move the box (a zero voxel outside it reaches the border in a straight line outside it,
+    so it is not a hole), so the box is read from the mask's projections on each axis: the same
+    box, without the fill's two passes over the volume (0.15 s of a 2 s head segmentation).
+    """
     image = as_channels(image)
-    mask = ndimage.binary_fill_holes(np.any(image != 0, axis=0))
-    found = ndimage.find_objects(mask.astype(np.uint8))
-    if not found or found[0] is None:
-        return tuple((0, s) for s in image.shape[1:])  # type: ignore[return-value]
-    return tuple((int(s.start), int(s.stop)) for s in found[0])  # type: ignore[return-value]
+    mask = np.any(image != 0, axis=0)
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        if present.size == 0:
+            return tuple((0, s) for s in image.shape[1:])  # type: ignore[return-value]
+        box.append((int(present[0]), int(present[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
 
 
 def check_label_values(label: np.ndarray, num_classes: int | None, name: str = "label", allow_empty: bool = True,
