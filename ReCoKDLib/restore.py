@@ -26,7 +26,7 @@ import numpy as np
 
 from ReCoKDLib.data.preprocess import PreprocessedCase, reorient
 
-__all__ = ["RESTORE_MODES", "restore_labels", "source_coordinates"]
+__all__ = ["RESTORE_MODES", "class_argmax", "restore_labels", "source_coordinates"]
 
 #: ``fast``: :func:`restore_labels`; ``probabilities``: every class map resampled (SimpleITK), then argmax
 RESTORE_MODES = ("auto", "fast", "probabilities")
@@ -46,12 +46,28 @@ def source_coordinates(n_source: int, n_target: int) -> tuple[np.ndarray, np.nda
     return lower, weight
 
 
+def class_argmax(probabilities: np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """``np.argmax(probabilities, axis=0)`` (the first largest class on ties) as ``dtype``, for
+    ``(K, ...)`` arrays, by one pass per class over contiguous maps: numpy's argmax over the leading
+    axis strides through memory and took 65 ms of a 2-class 118x143x121 map, this takes ~10."""
+    probabilities = np.asarray(probabilities)
+    labels = np.zeros(probabilities.shape[1:], dtype)
+    best = np.array(probabilities[0], copy=True)
+    for c in range(1, probabilities.shape[0]):
+        larger = probabilities[c] > best
+        labels[larger] = c
+        np.maximum(best, probabilities[c], out=best)
+    if np.issubdtype(best.dtype, np.floating) and np.isnan(probabilities).any():  # numpy's argmax: the first NaN wins
+        return np.argmax(probabilities, axis=0).astype(dtype)
+    return labels
+
+
 def _labels_on_crop(probabilities: np.ndarray, crop_shape: tuple[int, int, int], label_dtype) -> np.ndarray:
     """``(K, D', H', W')`` probabilities -> ``(D, H, W)`` labels (see the module docstring)."""
     k = probabilities.shape[0]
     if tuple(probabilities.shape[1:]) == tuple(crop_shape):  # the same grid: every tap is the voxel itself
-        return np.argmax(probabilities, axis=0).astype(label_dtype)
-    source_labels = np.argmax(probabilities, axis=0).astype(np.int32)
+        return class_argmax(probabilities, label_dtype)
+    source_labels = class_argmax(probabilities, label_dtype)
     coords = [source_coordinates(n_src, n_dst) for n_src, n_dst in zip(probabilities.shape[1:], crop_shape)]
     (z0, wz), (y0, wy), (x0, wx) = coords
     z1 = np.minimum(z0 + 1, probabilities.shape[1] - 1)
@@ -70,9 +86,9 @@ def _labels_on_crop(probabilities: np.ndarray, crop_shape: tuple[int, int, int],
     slab = max(1, int(4_000_000 // max(1, crop_shape[1] * crop_shape[2])))
     for start in range(0, crop_shape[0], slab):
         zs = slice(start, min(crop_shape[0], start + slab))
-        grid = np.ix_(z0[zs], y0, x0)
-        labels = source_labels[grid]
-        needs = mixed[grid]
+        # nearest-lower gathers, one axis at a time (``take`` is ~5x faster than an ``np.ix_`` index)
+        labels = source_labels.take(z0[zs], 0).take(y0, 1).take(x0, 2)
+        needs = mixed.take(z0[zs], 0).take(y0, 1).take(x0, 2)
         if needs.any():
             dz, dy, dx = np.nonzero(needs)
             zz0, zz1, w_z = z0[zs][dz], z1[zs][dz], wz[zs][dz]

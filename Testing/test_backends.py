@@ -381,6 +381,39 @@ def test_large_window_result_is_on_the_exact_grid(tmp_path, volume):
     assert patch.info["window"] == [16, 16, 16]
 
 
+def test_the_card_inference_overlap_is_the_default_and_an_explicit_overlap_wins(tmp_path, volume):
+    from ReCoKDLib.infer import DEFAULT_OVERLAP, model_overlap
+
+    image, geometry = volume
+    model = load_model(_save(tmp_path))
+    plain = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32")
+    assert model.card.inference == {} and plain.info["overlap"] == DEFAULT_OVERLAP == 0.5
+    model.card.inference = {"overlap": 0.25}
+    assert model_overlap(model) == 0.25 and model_overlap(model, 0.0) == 0.0
+    carded = segment_volume(model, image, geometry, device="cpu", backend="torch", precision="fp32")
+    explicit = segment_volume(model, image, geometry, overlap=0.25, device="cpu", backend="torch", precision="fp32")
+    assert carded.info["overlap"] == 0.25
+    np.testing.assert_array_equal(carded.labels, explicit.labels)
+    asked = segment_volume(model, image, geometry, overlap=0.5, device="cpu", backend="torch", precision="fp32")
+    assert asked.info["overlap"] == 0.5
+    np.testing.assert_array_equal(asked.labels, plain.labels)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 12])
+def test_class_argmax_equals_numpys_first_maximum(classes):
+    from ReCoKDLib.restore import class_argmax
+
+    rng = np.random.default_rng(classes)
+    probabilities = rng.random((classes, 7, 9, 11)).astype(np.float32)
+    probabilities[:, :2] = 0.25  # ties: the first class wins, as with np.argmax
+    probabilities[-1, 3, :2] = probabilities[0, 3, :2]
+    for values in (probabilities, probabilities.astype(np.float16), np.round(probabilities * 4)):
+        np.testing.assert_array_equal(class_argmax(values), np.argmax(values, axis=0))
+    with_nan = probabilities.copy()
+    with_nan[-1, 4, 5, 6] = np.nan
+    np.testing.assert_array_equal(class_argmax(with_nan, np.int32), np.argmax(with_nan, axis=0))
+
+
 @pytest.mark.parametrize("spacing,target", [((1.3, 1.1, 2.2), [2.0, 1.5, 1.5]), ((0.7, 0.7, 3.0), [3.0, 1.4, 1.4]),
                                             ((1.0, 1.0, 1.0), [1.0, 1.0, 1.0])])
 def test_fast_restore_equals_argmax_of_resampled_probabilities(spacing, target):
