@@ -58,7 +58,7 @@ def validate(network: nn.Module, val_set: CaseSet, patch_size: Sequence[int], de
     regions = spec.regions if spec is not None and spec.has_regions else None
     try:
         for case in val_set.cases:
-            image = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
+            image = torch.from_numpy(np.array(case.image, dtype=np.float32))  # a copy: cases may be read-only memory maps
             logits = _sliding_window_logits(network, image, patch_size, overlap, device, dtype)
             label = np.asarray(case.label)[0]
             if regions is not None:
