@@ -282,6 +282,10 @@ class ModelCard:
         postprocessing: what segmentation does to the label map after the network
             (:mod:`ReCoKDLib.postprocess`), e.g. ``{"keep_largest_component": ["brain"]}``; a
             student inherits its teacher's; empty: nothing.
+        inference: how ``recokd segment`` runs the model when not told otherwise, e.g.
+            ``{"overlap": 0.25}`` (the sliding-window overlap, in ``[0, 1)``); empty: the product's
+            defaults (overlap 0.5, :data:`ReCoKDLib.infer.DEFAULT_OVERLAP`). Written by a run whose
+            ``TrainConfig.inference_overlap`` is set, after measuring what it costs.
     """
 
     architecture: dict[str, Any]
@@ -300,6 +304,7 @@ class ModelCard:
     label_spec: dict[str, Any] = field(default_factory=dict)
     colors: list[list[float]] = field(default_factory=list)
     postprocessing: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -325,7 +330,22 @@ class ModelCard:
             steps_for_card(card.postprocessing, list(card.classes))
         except PostProcessingError as exc:
             raise CheckpointError(f"model card: postprocessing: {exc}") from None
+        check_inference_record(card.inference)
         return card
+
+
+def check_inference_record(record: Any) -> None:
+    """Refuse a card's ``inference`` record that ``recokd segment`` could not follow (unknown keys,
+    an overlap outside ``[0, 1)``) when the card is read, with the reason."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"model card: inference must be an object such as {{\"overlap\": 0.25}}; got {record!r}")
+    unknown = sorted(set(record) - {"overlap", "measured"})
+    if unknown:
+        raise CheckpointError(f"model card: inference has unknown keys {unknown}; known: overlap, measured")
+    if "overlap" in record:
+        overlap = record["overlap"]
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+            raise CheckpointError(f"model card: inference.overlap must be a number in [0, 1); got {overlap!r}")
 
 
 def card_path_for(model_path: str | os.PathLike) -> Path:

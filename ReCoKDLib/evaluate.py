@@ -419,7 +419,7 @@ def _overlay_figure(image: np.ndarray, label: np.ndarray, prediction: np.ndarray
 # The job
 
 
-def _latency(model, image, geometry, repeats: int, overlap: float, amp: bool = False,
+def _latency(model, image, geometry, repeats: int, overlap: float | None, amp: bool = False,
              inference: Mapping[str, Any] | None = None) -> float | None:
     """Median seconds of a whole-volume ``segment_volume`` on the CPU, through the backend layer
     (``inference``: ``backend``/``precision``/``window``/``restore``; ``amp``: bf16 only)."""
@@ -461,7 +461,7 @@ def evaluate_models(
     out_dir: str | os.PathLike,
     *,
     device: str = "auto",
-    overlap: float = 0.5,
+    overlap: float | None = None,
     mirror: bool = False,
     latency_repeats: int = 3,
     training_logs: Mapping[str, str | os.PathLike] | None = None,
@@ -477,7 +477,8 @@ def evaluate_models(
         cases: ``layout.Case`` objects (``case_id``, ``image_paths``, ``label_path``) or
             ``(case_id, image path(s), label path)`` tuples.
         device: where the evaluation inference runs; latency is always measured on the CPU.
-        overlap, mirror: sliding-window settings of the evaluation runs.
+        overlap, mirror: sliding-window settings of the evaluation runs (``overlap=None``: each model card's,
+            else 0.5).
         inference: ``backend``, ``precision``, ``window``, ``restore`` of every run
             (:func:`ReCoKDLib.infer.segment_volume`; default: auto, the fastest agreeing backend).
         latency_repeats: whole-volume CPU runs on the first case; the median is reported (0: skip).

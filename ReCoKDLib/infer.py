@@ -52,6 +52,8 @@ __all__ = [
     "predict_logits",
     "window_starts",
     "window_aligned_box",
+    "DEFAULT_OVERLAP",
+    "model_overlap",
     "segment_volume",
     "segment_array",
     "segment_file",
@@ -61,6 +63,18 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 #: preprocessed-grid voxels added around the ROI before choosing windows (linear resampling support)
 ROI_RESAMPLING_MARGIN = 2
+
+#: sliding-window overlap of a model whose card names none (nnU-Net's step size 0.5)
+DEFAULT_OVERLAP = 0.5
+
+
+def model_overlap(model: Any, overlap: float | None = None) -> float:
+    """The sliding-window overlap to segment with: ``overlap`` when given, else the model card's
+    ``inference["overlap"]`` (measured for that model when it was made), else :data:`DEFAULT_OVERLAP`."""
+    if overlap is not None:
+        return float(overlap)
+    record = getattr(getattr(model, "card", None), "inference", None) or {}
+    return float(record.get("overlap", DEFAULT_OVERLAP))
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +291,7 @@ def segment_volume(
     geometry: Geometry,
     roi: ROI | None = None,
     mirror: bool | Sequence[int] = False,
-    overlap: float = 0.5,
+    overlap: float | None = None,
     device: str | torch.device | None = "auto",
     return_probabilities: bool = False,
     reporter=None,
@@ -298,7 +312,8 @@ def segment_volume(
         geometry: its geometry (the output's).
         roi: optional :class:`ROI`; only windows touching it run, background outside it.
         mirror: ``True`` for mirroring on all three axes, or a tuple of axes (0 = D, 1 = H, 2 = W).
-        overlap: sliding-window overlap in ``[0, 1)``.
+        overlap: sliding-window overlap in ``[0, 1)``; ``None``: the model card's
+            (``inference["overlap"]``), else :data:`DEFAULT_OVERLAP` (:func:`model_overlap`).
         device: ``"auto"``, ``"cpu"``, ``"cuda[:i]"``; the network is moved there.
         return_probabilities: also return ``(K, D, H, W)`` probabilities.
         reporter: a :class:`~ReCoKDLib.progress.Reporter` (stage ``"segment"``).
@@ -329,6 +344,9 @@ def segment_volume(
 
     t0 = time.perf_counter()
     card = model.card
+    overlap = model_overlap(model, overlap)
+    if not 0 <= overlap < 1:
+        raise InferenceError(f"overlap must be in [0, 1); got {overlap}")
     image = as_channels(image)
     if image.shape[0] != card.in_channels:
         raise InferenceError(f"the model expects {card.in_channels} image channel(s); got {image.shape[0]} "
@@ -484,7 +502,7 @@ def segment_file(
     out_path: str | os.PathLike,
     roi: ROI | None = None,
     mirror: bool | Sequence[int] = False,
-    overlap: float = 0.5,
+    overlap: float | None = None,
     device: str | torch.device | None = "auto",
     probabilities_path: str | os.PathLike | None = None,
     reporter=None,

@@ -86,11 +86,14 @@ def test_train_config_round_trip_and_errors():
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(TrainingError, match="optimizer must be"):
         TrainConfig(optimizer="lion")
+    with pytest.raises(TrainingError, match=r"inference_overlap must be in \[0, 1\)"):
+        TrainConfig(inference_overlap=1.0)
 
 
 def test_distill_lowers_the_loss_and_writes_a_student_card(ct_cases, teacher_file, tmp_path):
     events = _Events()
-    result = distill(_config(steps=12, oversample_foreground=1.0), teacher_file, ct_cases, tmp_path / "s", events)
+    result = distill(_config(steps=12, oversample_foreground=1.0, inference_overlap=0.25), teacher_file, ct_cases,
+                     tmp_path / "s", events)
     totals = [e["losses"]["total"] for e in events.of("progress", "distill")]
     assert len(totals) == 12 and all(math.isfinite(t) for t in totals)
     assert np.mean(totals[-3:]) < np.mean(totals[:3])
@@ -101,6 +104,7 @@ def test_distill_lowers_the_loss_and_writes_a_student_card(ct_cases, teacher_fil
     assert card.provenance["teacher_sha256"] == sha256_file(teacher_file)
     assert card.kd["methods"] == {"logit": {"weight": 1.0}, "fitnet": {"weight": 1.0}}
     assert card.spacing == [3.0, 3.0, 3.0] and card.normalization == CT_NORMALIZATION
+    assert card.inference == {"overlap": 0.25}  # what recokd segment slides the student's windows by
     student = build_unet(preset("tiny", num_classes=12, filters=(8, 8, 16)))
     student.load_state_dict(state)  # the file rebuilds the student
     assert events.of("done")[-1]["path"] == str(result.last_model) and result.step == 12

@@ -79,3 +79,17 @@ def test_card_colors_round_trip_and_old_cards_load(tmp_path):
     assert old.colors == []
     card = ModelCard(**base, colors=[[0, 0, 0], [0.9, 0.5, 0.5]])
     assert ModelCard.from_dict(json.loads(card.to_json())).colors == [[0, 0, 0], [0.9, 0.5, 0.5]]
+
+
+def test_card_inference_overlap_round_trips_and_bad_records_are_refused():
+    base = dict(architecture={"kind": "dynunet", "config": {}}, classes=["background", "brain"], spacing=[1, 1, 1],
+                normalization={"scheme": "zscore"}, patch_size=[8, 8, 8])
+    assert ModelCard.from_dict(base).inference == {}  # cards written before the field: the defaults
+    card = ModelCard(**base, inference={"overlap": 0.25})
+    assert ModelCard.from_dict(json.loads(card.to_json())).inference == {"overlap": 0.25}
+    for bad, reason in (({"overlap": 1.0}, r"\[0, 1\)"), ({"overlap": -0.1}, r"\[0, 1\)"),
+                        ({"overlap": "0.25"}, r"\[0, 1\)"), ({"overlap": True}, r"\[0, 1\)"),
+                        ({"step": 0.5}, "unknown keys \\['step'\\]"), ([0.25], "must be an object")):
+        with pytest.raises(CheckpointError, match=reason):
+            ModelCard.from_dict({**base, "inference": bad})
+

@@ -10,9 +10,9 @@ model and scan three settings are measured, each in its own subprocess:
   probability map resampled (``restore="probabilities"``). Its labels are the reference
   ("the fp32 PyTorch result");
 * ``fp32``: PyTorch fp32 as it is now (oneDNN convolutions for thin layers, the window from the
-  free memory, ``restore="fast"``);
-* ``best``: the default (``backend="auto"``, ``precision="auto"``, window and restore auto): the
-  fastest backend that agrees with PyTorch fp32 on this machine.
+  free memory, ``restore="fast"``, the overlap of the model card, else 0.5);
+* ``best``: the default (``backend="auto"``, ``precision="auto"``, window and restore auto, the
+  card's overlap): the fastest backend that agrees with PyTorch fp32 on this machine.
 
 Per measurement: the first call (``first_seconds``: includes the backend choice, graph export and
 compilation, cached afterwards; ``best`` only: the other settings have nothing to choose), then the
@@ -58,8 +58,8 @@ from _measure import BenchmarkError  # noqa: E402
 SETTINGS = {
     "before": {"backend": "torch", "precision": "fp32", "window": "patch", "restore": "probabilities",
                "overlap": 0.5, "plain_convolutions": True},
-    "fp32": {"backend": "torch", "precision": "fp32", "window": "auto", "restore": "fast", "overlap": 0.5},
-    "best": {"backend": "auto", "precision": "auto", "window": "auto", "restore": "auto", "overlap": 0.5},
+    "fp32": {"backend": "torch", "precision": "fp32", "window": "auto", "restore": "fast", "overlap": None},
+    "best": {"backend": "auto", "precision": "auto", "window": "auto", "restore": "auto", "overlap": None},
 }
 
 
@@ -122,7 +122,8 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
             "load_seconds": load_seconds, "peak_extra_bytes": peak, "peak_reset": reset,
             "peak_total_bytes": _measure.rss_kib("VmHWM") * 1024, "backend": result.info.get("backend"),
             "window": result.info.get("window"), "window_choice": result.info.get("window_choice"),
-            "restore": result.info.get("restore"), "stage_seconds": result.info.get("stage_seconds"),
+            "restore": result.info.get("restore"), "overlap": result.info.get("overlap"),
+            "stage_seconds": result.info.get("stage_seconds"),
             "input_shape": list(result.labels.shape), "log": lines[-6:]}
 
 

@@ -47,7 +47,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "carry their own)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and report.html")
     parser.add_argument("--device", default="auto", help="device of the evaluation runs (latency is always CPU) (default auto)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap (default: each model card's inference.overlap, else 0.5)")
     parser.add_argument("--mirror", action="store_true", help="test-time mirroring")
     parser.add_argument("--latency-repeats", type=int, default=3,
                         help="whole-volume CPU runs for the latency median (default 3; 0 skips)")

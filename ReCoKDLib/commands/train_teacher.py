@@ -104,6 +104,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_steps: int =
     g.add_argument("--flip", action="store_true",
                    help="add random flips of all axes (off by default: left/right classes would be confused)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    g.add_argument("--inference-overlap", type=float, default=None, metavar="F",
+                   help="sliding-window overlap in [0, 1) that recokd segment uses for the model made, kept in its "
+                        "card (default: none kept, so 0.5). 0.25 slides 3/4 of a window: fewer windows, faster; "
+                        "measure what it costs in labels first")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower; exact reruns)")
     d = parser.add_argument_group("device")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -125,7 +129,7 @@ def training_config_fields(args: argparse.Namespace) -> dict[str, Any]:
         val_every=args.val_every, checkpoint_every=args.checkpoint_every, patience=args.patience,
         num_val_cases=args.val_cases, oversample_foreground=args.oversample, augmentation=augmentation.to_dict(),
         seed=args.seed, deterministic=args.deterministic, device=args.device, bf16=args.bf16, amp=not args.no_amp,
-        log_every=args.log_every,
+        log_every=args.log_every, inference_overlap=args.inference_overlap,
     )
     if args.patch is not None:
         fields["patch_size"] = tuple(args.patch)

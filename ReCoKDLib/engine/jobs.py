@@ -53,6 +53,7 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
             classes=list(dataset.class_names), spacing=list(dataset.spacing), normalization=dict(dataset.normalization),
             patch_size=list(config.patch_size), in_channels=dataset.in_channels, role=role,
             tap_names=encoder_tap_names(net_config), label_spec=_label_spec_record(dataset),
+            inference=_inference_record(config),
             provenance={"versions": _versions(), "train_config": config.to_dict(),
                         "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes},
         )
@@ -131,6 +132,7 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
             in_channels=dataset.in_channels, role="student", tap_names=student_taps, kd=kd_record,
             label_spec=_label_spec_record(dataset) or dict(teacher_card.label_spec),
             postprocessing=dict(teacher_card.postprocessing),  # the same classes: segmented as the teacher is
+            inference=_inference_record(config),
             provenance={"teacher_sha256": teacher_sha, "versions": _versions(), "train_config": config.to_dict(),
                         "cases": [c.case_id for c in train_set.cases], "source_sha256": dataset.source_hashes,
                         **nnunet_record},
@@ -139,6 +141,11 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
                    student, student_config, {"adapters": pair.adapters, "kd_loss": kd_module}, not config.frozen_aux,
                    card, warmup, {"teacher_sha256": teacher_sha})
         return _run(job, config, train_set, val_set, out_dir, reporter, resume, device, dist_ctx)
+
+
+def _inference_record(config: TrainConfig) -> dict[str, Any]:
+    """The card's ``inference`` record: the overlap ``recokd segment`` uses for this model, when set."""
+    return {} if config.inference_overlap is None else {"overlap": float(config.inference_overlap)}
 
 
 def _teacher_outputs(config: TrainConfig, pair: Any, teacher_card: ckpt.ModelCard, teacher_sha: str,
