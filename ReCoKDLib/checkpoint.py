@@ -339,9 +339,9 @@ def check_inference_record(record: Any) -> None:
     an overlap outside ``[0, 1)``) when the card is read, with the reason."""
     if not isinstance(record, dict):
         raise CheckpointError(f"model card: inference must be an object such as {{\"overlap\": 0.25}}; got {record!r}")
-    unknown = sorted(set(record) - {"overlap", "measured"})
+    unknown = sorted(set(record) - {"overlap"})
     if unknown:
-        raise CheckpointError(f"model card: inference has unknown keys {unknown}; known: overlap, measured")
+        raise CheckpointError(f"model card: inference has unknown keys {unknown}; known: overlap")
     if "overlap" in record:
         overlap = record["overlap"]
         if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
