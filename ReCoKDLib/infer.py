@@ -452,7 +452,7 @@ def segment_volume(
     if reporter is not None:
         reporter.log("segment", f"segmented {image.shape[1:]} in {seconds:.1f} s on {dev} "
                                 f"({backend_record['backend']} {backend_record.get('precision', '')}, window "
-                                f"{'x'.join(map(str, win))})")
+                                f"{'x'.join(map(str, win))}, overlap {overlap:g})")
     return SegmentationResult(
         labels=labels, probabilities=full if return_probabilities else None, geometry=geometry,
         class_names=list(card.classes), seconds=seconds, roi_box=roi_box, device=str(dev),
