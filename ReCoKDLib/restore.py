@@ -47,18 +47,18 @@ def source_coordinates(n_source: int, n_target: int) -> tuple[np.ndarray, np.nda
 
 
 def class_argmax(probabilities: np.ndarray, dtype=np.uint8) -> np.ndarray:
-    """``np.argmax(probabilities, axis=0)`` (the first largest class on ties) as ``dtype``, for
-    ``(K, ...)`` arrays, by one pass per class over contiguous maps: numpy's argmax over the leading
-    axis strides through memory and took 65 ms of a 2-class 118x143x121 map, this takes ~10."""
+    """``np.argmax(probabilities, axis=0)`` (the first largest class on ties, the first NaN where
+    there is one) as ``dtype``, for ``(K, ...)`` arrays, by one pass per class over contiguous maps
+    (numpy's argmax over the leading axis strides through memory: 38 ms against 27 ms here on a
+    2-class 118x143x121 map)."""
     probabilities = np.asarray(probabilities)
+    if np.issubdtype(probabilities.dtype, np.floating) and np.isnan(probabilities).any():
+        return np.argmax(probabilities, axis=0).astype(dtype)
     labels = np.zeros(probabilities.shape[1:], dtype)
     best = np.array(probabilities[0], copy=True)
     for c in range(1, probabilities.shape[0]):
-        larger = probabilities[c] > best
-        labels[larger] = c
+        labels[probabilities[c] > best] = c
         np.maximum(best, probabilities[c], out=best)
-    if np.issubdtype(best.dtype, np.floating) and np.isnan(probabilities).any():  # numpy's argmax: the first NaN wins
-        return np.argmax(probabilities, axis=0).astype(dtype)
     return labels
 
 

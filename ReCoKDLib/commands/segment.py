@@ -88,8 +88,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="coordinates of --roi: voxel indices, RAS mm (Slicer) or LPS mm (DICOM/ITK) (default ijk)")
     parser.add_argument("--mirror", action="store_true", help="test-time mirroring on all three axes (8 passes)")
     parser.add_argument("--overlap", type=float, default=None,
-                        help="sliding-window overlap in [0, 1) (default: the model card's inference.overlap, "
-                             "measured for that model, else 0.5)")
+                        help="sliding-window overlap in [0, 1) (default: the one the model card names, else 0.5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16/bf16 on CUDA)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
