@@ -474,6 +474,8 @@ def test_segment_speed_benchmark_smoke(tmp_path, ct_dataset):
     assert student["before"]["dice_vs_fp32_pytorch"] == 1.0 and student["before"]["window"] == [8, 16, 16]
     assert student["best"]["backend"]["backend"] in ("torch", "onnxruntime", "openvino")
     assert 0 <= student["best"]["dice_vs_fp32_pytorch"] <= 1
+    for record in student.values():  # timed and memory runs are separate workers, merged per setting
+        assert record["seconds"] > 0 and record["peak_total_bytes"] > 0 and "peak_extra_bytes" in record
     table = segment_speed.markdown_table(data).splitlines()  # the README's table (--table JSON)
     measured = sum(len(per_setting) for per_case in data["results"].values() for per_setting in per_case.values())
     assert len(table) == 2 + measured and table[2].startswith("| ct_teacher | s1_ct | before | torch fp32 | 8×16×16 |")

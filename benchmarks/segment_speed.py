@@ -14,11 +14,14 @@ model and scan three settings are measured, each in its own subprocess:
 * ``best``: the default (``backend="auto"``, ``precision="auto"``, window and restore auto, the
   card's overlap): the fastest backend that agrees with PyTorch fp32 on this machine.
 
-Per measurement: the first call (``first_seconds``: includes the backend choice, graph export and
-compilation, cached afterwards; ``best`` only: the other settings have nothing to choose), then the
-median of ``--reps`` calls, the peak resident memory
-above the loaded model during them (``VmHWM``, ``MALLOC_MMAP_THRESHOLD_=65536``), and the mean
-Dice of its labels against the model's ``before`` labels.
+Per measurement, two subprocesses. The timed one: the first call (``first_seconds``: includes the
+backend choice, graph export and compilation, cached afterwards; ``best`` only: the other settings
+have nothing to choose), then the median of ``--reps`` calls, with the C library's default
+allocator, as in Slicer or ``recokd segment``. The memory one: a warm-up call, then the peak
+resident memory above the loaded model during one more call (``VmHWM``, with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed arrays leave the resident set; that setting makes
+every large allocation a fresh mapping, which slowed restoring a head 3x: it is kept out of the
+timings). Then the mean Dice of the labels against the model's ``before`` labels.
 
 The headline ratios (end to end, ``best`` unless said): ``ct_div4_vs_teacher``,
 ``fp32_div4_vs_teacher`` (both ``fp32``), ``hdbet_student_vs_teacher``,
@@ -68,8 +71,9 @@ SETTINGS = {
 
 
 def work(spec: dict[str, Any]) -> dict[str, Any]:
-    """Load the model, segment ``spec["image"]`` once (first use), ``reps`` times (median), once more
-    for the peak memory; the labels go to ``spec["out"]``."""
+    """Load the model and segment ``spec["image"]``; the labels go to ``spec["out"]``. ``spec["part"]``
+    ``"time"``: once (first use, ``best`` only), then ``reps`` times (median); ``"memory"``: once, then
+    the peak resident memory during one more call."""
     import contextlib
 
     import torch
@@ -102,6 +106,10 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
             return segment_file(model, spec["image"], spec["out"], overlap=overlap, device="cpu", reporter=reporter,
                                 **setting)
 
+        if spec.get("part") == "memory":
+            once()
+            result, peak, reset = _measure.peak_during(once)
+            return {"peak_extra_bytes": peak, "peak_reset": reset, "peak_total_bytes": _measure.rss_kib("VmHWM") * 1024}
         first = None
         result = None
         if spec["setting"] == "best":  # the first call chooses the backend (and exports): timed on its own
@@ -109,18 +117,12 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
             result = once(_Log())
             first = time.perf_counter() - started
         times = []
-
-        def timed():
-            nonlocal result
-            for _ in range(int(spec["reps"])):
-                started = time.perf_counter()
-                result = once()
-                times.append(time.perf_counter() - started)
-
-        _, peak, reset = _measure.peak_during(timed)  # the peak over the timed calls
+        for _ in range(int(spec["reps"])):
+            started = time.perf_counter()
+            result = once()
+            times.append(time.perf_counter() - started)
     return {"seconds": _measure.median(times), "seconds_all": times, "first_seconds": first,
-            "load_seconds": load_seconds, "peak_extra_bytes": peak, "peak_reset": reset,
-            "peak_total_bytes": _measure.rss_kib("VmHWM") * 1024, "backend": result.info.get("backend"),
+            "load_seconds": load_seconds, "backend": result.info.get("backend"),
             "window": result.info.get("window"), "window_choice": result.info.get("window_choice"),
             "restore": result.info.get("restore"), "overlap": result.info.get("overlap"),
             "stage_seconds": result.info.get("stage_seconds"),
@@ -151,20 +153,23 @@ def work_nnunet_predictor(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     once()
     first = time.perf_counter() - started
+    if spec.get("part") == "memory":
+        _, peak, reset = _measure.peak_during(once)
+        return {"peak_extra_bytes": peak, "peak_reset": reset, "peak_total_bytes": _measure.rss_kib("VmHWM") * 1024}
     times = []
     for _ in range(int(spec["reps"])):
         started = time.perf_counter()
         once()
         times.append(time.perf_counter() - started)
-    _, peak, reset = _measure.peak_during(once)
     return {"seconds": _measure.median(times), "seconds_all": times, "first_seconds": first,
-            "peak_extra_bytes": peak, "peak_reset": reset, "backend": {"backend": "nnUNetPredictor"}}
+            "backend": {"backend": "nnUNetPredictor"}}
 
 
 def _run_worker(spec: dict[str, Any], in_process: bool) -> dict[str, Any]:
     if in_process:
         return (work_nnunet_predictor if spec["setting"] == "predictor" else work)(spec)
-    env = {**os.environ, **_measure.MEMORY_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
+    env = {**os.environ, **(_measure.MEMORY_ENV if spec.get("part") == "memory" else {}),
+           "OMP_NUM_THREADS": str(spec["threads"])}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           env=env, cwd=_measure.REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -516,9 +521,13 @@ def main(argv: list[str] | None = None) -> int:
                     out = tmp / f"{name}-{case}-{setting}.nii.gz"
                     print(f"[segment_speed] {name} {case} {setting} (load {os.getloadavg()[0]:.2f})", file=sys.stderr,
                           flush=True)
-                    per[setting] = _run_worker({"model": str(path), "image": cases[case], "out": str(out),
-                                                "setting": setting, "reps": args.reps, "threads": args.threads},
-                                               args.in_process)
+                    spec_ = {"model": str(path), "image": cases[case], "out": str(out), "setting": setting,
+                             "reps": args.reps, "threads": args.threads}
+                    per[setting] = _run_worker({**spec_, "part": "time"}, args.in_process)
+                    if "error" not in per[setting]:
+                        memory = _run_worker({**spec_, "part": "memory", "out": str(out) + ".memory.nii.gz"},
+                                             args.in_process)
+                        per[setting].update(memory if "error" not in memory else {"memory_error": memory["error"]})
                     per[setting]["_out"] = str(out)
                 reference = (per.get("before") or per.get("fp32") or {}).get("_out")  # the fp32 PyTorch result
                 for setting, record in per.items():
