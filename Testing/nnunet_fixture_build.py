@@ -166,9 +166,11 @@ def main() -> int:
     return 0
 
 
-def train(plans_name: str, seed: int, epochs: int, iterations: int) -> None:
-    """``nnUNetTrainer`` on fold 0, seeded: nnU-Net's augmentation draws from numpy's and Python's global
-    generators (here in this process: no augmentation workers), the network from torch's."""
+def train(plans_name: str, seed: int, epochs: int, iterations: int, dataset_id: int = DATASET_ID,
+          configuration: str = CONFIGURATION, fold: int | str = 0, val_iterations: int = 2) -> None:
+    """``nnUNetTrainer`` on ``fold`` (default 0), seeded: nnU-Net's augmentation draws from numpy's and Python's
+    global generators (here in this process: no augmentation workers), the network from torch's.
+    ``benchmarks/nnunet_folder.py`` reuses it for its real-size teacher."""
     import random
 
     import numpy as np
@@ -178,11 +180,11 @@ def train(plans_name: str, seed: int, epochs: int, iterations: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 0, "nnUNetTrainer", plans_name, False,
+    trainer = get_trainer_from_args(str(dataset_id), configuration, fold, "nnUNetTrainer", plans_name, False,
                                     device=torch.device("cpu"))
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
-    trainer.num_val_iterations_per_epoch = 2
+    trainer.num_val_iterations_per_epoch = val_iterations
     trainer.logger.plot_progress_png = lambda *a, **k: None
     trainer.run_training()
 
