@@ -423,6 +423,7 @@ def segment_volume(
                 f"{tuple(crop.shape[1:])} volume in {'x'.join(map(str, win))} windows"
                 + ("; segment with --backend torch" if runner.backend != "torch" else ""))
         probs[(slice(None),) + sl] = (torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)).numpy()
+        del logits  # held no longer than needed: restoring and post-processing set the peak memory
     t_infer = time.perf_counter()
     mode = restore if restore != "auto" else ("probabilities" if return_probabilities or regions else "fast")
     full = None
@@ -434,6 +435,7 @@ def segment_volume(
     else:
         full = restore_to_original(probs, pre)
         labels = np.argmax(full, axis=0).astype(_label_dtype(k))
+    del probs
     if roi_box is not None:
         inside = np.zeros(labels.shape, bool)
         inside[tuple(slice(a, b) for a, b in roi_box)] = True

@@ -37,6 +37,42 @@ def test_only_the_largest_component_of_each_named_class_survives():
     np.testing.assert_array_equal(keep_largest_component(out, [1, 3]), out)
 
 
+def _largest_component_over_the_whole_volume(labels, class_ids):
+    """The plain reference: int32 components over the whole volume, no bounding box."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for class_id in class_ids:
+        mask = out == class_id
+        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[mask & (components != sizes.argmax())] = 0
+    return out
+
+
+def test_the_box_and_uint16_components_give_the_whole_volume_answer_ties_included():
+    rng = np.random.default_rng(0)
+    for trial in range(20):  # random blobs away from the borders: boxes smaller than the volume, ties
+        labels = np.zeros((20, 24, 28), np.uint8)
+        labels[2:-3, 3:-2, 4:-1] = (rng.random((15, 19, 23)) < rng.uniform(0.05, 0.35)) * rng.integers(1, 4, (15, 19, 23))
+        np.testing.assert_array_equal(keep_largest_component(labels, [1, 2]),
+                                      _largest_component_over_the_whole_volume(labels, [1, 2]))
+    # two equal components: the one met first in C order stays, whatever the box
+    tie = np.zeros((9, 9, 9), np.uint8)
+    tie[5, 6, 1:3] = 1
+    tie[5, 2, 6:8] = 1
+    kept = keep_largest_component(tie, [1])
+    assert kept[5, 2, 6] == 1 and kept[5, 6, 1] == 0
+    # more components than uint16 holds (67,600 isolated voxels): labelled as int32 instead
+    many = np.zeros((7, 260, 260), np.uint8)
+    many[::2, ::2, ::2] = 1
+    many[0, 0, 1] = 1  # joins (0, 0, 0) and (0, 0, 2): the largest component, 3 voxels
+    out = keep_largest_component(many, [1])
+    assert int((out == 1).sum()) == 3 and (out[0, 0, :3] == 1).all()
+
+
 def test_a_card_names_classes_by_name_or_id_and_mistakes_are_refused():
     classes = ["background", "brain", "skull"]
     assert steps_for_card({"keep_largest_component": ["brain", 2]}, classes) == {"keep_largest_component": [1, 2]}

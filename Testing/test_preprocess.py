@@ -57,6 +57,26 @@ def test_zscore_over_nonzero_voxels_and_none(case):
     np.testing.assert_array_equal(normalize_image(image, {"scheme": "none"})[0], image)
 
 
+def test_zscore_statistics_by_slabs_equal_numpy_in_float64():
+    from ReCoKDLib.data.preprocess import _mean_std
+
+    rng = np.random.default_rng(3)
+    channel = (rng.normal(40.0, 9.0, (13, 11, 7)) * (rng.random((13, 11, 7)) < 0.6)).astype(np.float32)
+    mask = channel != 0
+    for slab_voxels in (1, 77, 150, 10**6):  # one row, partial slabs, the whole volume
+        for m, values in ((None, channel), (mask, channel[mask])):
+            mean, std = _mean_std(channel, m, slab_voxels)
+            assert mean == pytest.approx(values.astype(np.float64).mean(), rel=1e-12)
+            assert std == pytest.approx(values.astype(np.float64).std(), rel=1e-12)
+    # HD-BET's variant (every voxel) and an image without zeros (the mask is skipped) agree with numpy
+    out = normalize_image(channel, {"scheme": "zscore", "nonzero": False})[0]
+    expected = (channel - channel.astype(np.float64).mean()) / channel.astype(np.float64).std()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    full = channel + 100.0
+    np.testing.assert_allclose(normalize_image(full, {"scheme": "zscore"})[0],
+                               (full - full.astype(np.float64).mean()) / full.astype(np.float64).std(), atol=1e-5)
+
+
 def test_normalization_errors(case):
     image, label, _ = case
     with pytest.raises(PreprocessingError, match="unknown normalization scheme"):
