@@ -336,7 +336,7 @@ def headline(results: dict[str, Any], main_case: dict[str, str]) -> dict[str, An
     """The ratios of the issue, from ``results[model][case][setting]``."""
 
     def seconds(model, setting):
-        case = main_case.get(model.split("_")[0] if model.startswith(("ct", "hdbet")) else model, "")
+        case = main_case.get(model.split("_")[0], "")
         return ((results.get(model) or {}).get(case) or {}).get(setting, {}).get("seconds")
 
     out = {
