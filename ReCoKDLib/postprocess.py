@@ -42,13 +42,15 @@ def keep_largest_component(labels: np.ndarray, class_ids: Sequence[int]) -> np.n
     """
     from scipy import ndimage
 
+    from ReCoKDLib.data.preprocess import nonzero_bbox
+
     out = np.array(labels, copy=True)
     structure = np.ones((3,) * out.ndim, bool)
     for class_id in class_ids:
         mask = out == class_id
-        box = _bounding_box(mask)
-        if box is None:
+        if not mask.any():
             continue
+        box = tuple(slice(a, b) for a, b in nonzero_bbox(mask))
         mask = mask[box]  # raster order inside the box is the volume's: ties are broken alike
         try:
             components, count = ndimage.label(mask, structure=structure, output=np.uint16)
@@ -62,17 +64,6 @@ def keep_largest_component(labels: np.ndarray, class_ids: Sequence[int]) -> np.n
         drop &= mask
         out[box][drop] = 0
     return out
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box holding every ``True`` of ``mask`` (from its projections), ``None`` if none."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def steps_for_card(postprocessing: Mapping[str, Any] | None, classes: Sequence[str]) -> dict[str, list[int]]:
