@@ -11,6 +11,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from ReCoKDLib.checkpoint import ModelCard, save_model
 from ReCoKDLib.data.io import Geometry
@@ -305,6 +306,30 @@ def test_export_keeps_the_exporters_output_off_the_terminal(tmp_path, capfd):
     assert graph.is_file() and "noise" not in out and "noise" not in err
     print("after")  # the streams work again
     assert capfd.readouterr().out == "after\n"
+
+
+def test_instance_norms_with_running_statistics_try_the_torch_export_exporter_first(tmp_path, monkeypatch):
+    """torch's TorchScript exporter turns an instance norm with running statistics into a batch norm
+    that needs a static batch size (torch/onnx/_internal/torchscript_exporter/symbolic_opset9.py,
+    instance_norm) and fails late on HD-BET; such networks go to torch.export first."""
+    calls = []
+    real = torch.onnx.export
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs["dynamo"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", recording)
+    plain = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.InstanceNorm3d(2, affine=True)).eval()
+    export_onnx(plain, torch.zeros(1, 1, 8, 8, 8), tmp_path / "plain.onnx")
+    assert calls == [False]  # MONAI's and nnU-Net's instance norms: the TorchScript exporter, it works
+    calls.clear()
+    tracking = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.InstanceNorm3d(2, affine=True, track_running_stats=True))
+    graph = export_onnx(tracking.eval(), torch.zeros(1, 1, 8, 8, 8), tmp_path / "tracking.onnx")
+    assert calls[0] is True and graph.is_file()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(GraphNetwork(graph, "onnxruntime")(x).numpy(), tracking(x).numpy(), atol=1e-4)
 
 
 def test_onednn_convolution_equals_pytorch_and_stays_out_of_exports():
