@@ -57,6 +57,7 @@ __all__ = [
     "segment_volume",
     "segment_array",
     "segment_file",
+    "softmax_",
 ]
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -158,6 +159,8 @@ def predict_logits(
 
     try:
         with torch.no_grad():
+            if all(s <= p for s, p in zip(image.shape[1:], patch)):
+                return _one_window(predictor, image, patch, device, cval)
             logits = sliding_window_inference(
                 image[None].float(), roi_size=patch, sw_batch_size=sw_batch_size, predictor=predictor,
                 overlap=overlap, mode="gaussian", sw_device=device, device=torch.device("cpu"), cval=float(cval),
@@ -165,6 +168,24 @@ def predict_logits(
     finally:
         network.train(was_training)
     return torch.as_tensor(logits)[0].float()
+
+
+def _one_window(predictor, image: Tensor, patch: Sequence[int], device: torch.device, cval: float) -> Tensor:
+    """What ``sliding_window_inference`` gives when one window holds the whole ``(C, D, H, W)`` volume:
+    the volume padded with ``cval`` as MONAI pads it (``diff // 2`` before, the rest after), the
+    prediction cropped back. MONAI's Gaussian weighting cancels out in one window, so this is its
+    result up to float rounding, without its output, weight and count maps (three more
+    ``(K, D, H, W)`` float32 maps for a whole-scan window)."""
+    spatial = tuple(int(s) for s in image.shape[1:])
+    before = [(p - s) // 2 for s, p in zip(spatial, patch)]
+    pad: list[int] = []
+    for s, p, b in reversed(list(zip(spatial, patch, before))):
+        pad.extend([b, p - s - b])
+    x = image[None].float()
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, value=float(cval))
+    out = predictor(x.to(device))[0]
+    return out[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, spatial))].to("cpu").float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,10 +424,8 @@ def segment_volume(
     spec = label_spec_from_card(card)
     regions = spec is not None and spec.has_regions  # nnU-Net region heads: sigmoid, painted in order
     k = spec.num_heads if regions else card.num_classes
-    probs = np.zeros((k,) + pre.shape, np.float32)
-    if not regions:
-        probs[0] = 1.0
     runner = None
+    probs = None
     if region is not None:
         sl = tuple(slice(a, b) for a, b in region)
         crop = torch.from_numpy(np.ascontiguousarray(pre.image[(slice(None),) + sl]))
@@ -422,8 +441,18 @@ def segment_volume(
                 f"the {runner.backend} {runner.precision} backend gave logits of size {tuple(logits.shape[1:])} for a "
                 f"{tuple(crop.shape[1:])} volume in {'x'.join(map(str, win))} windows"
                 + ("; segment with --backend torch" if runner.backend != "torch" else ""))
-        probs[(slice(None),) + sl] = (torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)).numpy()
-        del logits  # held no longer than needed: restoring and post-processing set the peak memory
+        if regions:
+            logits.sigmoid_()
+        else:
+            softmax_(logits)
+        if tuple(crop.shape[1:]) == tuple(pre.shape):  # the whole preprocessed volume: no copy
+            probs = logits.numpy()
+        else:
+            probs = _background_probabilities(k, pre.shape, regions)
+            probs[(slice(None),) + sl] = logits.numpy()
+        del logits  # the probabilities replace the logits in place: one (K, D, H, W) map at a time
+    if probs is None:
+        probs = _background_probabilities(k, pre.shape, regions)
     t_infer = time.perf_counter()
     mode = restore if restore != "auto" else ("probabilities" if return_probabilities or regions else "fast")
     full = None
@@ -465,6 +494,23 @@ def segment_volume(
               "stage_seconds": {"preprocess": round(t_pre - t0, 4), "infer": round(t_infer - t_pre, 4),
                                 "restore": round(time.perf_counter() - t_infer, 4)}},
     )
+
+
+def softmax_(logits: Tensor, dim: int = 0) -> Tensor:
+    """``torch.softmax(logits, dim)`` written into ``logits`` (no second ``(K, D, H, W)`` map: a
+    12-class whole-scan window's is 77 MB); equal to it up to float rounding."""
+    logits -= logits.amax(dim, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim, keepdim=True)
+    return logits
+
+
+def _background_probabilities(k: int, shape: Sequence[int], regions: bool) -> np.ndarray:
+    """``(K, *shape)`` float32: certain background (every region head 0) where nothing is computed."""
+    probs = np.zeros((k,) + tuple(shape), np.float32)
+    if not regions:
+        probs[0] = 1.0
+    return probs
 
 
 def _probe_window(crop: Tensor, window: Sequence[int], cval: float) -> Tensor:

@@ -199,6 +199,29 @@ def test_cli_segment(model, volume, tmp_path, capsys):
     assert not (tmp_path / "x.nrrd").exists()
 
 
+def test_one_window_over_the_volume_equals_monais_sliding_window_and_softmax_in_place_equals_torchs():
+    """A window that holds the whole volume skips MONAI's accumulation (its output, weight and count
+    maps): the same padding (monai/inferers/utils.py: ``diff // 2`` before), the same logits."""
+    from monai.inferers import sliding_window_inference
+
+    from ReCoKDLib.infer import softmax_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.InstanceNorm3d(3)).eval()
+    for shape, window in (((11, 13, 20), (16, 16, 24)), ((12, 16, 20), (12, 16, 20)), ((5, 16, 7), (8, 16, 8))):
+        x = torch.randn(1, *shape)
+        for cval in (0.0, -2.5):  # padding changes the instance-norm statistics: the pad must match MONAI's
+            ours = predict_logits(net, x, window, cval=cval)
+            with torch.no_grad():
+                monai = sliding_window_inference(x[None], window, 1, net, overlap=0.5, mode="gaussian", cval=cval)[0]
+            assert ours.shape == (3, *shape)
+            torch.testing.assert_close(ours, monai, atol=1e-5, rtol=1e-5)
+    logits = torch.randn(4, 5, 6, 7) * 30
+    expected = torch.softmax(logits, dim=0)
+    assert softmax_(logits) is logits
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_predict_logits_restores_training_mode():
     net = build_unet(preset("tiny", num_classes=2)).train()
     out = predict_logits(net, torch.randn(1, 16, 16, 16), (16, 16, 16))
