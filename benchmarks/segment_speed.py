@@ -375,7 +375,7 @@ def markdown_table(data: dict[str, Any]) -> str:
         for case, per_setting in per_case.items():
             for setting, record in per_setting.items():
                 backend = record.get("backend")
-                engine = f"{backend['backend']} {backend['precision']}" if isinstance(backend, dict) else str(backend or "")
+                engine = f"{backend['backend']} {backend.get('precision', '')}".strip() if isinstance(backend, dict) else str(backend or "")
                 window = "×".join(map(str, record.get("window") or [])) or ""
                 peak = record.get("peak_extra_bytes")
                 rows.append(f"| {model} | {case} | {setting} | {engine} | {window} | {number(record.get('seconds'), 2)} | "
