@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ReCoKDLib.data.boxes import Box
 from ReCoKDLib.data.io import Geometry, require_3d
 from ReCoKDLib.data.preprocess import PreprocessedCase, as_channels, preprocess_case, restore_to_original
 from ReCoKDLib.models.base import InferenceError, SegmentationResult, network_logits, resolve_device
@@ -60,7 +61,6 @@ __all__ = [
     "softmax_",
 ]
 
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 #: preprocessed-grid voxels added around the ROI before choosing windows (linear resampling support)
 ROI_RESAMPLING_MARGIN = 2

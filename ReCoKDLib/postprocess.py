@@ -42,7 +42,7 @@ def keep_largest_component(labels: np.ndarray, class_ids: Sequence[int]) -> np.n
     """
     from scipy import ndimage
 
-    from ReCoKDLib.data.preprocess import nonzero_bbox
+    from ReCoKDLib.data.boxes import nonzero_bbox
 
     out = np.array(labels, copy=True)
     structure = np.ones((3,) * out.ndim, bool)
