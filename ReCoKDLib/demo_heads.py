@@ -11,7 +11,10 @@ unlabelled T1 heads of ``Dataset904_T1Heads`` (``recokd data fetch --only heads`
    from the cached logits and tap features (stage ``distill``): Dice + CE on the teacher's argmax
    plus ReCo-KD at the teacher's taps (strides 2, 4, 8, 16), which are the stages of the
    strided-stem student (no convolution at full resolution: ``networks.UNetConfig.strided_stem``);
-3. **evaluate** (stage ``evaluate``): teacher and student segment each held-out head as
+3. **overlap** (stage ``overlap``): the sliding-window overlap ``recokd segment`` will use for the
+   student is chosen on the *training* heads, against the teacher's segmentation of them
+   (:mod:`ReCoKDLib.overlap`); the student is written as ``student.pt`` with it in its card;
+4. **evaluate** (stage ``evaluate``): teacher and student segment each held-out head as
    ``recokd segment`` does (:func:`ReCoKDLib.infer.segment_volume` with its defaults: backend,
    precision and window chosen automatically, the card's post-processing; HD-BET and its student
    keep the largest brain component, HD-BET's own default) on the head's own grid. Reported: Dice
@@ -83,13 +86,15 @@ class HeadsDemoConfig:
             steps): Dice vs the teacher 0.947 on Colin27 but 0.888 on pyradiomics brain2 (three
             training heads are easily over-fitted); with it (400 steps) 0.941 and 0.926.
         seed: seeds the student and the sampler.
-        inference_overlap: the sliding-window overlap written to the student's card, so that
-            ``recokd segment`` (and the demo's evaluation) slides its 64^3 windows by 48 voxels instead of
-            32: 27 windows instead of 36 on Colin27 (HD-BET's 128^3 windows are as many at 0.25 as at
-            0.5 on both held-out heads). Measured 2026-12-07 on the 1,600-step student, overlap 0.5 /
-            0.25: Dice vs the teacher 0.977 / 0.976 (mean of the held-out heads), vs Colin27's
-            reference 0.933 / 0.935, median seconds per head 2.72 / 1.81 (Colin27 2.51 / 2.41,
-            brain2 3.03 / 1.26). ``None``: the default 0.5.
+        inference_overlap: the sliding-window overlap written to the student's card (what
+            ``recokd segment`` uses). ``"auto"`` (default): chosen after training on the *training*
+            heads (stage ``overlap``, :mod:`ReCoKDLib.overlap`): the student segments them at overlaps
+            0.5, 0.25, 0.1 and 0 and keeps the fewest windows within 0.005 mean Dice of the best
+            agreement with the teacher's segmentation of the same heads; the held-out heads play no
+            part. A number: that overlap, unmeasured (before 2026-12-07 the demo wrote 0.25: on the
+            1,600-step student, overlap 0.5 / 0.25 / 0.1 / 0 gave Dice vs the teacher 0.972 / 0.972 /
+            0.971 / 0.968 on the held-out heads, Colin27 27 windows at 0.25, 12 at 0.1). ``None``:
+            the product's default 0.5.
         latency_repeats: timed segmentations per held-out head for the student (the teacher's one
             timed run per head is its latency).
         trust_entry_points: entry points a teacher preset may name beyond the allow-list.
@@ -109,9 +114,15 @@ class HeadsDemoConfig:
     bf16: bool = True
     augmentation: bool = True
     seed: int = 0
-    inference_overlap: float | None = 0.25
+    inference_overlap: float | str | None = "auto"
     latency_repeats: int = 3
     trust_entry_points: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        overlap = self.inference_overlap
+        if not (overlap is None or overlap == "auto" or (isinstance(overlap, (int, float)) and not isinstance(overlap, bool)
+                                                         and 0 <= overlap < 1)):
+            raise ValueError(f"inference_overlap must be 'auto', None or a number in [0, 1); got {overlap!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +191,7 @@ def train_config(config: HeadsDemoConfig, teacher: Any, cache_dir: Path, device:
         student_taps=student_taps_for(strides, student), kd={k: dict(v) for k, v in config.kd.items()},
         kd_weight=config.kd_weight, pseudo_label_weight=1.0, teacher_outputs="cache",
         teacher_cache_dir=str(cache_dir), augmentation=AugmentationConfig(enabled=config.augmentation).to_dict(),
-        inference_overlap=config.inference_overlap,
+        inference_overlap=None if config.inference_overlap == "auto" else config.inference_overlap,
     )
 
 
@@ -245,9 +256,9 @@ EVAL_PROTOCOL = "segment_volume"
 
 
 @dataclass
-class HeldOutHead:
-    """A held-out head as read from disk: raw image ``(C, D, H, W)``, its geometry, reference mask
-    ``(D, H, W)`` bool on the same grid (or ``None``)."""
+class Head:
+    """A head as read from disk: raw image ``(C, D, H, W)``, its geometry, reference mask
+    ``(D, H, W)`` bool on the same grid (or ``None``: the training heads have none)."""
 
     case_id: str
     image: np.ndarray
@@ -255,13 +266,12 @@ class HeldOutHead:
     reference: np.ndarray | None
 
 
-def load_held_out(raw: Any, cases: Sequence[Any]) -> list[HeldOutHead]:
-    """The held-out heads on their original grids (what a user opens; nothing is resampled here)."""
+def load_heads(raw: Any, cases: Sequence[Any]) -> list[Head]:
+    """The heads of ``cases`` on their original grids (what a user opens; nothing is resampled here)."""
     heads = []
     for case in cases:
         image, label, geometry = raw.load_case(case)
-        heads.append(HeldOutHead(case.case_id, np.asarray(image), geometry,
-                                 None if label is None else np.asarray(label) > 0))
+        heads.append(Head(case.case_id, np.asarray(image), geometry, None if label is None else np.asarray(label) > 0))
     return heads
 
 
@@ -273,7 +283,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
 
 
-def segment_head(model: Any, head: HeldOutHead, brain: int = 1) -> dict[str, Any]:
+def segment_head(model: Any, head: Head, brain: int = 1) -> dict[str, Any]:
     """Segment one head as ``recokd segment`` does (:func:`ReCoKDLib.infer.segment_volume` with its
     defaults: backend, precision and window ``auto``, CPU) and time it end to end.
 
@@ -293,7 +303,7 @@ def segment_head(model: Any, head: HeldOutHead, brain: int = 1) -> dict[str, Any
             "stage_seconds": stages, "backend": result.info["backend"], "window": result.info["window"]}
 
 
-def evaluate_model(model: Any, heads: Sequence[HeldOutHead], repeats: int = 1, reporter: Reporter | None = None,
+def evaluate_model(model: Any, heads: Sequence[Head], repeats: int = 1, reporter: Reporter | None = None,
                    name: str = "") -> dict[str, Any]:
     """Masks of ``model`` (a ``LoadedModel``) on each held-out head through :func:`segment_head`,
     Dice against each reference, and the median end-to-end seconds of ``repeats`` timed runs per head.
@@ -331,7 +341,7 @@ def evaluate_model(model: Any, heads: Sequence[HeldOutHead], repeats: int = 1, r
             "first_call_s": first_call, "backend": first["backend"], "window": first["window"]}
 
 
-def evaluate_cached(name: str, model: Any, model_key: str, heads: Sequence[HeldOutHead], folder: Path,
+def evaluate_cached(name: str, model: Any, model_key: str, heads: Sequence[Head], folder: Path,
                     repeats: int, reporter: Reporter | None = None) -> dict[str, Any]:
     """:func:`evaluate_model`, stored in ``folder/<name>.json`` + ``.npz`` and reused for the same
     model, heads, repeats, post-processing, card inference settings and :data:`EVAL_PROTOCOL`."""
@@ -381,6 +391,48 @@ def score_student(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------
+# The student's overlap, chosen on the training heads (never the held-out ones)
+
+OVERLAP_STAGE = "overlap"
+
+
+def choose_student_overlap(teacher: Any, student_path: Path, train_heads: Sequence[Head], out: Path,
+                           reporter: Reporter) -> tuple[Path, dict[str, Any]]:
+    """The student as ``out/student.pt``: ``student_path``'s weights, its card's overlap chosen by
+    :mod:`ReCoKDLib.overlap` on ``train_heads`` against the teacher's segmentation of them (through
+    ``recokd segment``'s path, stored in ``out/evaluation/teacher_train*``). Reused when
+    ``out/student.pt`` was made from the same file by the same rule. Returns ``(path, record)``.
+    """
+    from ReCoKDLib.checkpoint import CheckpointError, read_model_card, sha256_file
+    from ReCoKDLib.overlap import CANDIDATES, TOLERANCE, choose_overlap, measure_overlaps, write_overlap
+    from ReCoKDLib.teachers import load_model
+
+    target = out / "student.pt"
+    source_sha = sha256_file(student_path)
+    try:
+        record = read_model_card(target).metrics.get("overlap_choice") or {}
+        if (target.is_file() and record.get("model_sha256") == source_sha and record.get("tolerance") == TOLERANCE
+                and [t["overlap"] for t in record.get("trials", [])] == list(CANDIDATES)):
+            reporter.log(OVERLAP_STAGE, f"reusing the overlap chosen before: {record['chosen']:g} ({target})")
+            return target, record
+    except (OSError, ValueError, CheckpointError):
+        pass
+    reporter.start(EVAL_STAGE, total=len(train_heads), message="teacher on the training heads (the overlap's reference)")
+    reference = evaluate_cached("teacher_train", teacher, teacher.sha256, train_heads, out / "evaluation", 1, reporter)
+    student = load_model(student_path, "cpu")
+    trials = measure_overlaps(student, [(h.case_id, h.image, h.geometry) for h in train_heads],
+                              [reference["masks"][h.case_id].astype(np.uint8) for h in train_heads],
+                              reporter=reporter, stage=OVERLAP_STAGE)
+    chosen = choose_overlap(trials)
+    write_overlap(student_path, target, trials, chosen, reference="the teacher's segmentation of the training heads "
+                  f"({', '.join(h.case_id for h in train_heads)})")
+    record = read_model_card(target).metrics["overlap_choice"]
+    reporter.log(OVERLAP_STAGE, "overlap " + ", ".join(f"{t.overlap:g}: Dice {t.dice:.4f}, {t.windows} windows"
+                                                       for t in trials) + f" -> {chosen.overlap:g}")
+    return target, record
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 
 
@@ -406,6 +458,8 @@ def format_heads_table(metrics: dict[str, Any]) -> str:
         rows.append((f"Dice vs reference: {case}", f"{t['dice_vs_reference'][case]:.3f}",
                      f"{s['dice_vs_reference'].get(case, float('nan')):.3f}"))
     rows.append(("parameters", f"{t['params']:,d}", f"{s['params']:,d}"))
+    if s.get("overlap") is not None:
+        rows.append(("sliding-window overlap (card)", "", f"{s['overlap']:g}"))
     for case, seconds in (t.get("seconds_per_head") or {}).items():
         rows.append((f"CPU seconds to segment: {case}", f"{seconds:.2f}",
                      f"{(s.get('seconds_per_head') or {}).get(case, float('nan')):.2f}"))
@@ -418,6 +472,17 @@ def format_heads_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _overlap_lines(record: dict[str, Any] | None) -> list[str]:
+    """The report's account of the student's overlap choice (none when it was set by hand)."""
+    if not record:
+        return []
+    lines = ["", f"The student's overlap, chosen on {record['reference']}: {record['chosen']:g} "
+             f"(rule: {record['rule']}, tolerance {record['tolerance']:g}).", "",
+             "| overlap | mean Dice vs reference | windows | seconds |", "|---|---|---|---|"]
+    lines += [f"| {t['overlap']:g} | {t['dice']:.4f} | {t['windows']} | {t['seconds']:.2f} |" for t in record["trials"]]
+    return lines
+
+
 def report_markdown(metrics: dict[str, Any]) -> str:
     met = metrics["targets_met"]
     lines = [f"# ReCoKD demo: {metrics['teacher']['name']} distilled label-free", "",
@@ -426,6 +491,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
              "Targets: " + ", ".join(f"{k} >= {v}" if k != "reference_gap" else f"reference gap <= {v}"
                                      for k, v in TARGETS.items()) + ": "
              + ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in met.items()),
+             *_overlap_lines(metrics["student"].get("overlap_choice")),
              "", f"Wall time: {metrics['wall_time_s']:.0f} s (this run; reused stages cost nothing), "
              f"load average at the end {metrics['load_average']}.", ""]
     return "\n".join(lines)
@@ -446,13 +512,15 @@ def run_heads_demo(
     """Distil ``config.teacher`` label-free on the heads and evaluate; returns ``out_dir/metrics.json``'s content.
 
     Args:
-        out_dir: ``preprocessed/``, ``teacher_cache/``, ``student/`` (engine run), ``evaluation/``,
-            ``metrics.json``, ``report.md``, ``summary.txt``.
+        out_dir: ``preprocessed/``, ``teacher_cache/``, ``student/`` (engine run), ``student.pt``
+            (its weights with the chosen overlap, when ``inference_overlap`` is ``"auto"``),
+            ``evaluation/``, ``metrics.json``, ``report.md``, ``summary.txt``.
         data_dir: the data folder (default ``recokd data fetch``'s); ``config.dataset`` must be
             in it (fetched when it is the built-in heads dataset and missing).
         config: :class:`HeadsDemoConfig`.
         device: where the student trains (``cpu``, ``cuda``, ``auto``); evaluation is on the CPU.
-        reporter: progress (stages ``preprocess``, ``teacher-cache``, ``distill``, ``evaluate``, ``demo``).
+        reporter: progress (stages ``preprocess``, ``teacher-cache``, ``distill``, ``overlap``, ``evaluate``,
+            ``demo``).
     """
     from ReCoKDLib.checkpoint import atomic_write_text, read_model_card, sha256_file
     from ReCoKDLib.networks import count_parameters
@@ -462,22 +530,29 @@ def run_heads_demo(
     reporter = reporter or Reporter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reporter.start(STAGE, total=4, message=f"writing to {out}")
+    reporter.start(STAGE, total=5, message=f"writing to {out}")
 
     # 1. Teacher and data ------------------------------------------------------------------------
     heads_data = prepare_heads(config, data_dir, out / "preprocessed", reporter)
     teacher, raw, train_cases, test_cases = (heads_data.teacher, heads_data.raw, heads_data.train_cases,
                                              heads_data.test_cases)
-    reporter.progress(STAGE, 1, 4, message=f"data: {len(train_cases)} unlabelled training head(s), "
+    reporter.progress(STAGE, 1, 5, message=f"data: {len(train_cases)} unlabelled training head(s), "
                       f"{len(test_cases)} held out; teacher {config.teacher}")
 
     # 2. Distillation through the engine (teacher outputs cached once per head) ---------------------
     student_path, train_cfg = distil_student(config, heads_data, out / "student", out / "teacher_cache", device,
                                              reporter)
-    reporter.progress(STAGE, 2, 4, message=f"student: {student_path}")
+    reporter.progress(STAGE, 2, 5, message=f"student: {student_path}")
 
-    # 3. Evaluation on the held-out whole heads, as recokd segment runs them --------------------------
-    heads = load_held_out(raw, test_cases)
+    # 3. The overlap recokd segment uses for the student, chosen on the training heads ------------------
+    overlap_choice = None
+    if config.inference_overlap == "auto":
+        student_path, overlap_choice = choose_student_overlap(teacher, student_path, load_heads(raw, train_cases),
+                                                              out, reporter)
+    reporter.progress(STAGE, 3, 5, message=f"student overlap: {read_model_card(student_path).inference.get('overlap')}")
+
+    # 4. Evaluation on the held-out whole heads, as recokd segment runs them --------------------------
+    heads = load_heads(raw, test_cases)
     student = load_model(student_path, "cpu")
     reporter.start(EVAL_STAGE, total=len(heads), message="teacher on the held-out heads (recokd segment's path)")
     t_eval = evaluate_cached("teacher", teacher, teacher.sha256, heads, out / "evaluation", 1, reporter)
@@ -485,9 +560,9 @@ def run_heads_demo(
     s_eval = evaluate_cached("student", student, sha256_file(student_path), heads, out / "evaluation",
                              config.latency_repeats, reporter)
     reporter.done(EVAL_STAGE, path=str(out / "evaluation"))
-    reporter.progress(STAGE, 3, 4, message="evaluated teacher and student")
+    reporter.progress(STAGE, 4, 5, message="evaluated teacher and student")
 
-    # 4. Metrics and report --------------------------------------------------------------------
+    # 5. Metrics and report --------------------------------------------------------------------
     card = read_model_card(student_path)
     metrics: dict[str, Any] = {
         "task": "heads",
@@ -500,7 +575,8 @@ def run_heads_demo(
                     "dice_vs_reference": s_eval["dice_vs_reference"],
                     "dice_vs_reference_raw": s_eval["dice_vs_reference_raw"],
                     "postprocessing": student.card.postprocessing, **score_student(s_eval, t_eval),
-                    "model": str(student_path), "teacher_outputs": card.kd.get("teacher_outputs")},
+                    "model": str(student_path), "teacher_outputs": card.kd.get("teacher_outputs"),
+                    "overlap": (card.inference or {}).get("overlap"), "overlap_choice": overlap_choice},
         "speedup": t_eval["latency_s"] / s_eval["latency_s"],
         "network_speedup": t_eval["network_s"] / s_eval["network_s"],
         "evaluation": EVAL_PROTOCOL,

@@ -101,7 +101,18 @@ def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(
     assert set(student["dice_vs_teacher_raw"]) == {"held_ref", "held_plain"} and "dice_vs_reference_raw" in teacher
     assert sorted(card.provenance["cases"]) == ["train_a", "train_b", "train_c"]  # held-out heads never trained on
     stages = {e["stage"] for e in events if e["event"] == "progress"}
-    assert {"preprocess", "teacher-cache", "distill", "evaluate", "demo"} <= stages
+    assert {"preprocess", "teacher-cache", "distill", "overlap", "evaluate", "demo"} <= stages
+    # The overlap recokd segment uses for the student was chosen on the training heads against the teacher's
+    # segmentation of them, and written into the card of out/student.pt (the engine's model_last.pt is unchanged).
+    choice = student["overlap_choice"]
+    assert choice["reference"].startswith("the teacher's segmentation of the training heads (train_a, train_b")
+    assert [t["overlap"] for t in choice["trials"]] == [0.5, 0.25, 0.1, 0.0]
+    assert set(choice["trials"][0]["dice_per_volume"]) == {"train_a", "train_b", "train_c"}
+    chosen_card = read_model_card(out / "student.pt")
+    assert chosen_card.inference == {"overlap": choice["chosen"]} == {"overlap": student["overlap"]}
+    assert card.inference == {} and student["model"] == str(out / "student.pt")
+    assert "sliding-window overlap (card)" in (out / "summary.txt").read_text()
+    assert "| overlap | mean Dice vs reference | windows | seconds |" in (out / "report.md").read_text()
     assert "Dice vs teacher: mean" in (out / "summary.txt").read_text() and (out / "report.md").is_file()
     # Scored and timed on the path recokd segment runs: its label map is the demo's mask, on the head's grid.
     assert metrics["evaluation"] == "segment_volume" and student["network_s"] <= student["latency_s"]
@@ -109,16 +120,18 @@ def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(
     assert len(student["latencies_s"]) == 2 * 2 and len(teacher["latencies_s"]) == 2  # repeats x heads
     assert set(student["seconds_per_head"]) == set(teacher["seconds_per_head"]) == {"held_ref", "held_plain"}
     seg = tmp_path / "held_ref_seg.nii.gz"
-    assert main(["segment", str(out / "student" / "model_last.pt"), str(data / "imagesTs" / "held_ref_0000.nii.gz"),
+    assert main(["segment", str(out / "student.pt"), str(data / "imagesTs" / "held_ref_0000.nii.gz"),
                  str(seg), "--progress", "json"]) == 0
     with np.load(out / "evaluation" / "student_masks.npz") as npz:
         assert np.array_equal(read_image(seg)[0] == 1, npz["held_ref"]) and npz["held_ref"].shape == (24, 24, 24)
 
-    # A second run reuses the preprocessing, the finished student and both evaluations: no training, no pass.
+    # A second run reuses the preprocessing, the finished student, its overlap and both evaluations: no training,
+    # no pass.
     events = []
     again = run_heads_demo(out, data_dir=tmp_path, config=config, reporter=Reporter(events.append))
-    assert not [e for e in events if e["event"] == "progress" and e["stage"] in ("distill", "teacher-cache", "evaluate")]
-    assert sum("reusing" in (e.get("message") or "") for e in events) == 3
+    assert not [e for e in events if e["event"] == "progress"
+                and e["stage"] in ("distill", "teacher-cache", "overlap", "evaluate")]
+    assert sum("reusing" in (e.get("message") or "") for e in events) == 4
     assert again["student"]["dice_vs_teacher"] == student["dice_vs_teacher"]
     assert again["teacher"]["latency_s"] == teacher["latency_s"]
 
@@ -131,6 +144,19 @@ def test_heads_demo_says_what_is_missing(tmp_path, capsys):
     config = HeadsDemoConfig(teacher=str(_stand_in_teacher(tmp_path)), dataset="Heads")
     with pytest.raises(ValueError, match="label_free_split"):
         run_heads_demo(tmp_path / "out", data_dir=tmp_path, config=config)
+    # The student's overlap: auto (chosen on the training heads), a fraction, or the product's default.
+    for bad in (1.0, -0.1, "fast", True):
+        with pytest.raises(ValueError, match="inference_overlap"):
+            HeadsDemoConfig(inference_overlap=bad)
+    assert HeadsDemoConfig().inference_overlap == "auto"
+    from ReCoKDLib.cli import build_parser
+    from ReCoKDLib.commands.demo import heads_config
+
+    assert heads_config(build_parser("demo").parse_args(["demo", "--overlap", "0.25"])).inference_overlap == 0.25
+    assert heads_config(build_parser("demo").parse_args(["demo"])).inference_overlap == "auto"
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--overlap", "1", "--out", str(tmp_path / "o"), "--progress", "json"])
+    assert exc.value.code == 2 and "the overlap must be in [0, 1)" in capsys.readouterr().err
     # Options of the CT demo are refused by the default (heads) demo, and the other way round.
     assert main(["demo", "--full", "--out", str(tmp_path / "o"), "--data", str(tmp_path), "--progress", "json"]) != 0
     assert "--task ct" in capsys.readouterr().err

@@ -153,7 +153,7 @@ def _smoke_setup(work: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ReCoKDLib.demo_heads import distil_student, evaluate_cached, load_held_out, prepare_heads, score_student
+    from ReCoKDLib.demo_heads import distil_student, evaluate_cached, load_heads, prepare_heads, score_student
     from ReCoKDLib.networks import count_parameters
     from ReCoKDLib.progress import Reporter
     from ReCoKDLib.teachers import load_model
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     heads_data = prepare_heads(base, data_dir, out / "preprocessed", reporter)
     teacher = heads_data.teacher
     timings["load_and_preprocess_s"] = time.perf_counter() - t0
-    heads = load_held_out(heads_data.raw, heads_data.test_cases)
+    heads = load_heads(heads_data.raw, heads_data.test_cases)
     t0 = time.perf_counter()
     t_eval = evaluate_cached("teacher", teacher, teacher.sha256, heads, out / "evaluation", 1, reporter)
     timings["teacher_held_out_s"] = time.perf_counter() - t0

@@ -32,7 +32,7 @@ Models (``--models FILE`` JSON ``{"name": {"path": ..., "family": "ct"|"hdbet", 
 "teacher"|"student", "cases": [...]}}``) default to what ``recokd demo --task ct`` writes
 (``runs/demo-ct/teacher`` and its /4 ReCo-KD student ``runs/demo-ct/distilled``),
 ``runs/segment_speed/student_div{2,8}`` and ``student_div4_bn`` (``recokd distill`` from that teacher
-with the demo's student budget; the last with ``--student-norm batch``: fully convolutional), ``preset:hd-bet`` and the student of ``recokd demo`` (``runs/demo/student``;
+with the demo's student budget; the last with ``--student-norm batch``: fully convolutional), ``preset:hd-bet`` and the student of ``recokd demo`` (``runs/demo/student.pt``;
 else the same architecture untrained, for its cost); see ``config.models`` in the JSON. ``--prepare``
 trains the missing CT models first (:func:`prepare_models`).
 
@@ -204,14 +204,17 @@ def _cases(smoke: bool, tmp: Path) -> dict[str, str]:
 
 def default_models() -> dict[str, dict[str, Any]]:
     runs = _measure.REPO / "runs"
+    # recokd demo's student: student.pt carries the overlap the demo chose; model_last.pt (older demos) does not
+    demo_student = next((p for p in (runs / "demo/student.pt", runs / "demo/student/model_last.pt") if p.is_file()),
+                        None)
     models = {
         "ct_teacher": {"path": runs / "demo-ct/teacher/model_last.pt", "family": "ct", "role": "teacher", "reduction": 1,
                        "cases": ["s1_ct"]},
         "hdbet_teacher": {"path": "preset:hd-bet", "family": "hdbet", "role": "teacher", "cases": ["t1_head"],
                           "settings": ["fp32", "best"]},
-        "hdbet_student": ({"path": runs / "demo/student/model_last.pt", "family": "hdbet", "role": "student",
-                           "note": "the student of `recokd demo` (README command 1)"}
-                          if (runs / "demo/student/model_last.pt").is_file() else
+        "hdbet_student": ({"path": demo_student, "family": "hdbet", "role": "student",
+                           "note": "the student of `recokd demo` (README command 1), with the overlap it chose"}
+                          if demo_student is not None else
                           {"path": runs / "segment_speed/hdbet_student/model.pt", "family": "hdbet",
                            "role": "student", "note": "make_hdbet_student(): untrained weights, speed only"})
                          | {"cases": ["t1_head"], "settings": ["fp32", "best"]},

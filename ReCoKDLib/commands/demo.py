@@ -32,6 +32,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="--task heads: the student's normalisation (default instance, HD-BET's own: "
                              "recokd segment runs it in its 64^3 training patches; batch: fixed statistics, run in "
                              "one window on the whole head, faster but less close to the teacher)")
+    parser.add_argument("--overlap", default=None, metavar="auto|FRACTION", type=_overlap,
+                        help="--task heads: the sliding-window overlap written to the student's card (what recokd "
+                             "segment uses): auto (default: the fewest windows within 0.005 mean Dice of the best "
+                             "agreement with the teacher on the training heads, tried at 0.5, 0.25, 0.1, 0) or a "
+                             "number in [0, 1)")
     parser.add_argument("--full", action="store_true", help="--task ct: the longer configuration (for a GPU)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="--task ct: override the teacher's step budget")
     parser.add_argument("--student-steps", type=int, default=None, help="override each student's step budget")
@@ -44,6 +49,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(parser)
 
 
+def _overlap(text: str) -> str | float:
+    """``--overlap``: ``auto`` or a number in ``[0, 1)``."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"the overlap must be in [0, 1), got {value}")
+    return value
+
+
 def heads_config(args: argparse.Namespace):
     """:class:`~ReCoKDLib.demo_heads.HeadsDemoConfig` from the command line (``--task heads``)."""
     from ReCoKDLib.demo_heads import HeadsDemoConfig
@@ -53,7 +71,8 @@ def heads_config(args: argparse.Namespace):
         raise ValueError("--full and --teacher-steps apply to --task ct (the heads demo's teacher is pretrained)")
     config = HeadsDemoConfig(trust_entry_points=tuple(args.trust_entry_point))
     overrides = {"teacher": args.teacher, "steps": args.student_steps, "kd_weight": args.kd_weight, "seed": args.seed,
-                 "kd": parse_kd_spec(args.kd) if args.kd else None, "student_norm": args.student_norm}
+                 "kd": parse_kd_spec(args.kd) if args.kd else None, "student_norm": args.student_norm,
+                 "inference_overlap": args.overlap}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     return replace(config, bf16=False) if args.no_bf16 else config
 
@@ -62,8 +81,8 @@ def ct_config(args: argparse.Namespace):
     """:class:`~ReCoKDLib.demo.DemoConfig` from the command line (``--task ct``)."""
     from ReCoKDLib.demo import FULL, DemoConfig
 
-    if args.teacher or args.trust_entry_point or args.student_norm:
-        raise ValueError("--teacher, --trust-entry-point and --student-norm apply to --task heads "
+    if args.teacher or args.trust_entry_point or args.student_norm or args.overlap is not None:
+        raise ValueError("--teacher, --trust-entry-point, --student-norm and --overlap apply to --task heads "
                          "(--task ct trains its teacher)")
     config = FULL if args.full else DemoConfig()
     overrides = {
