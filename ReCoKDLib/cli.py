@@ -25,13 +25,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("ReCoKDLib.commands.evaluate", "per-class Dice/HD95, size and latency of models on a test set; report"),
     "inspect": ("ReCoKDLib.commands.inspect", "region masks and teacher/student affinity maps of an image as volumes, PNGs, HTML"),
     "export": ("ReCoKDLib.commands.export", "export a student as TorchScript and ONNX with its model card"),
+    "tune-overlap": ("ReCoKDLib.commands.tune_overlap",
+                     "choose a model's sliding-window overlap by measured agreement with a reference (writes a copy)"),
     "demo": ("ReCoKDLib.commands.demo", "the main job on real CT: teacher, plain student, distilled student, report"),
     "serve": ("ReCoKDLib.commands.serve", "the web app: load a volume, segment, inspect maps, download (127.0.0.1)"),
 }
 
 
 #: subcommands that load models named by the user (they take --trust-entry-point)
-MODEL_COMMANDS = frozenset({"distill", "segment", "evaluate", "inspect", "export", "serve"})
+MODEL_COMMANDS = frozenset({"distill", "segment", "evaluate", "inspect", "export", "serve", "tune-overlap"})
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:

@@ -88,7 +88,7 @@ def _windows(info: dict[str, Any], overlap: float) -> int:
 
 def measure_overlaps(model: Any, volumes: Sequence[tuple[str, np.ndarray, Any]], references: Sequence[np.ndarray],
                      candidates: Sequence[float] = CANDIDATES, device: str = "cpu", reporter: Any = None,
-                     stage: str = "overlap", backend: str = "auto", precision: str = "auto") -> list[OverlapTrial]:
+                     stage: str = "overlap", **options: Any) -> list[OverlapTrial]:
     """Segment each ``(name, image, geometry)`` volume at every candidate overlap and score it.
 
     Args:
@@ -97,8 +97,10 @@ def measure_overlaps(model: Any, volumes: Sequence[tuple[str, np.ndarray, Any]],
         references: per volume a ``(D, H, W)`` label map on the volume's own grid (class ids of the
             model's card).
         candidates: overlaps in ``[0, 1)``.
-        device, backend, precision: as ``segment_volume``'s (default: what ``recokd segment`` chooses).
+        device: as ``segment_volume``'s.
         reporter: a ``progress.Reporter``: one bar (``stage``).
+        options: further ``segment_volume`` keywords (``backend``, ``precision``, ``window``, ``restore``,
+            ``postprocess``); by default what ``recokd segment`` chooses.
 
     Returns:
         one :class:`OverlapTrial` per candidate, in the given order.
@@ -117,8 +119,7 @@ def measure_overlaps(model: Any, volumes: Sequence[tuple[str, np.ndarray, Any]],
     for overlap in candidates:
         per_volume, windows, seconds = {}, 0, 0.0
         for (name, image, geometry), reference in zip(volumes, references):
-            result = segment_volume(model, image, geometry, overlap=float(overlap), device=device, backend=backend,
-                                    precision=precision)
+            result = segment_volume(model, image, geometry, overlap=float(overlap), device=device, **options)
             per_volume[name] = label_dice(result.labels, np.asarray(reference), k)
             windows += _windows(result.info, float(overlap))
             seconds += result.seconds

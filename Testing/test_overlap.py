@@ -95,3 +95,82 @@ def test_measure_refuses_a_missing_reference(tmp_path):
     model = load_model(_model_file(tmp_path))
     with pytest.raises(ValueError, match="one reference per volume"):
         measure_overlaps(model, [("v", np.zeros((8, 8, 8), np.float32), None)], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# recokd tune-overlap
+
+
+def _cli_inputs(folder):
+    from ReCoKDLib.data.io import write_image
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(0, 1, (30, 40, 36)).astype(np.float32)
+    image[8:20, 10:30, 10:25] += 3.0
+    geometry = Geometry((1.3, 1.1, 2.2), (2.0, -3.0, 5.0), tuple(np.eye(3).ravel()))
+    write_image(image, geometry, folder / "img_0000.nii.gz")
+    return folder / "img_0000.nii.gz", image, geometry
+
+
+FAST = ["--backend", "torch", "--precision", "fp32", "--progress", "json"]
+
+
+def test_tune_overlap_against_a_reference_model_writes_a_tuned_copy(tmp_path):
+    from ReCoKDLib.cli import main
+
+    image_path, image, geometry = _cli_inputs(tmp_path)
+    student = _model_file(tmp_path)
+    out = tmp_path / "tuned.pt"
+    # the model as its own reference: overlap 0.5 agrees exactly, and a tolerance of 1 makes the fewest windows win
+    assert main(["tune-overlap", str(student), "--reference", str(student), "--images", str(image_path),
+                 "--out", str(out), "--tolerance", "1", *FAST]) == 0
+    record = read_model_card(out).metrics["overlap_choice"]
+    assert record["trials"][0]["overlap"] == 0.5 and record["trials"][0]["dice"] == 1.0
+    fewest = min(t["windows"] for t in record["trials"])
+    assert read_model_card(out).inference["overlap"] == record["chosen"]
+    assert next(t for t in record["trials"] if t["overlap"] == record["chosen"])["windows"] == fewest
+    assert record["reference"].startswith("the segmentation by") and read_model_card(student).inference == {}
+    # --candidates and a zero tolerance: the best Dice (overlap 0.5 against itself) is kept
+    assert main(["tune-overlap", str(student), "--reference", str(student), "--images", str(image_path),
+                 "--out", str(out), "--tolerance", "0", "--candidates", "0.5,0", *FAST]) == 0
+    assert read_model_card(out).inference == {"overlap": 0.5}
+
+
+def test_tune_overlap_against_label_maps_and_its_refusals(tmp_path, capsys):
+    from ReCoKDLib.cli import main
+    from ReCoKDLib.data.io import write_image
+
+    image_path, image, geometry = _cli_inputs(tmp_path)
+    student = _model_file(tmp_path)
+    label = np.zeros(image.shape, np.uint8)
+    label[8:20, 10:30, 10:25] = 1
+    write_image(label, geometry, tmp_path / "label.nii.gz")
+    out = tmp_path / "tuned.pt"
+    assert main(["tune-overlap", str(student), "--images", str(image_path), "--labels", str(tmp_path / "label.nii.gz"),
+                 "--out", str(out), *FAST]) == 0
+    assert read_model_card(out).metrics["overlap_choice"]["reference"] == "label maps of 1 image(s)"
+    capsys.readouterr()
+
+    def refused(*argv) -> str:
+        assert main(["tune-overlap", str(student), "--images", str(image_path), *argv, *FAST]) == 2
+        captured = capsys.readouterr()
+        return captured.err + captured.out
+
+    moved = Geometry((1.3, 1.1, 2.2), (9.0, -3.0, 5.0), tuple(np.eye(3).ravel()))
+    write_image(label, moved, tmp_path / "moved.nii.gz")
+    assert "not on the same voxel grid" in refused("--labels", str(tmp_path / "moved.nii.gz"), "--out", str(out))
+    write_image((label * 7).astype(np.uint8), geometry, tmp_path / "seven.nii.gz")
+    assert "not class ids of the model" in refused("--labels", str(tmp_path / "seven.nii.gz"), "--out", str(out))
+    assert "give one per image" in refused("--labels", str(tmp_path / "label.nii.gz"), str(tmp_path / "label.nii.gz"),
+                                           "--out", str(out))
+    other = save_model(tmp_path / "other.pt", *reversed(load_model_file(student)))  # same weights ...
+    card = read_model_card(other)
+    card.classes = ["bg", "liver", "spleen"]  # ... other classes
+    save_model(other, load_model_file(student)[1], card)
+    assert "are not the model's" in refused("--reference", str(other), "--out", str(out))
+    assert "must not be MODEL itself" in refused("--labels", str(tmp_path / "label.nii.gz"), "--out", str(student))
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "graph.ts"))
+    assert main(["tune-overlap", str(tmp_path / "graph.ts"), "--images", str(image_path), "--labels",
+                 str(tmp_path / "label.nii.gz"), "--out", str(out), *FAST]) == 2
+    assert "is TorchScript: tune-overlap writes the chosen overlap into the card of a ReCoKD model file" in \
+        capsys.readouterr().err
