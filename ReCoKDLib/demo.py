@@ -79,8 +79,19 @@ def _train_config(config: DemoConfig, steps: int, device: str, **extra: Any):
     )
 
 
+#: TrainConfig fields that say where something is kept, not what is trained: a finished run reached
+#: by another path (a moved or copied output folder, relative vs absolute) is still the same run
+LOCATION_FIELDS = ("teacher_cache_dir",)
+
+
+def _training_part(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (JSON types) without :data:`LOCATION_FIELDS`."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in LOCATION_FIELDS}  # tuples -> lists
+
+
 def _finished_model(out_dir: Path, expected_config: dict[str, Any]) -> Path | None:
-    """``out_dir/model_last.pt`` when a finished run with the same configuration left it there."""
+    """``out_dir/model_last.pt`` when a finished run with the same configuration (where things are
+    kept aside: :data:`LOCATION_FIELDS`) left it there."""
     from ReCoKDLib.checkpoint import CheckpointError, read_model_card
 
     model = out_dir / "model_last.pt"
@@ -92,7 +103,7 @@ def _finished_model(out_dir: Path, expected_config: dict[str, Any]) -> Path | No
         read_model_card(model)
     except (OSError, ValueError, CheckpointError):
         return None
-    same = recorded.get("train_config") == json.loads(json.dumps(expected_config))  # tuples -> lists
+    same = _training_part(recorded.get("train_config") or {}) == _training_part(expected_config)
     return model if same else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -134,6 +135,14 @@ def test_heads_demo_distils_through_the_engine_evaluates_and_reuses_every_stage(
     assert sum("reusing" in (e.get("message") or "") for e in events) == 4
     assert again["student"]["dice_vs_teacher"] == student["dice_vs_teacher"]
     assert again["teacher"]["latency_s"] == teacher["latency_s"]
+    # The output folder moved elsewhere (its teacher cache now has another path) is still the same run.
+    moved = tmp_path / "moved" / "demo"
+    shutil.move(str(out), str(moved))
+    events = []
+    run_heads_demo(moved, data_dir=tmp_path, config=config, reporter=Reporter(events.append))
+    assert not [e for e in events if e["event"] == "progress"
+                and e["stage"] in ("distill", "teacher-cache", "overlap", "evaluate")]
+    assert sum("reusing" in (e.get("message") or "") for e in events) == 4
 
 
 def test_heads_demo_says_what_is_missing(tmp_path, capsys):
