@@ -1,6 +1,6 @@
 """A model's sliding-window overlap, chosen by measured agreement with a reference.
 
-Overlap sets how many windows a volume needs: a 64^3 window over a 1.5 mm head (121 x 145 x 121)
+Overlap sets how many windows a volume needs: a 64^3 window over Colin27 at 1.5 mm (118 x 143 x 121)
 slides 36 times at overlap 0.5, 27 at 0.25, 12 at 0.1 and 12 at 0. Fewer windows are faster, but
 the Gaussian blending of overlapping windows also smooths seams, and how much that matters depends
 on the model. So the overlap a model's card names (``ModelCard.inference["overlap"]``, what
