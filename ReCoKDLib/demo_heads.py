@@ -304,13 +304,13 @@ def segment_head(model: Any, head: Head, brain: int = 1) -> dict[str, Any]:
 
 
 def evaluate_model(model: Any, heads: Sequence[Head], repeats: int = 1, reporter: Reporter | None = None,
-                   name: str = "") -> dict[str, Any]:
+                   name: str = "", warmup: bool = True) -> dict[str, Any]:
     """Masks of ``model`` (a ``LoadedModel``) on each held-out head through :func:`segment_head`,
     Dice against each reference, and the median end-to-end seconds of ``repeats`` timed runs per head.
 
-    One untimed run on the first head comes first: the first segmentation of a model chooses its
-    backend and may export and check a graph (cached beside the model, once), which is not what a
-    user waits for on every click.
+    One untimed run on the first head comes first (``warmup``): the first segmentation of a model
+    chooses its backend and may export and check a graph (cached beside the model, once), which is
+    not what a user waits for on every click. ``warmup=False`` skips it where only the masks matter.
 
     Returns ``{"masks": {case: (D, H, W) bool}, "masks_raw": {...}, "dice_vs_reference": {case: float},
     "dice_vs_reference_raw": {...}, "latency_s" (median of all runs), "latencies_s", "seconds_per_head"
@@ -318,7 +318,7 @@ def evaluate_model(model: Any, heads: Sequence[Head], repeats: int = 1, reporter
     "first_call_s", "backend", "window"}``.
     """
     t0 = time.perf_counter()
-    first = segment_head(model, heads[0])
+    first = segment_head(model, heads[0]) if warmup else None  # without it, the first timed run pays the choice
     first_call = time.perf_counter() - t0
     masks, masks_raw, refs, refs_raw, runs, per_head = {}, {}, {}, {}, [], {}
     for index, head in enumerate(heads):
@@ -338,11 +338,12 @@ def evaluate_model(model: Any, heads: Sequence[Head], repeats: int = 1, reporter
             "latencies_s": [r["seconds"] for r in runs], "seconds_per_head": per_head,
             "network_s": float(statistics.median(r["stage_seconds"]["infer"] for r in runs)),
             "stage_seconds": {k: float(statistics.median(r["stage_seconds"][k] for r in runs)) for k in stage_names},
-            "first_call_s": first_call, "backend": first["backend"], "window": first["window"]}
+            "first_call_s": first_call if warmup else runs[0]["seconds"], "backend": (first or runs[0])["backend"],
+            "window": (first or runs[0])["window"]}
 
 
 def evaluate_cached(name: str, model: Any, model_key: str, heads: Sequence[Head], folder: Path,
-                    repeats: int, reporter: Reporter | None = None) -> dict[str, Any]:
+                    repeats: int, reporter: Reporter | None = None, warmup: bool = True) -> dict[str, Any]:
     """:func:`evaluate_model`, stored in ``folder/<name>.json`` + ``.npz`` and reused for the same
     model, heads, repeats, post-processing, card inference settings and :data:`EVAL_PROTOCOL`."""
     from ReCoKDLib.checkpoint import atomic_output, atomic_write_text
@@ -362,7 +363,7 @@ def evaluate_cached(name: str, model: Any, model_key: str, heads: Sequence[Head]
             return record
     except (OSError, ValueError, KeyError):
         pass
-    result = evaluate_model(model, heads, repeats, reporter, name)
+    result = evaluate_model(model, heads, repeats, reporter, name, warmup)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_output(masks_path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **result["masks"], **{f"raw__{c}": m for c, m in result["masks_raw"].items()})
@@ -418,7 +419,9 @@ def choose_student_overlap(teacher: Any, student_path: Path, train_heads: Sequen
     except (OSError, ValueError, CheckpointError):
         pass
     reporter.start(EVAL_STAGE, total=len(train_heads), message="teacher on the training heads (the overlap's reference)")
-    reference = evaluate_cached("teacher_train", teacher, teacher.sha256, train_heads, out / "evaluation", 1, reporter)
+    # masks only: no untimed warm-up pass (one teacher pass per head, not one more)
+    reference = evaluate_cached("teacher_train", teacher, teacher.sha256, train_heads, out / "evaluation", 1, reporter,
+                                warmup=False)
     student = load_model(student_path, "cpu")
     trials = measure_overlaps(student, [(h.case_id, h.image, h.geometry) for h in train_heads],
                               [reference["masks"][h.case_id].astype(np.uint8) for h in train_heads],
