@@ -268,6 +268,45 @@ def upsample_logits(output: Tensor, size: Sequence[int]) -> Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def _training_heads_skip_layer_class() -> type:
+    """MONAI's ``DynUNetSkipLayer`` that runs its deep-supervision head in training mode only (built
+    lazily: MONAI is imported on first use).
+
+    MONAI's layer evaluates ``super_head(upout)`` on every forward pass, in eval mode too, although
+    ``DynUNet.forward`` returns those heads only when training: inference pays for 1x1x1 convolutions
+    to K classes at every supervised decoder level and throws them away. Measured 2026-12-07 (2-core
+    bf16 CPU, 16 x 96 x 96 window, PyTorch): the CT teacher 50.2 -> 48.7 ms in bf16, 138 -> 135 ms in
+    fp32; its ÷4 student 24.3 -> 23.5 ms in bf16, fp32 within noise (ONNX graphs never held the heads).
+    Same modules, state dict and training behaviour; TorchScript-scriptable (no ``super()`` call)."""
+    from monai.networks.nets.dynunet import DynUNetSkipLayer
+
+    class TrainingHeadsSkipLayer(DynUNetSkipLayer):
+        """``DynUNetSkipLayer`` whose deep-supervision head runs only when ``self.training``."""
+
+        def forward(self, x: Tensor) -> Tensor:
+            downout = self.downsample(x)
+            nextout = self.next_layer(downout)
+            upout = self.upsample(nextout, downout)
+            heads = self.heads  # a local, so TorchScript refines its Optional type
+            if self.training and self.super_head is not None and heads is not None and self.index > 0:
+                heads[self.index - 1] = self.super_head(upout)
+            return upout
+
+    return TrainingHeadsSkipLayer
+
+
+def heads_in_training_only(module: nn.Module) -> nn.Module:
+    """Switch every MONAI ``DynUNetSkipLayer`` of ``module`` to one that skips its deep-supervision
+    head in eval mode (see :func:`_training_heads_skip_layer_class`), in place. Returns ``module``."""
+    from monai.networks.nets.dynunet import DynUNetSkipLayer
+
+    for layer in module.modules():
+        if type(layer) is DynUNetSkipLayer:
+            layer.__class__ = _training_heads_skip_layer_class()
+    return module
+
+
+@functools.lru_cache(maxsize=None)
 def _strided_stem_unet_class() -> type:
     """``DynUNet`` subclass for a strided first stage: same modules and state dict, logits upsampled
     to the input's size (built lazily: MONAI is imported on first use)."""
@@ -285,13 +324,14 @@ def _strided_stem_unet_class() -> type:
 
 def build_unet(config: UNetConfig) -> nn.Module:
     """Build a MONAI ``DynUNet`` (``config.norm``, leaky ReLU, transposed-conv upsampling) from ``config``,
-    its convolutions as :class:`OneDNNConv3d` (fast thin layers on the CPU). A strided first stage
+    its convolutions as :class:`OneDNNConv3d` (fast thin layers on the CPU) and its deep-supervision
+    heads run in training only (:func:`heads_in_training_only`). A strided first stage
     (:attr:`UNetConfig.strided_stem`) gives a ``DynUNet`` subclass with the same state dict whose
     logits are upsampled to the input's size."""
     from monai.networks.nets import DynUNet
 
     network_class = _strided_stem_unet_class() if config.strided_stem else DynUNet
-    return use_onednn_convolutions(network_class(
+    return heads_in_training_only(use_onednn_convolutions(network_class(
         spatial_dims=3,
         in_channels=config.in_channels,
         out_channels=config.num_classes,
@@ -304,7 +344,7 @@ def build_unet(config: UNetConfig) -> nn.Module:
         deep_supervision=config.deep_supervision,
         deep_supr_num=config.deep_supr_num if config.deep_supervision else 1,
         res_block=config.res_block,
-    ))
+    )))
 
 
 def encoder_tap_names(config: UNetConfig, drop_deepest: bool = True) -> list[str]:

@@ -359,6 +359,48 @@ def test_onednn_convolution_equals_pytorch_and_stays_out_of_exports():
     out.float().mean().backward()
 
 
+def test_deep_supervision_heads_run_in_training_only():
+    """MONAI's ``DynUNetSkipLayer.forward`` evaluates ``super_head`` in eval mode too
+    (monai/networks/nets/dynunet.py, 1.5: ``if self.super_head is not None and self.heads is not None
+    and self.index > 0``) though ``DynUNet.forward`` returns the heads only when training; ours skip
+    them in eval mode, with MONAI's eval logits and training output unchanged."""
+    from monai.networks.nets import DynUNet
+    from monai.networks.nets.dynunet import DynUNetSkipLayer
+
+    from ReCoKDLib.networks import heads_in_training_only
+
+    torch.manual_seed(0)
+    config = derive_student_config(preset("ct_demo", num_classes=5), 4)
+    ours = build_unet(config)
+    assert config.deep_supervision and not any(type(m) is DynUNetSkipLayer for m in ours.modules())
+    monai = build_unet(config)
+    for layer in monai.modules():  # back to MONAI's own layer, same weights
+        if isinstance(layer, DynUNetSkipLayer):
+            layer.__class__ = DynUNetSkipLayer
+    monai.load_state_dict(ours.state_dict())
+    calls = []
+    hooks = [head.register_forward_hook(lambda *_: calls.append(1)) for head in ours.deep_supervision_heads]
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), monai.eval()(x))
+    assert calls == []
+    torch.manual_seed(1)
+    train_ours = ours.train()(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(train_ours, monai.train()(x))
+    assert len(calls) == config.deep_supr_num and train_ours.shape[1] == 1 + config.deep_supr_num
+    for hook in hooks:
+        hook.remove()
+    with plain_convolutions(ours.eval()):  # recokd export scripts networks so
+        scripted = torch.jit.script(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), monai.eval()(x))
+    plain = DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], deep_supervision=False).eval()  # no heads
+    with torch.no_grad():
+        before = plain(x)
+        torch.testing.assert_close(heads_in_training_only(plain)(x), before)
+
+
 def test_window_is_as_large_as_memory_allows(tmp_path, monkeypatch):
     from ReCoKDLib.models import window as window_module
 
