@@ -76,6 +76,40 @@ def test_every_fp32_backend_agrees_with_pytorch_on_the_exact_grid(tmp_path, volu
         assert check["status"] == "ok" and check["max_abs_diff"] < 1e-3
 
 
+def test_graph_backends_aggregate_windows_on_one_torch_thread(tmp_path, volume, monkeypatch):
+    """With ONNX Runtime or OpenVINO computing the windows, PyTorch only aggregates them: one thread,
+    so that no OpenMP worker spins on the runtime's cores; the count is restored afterwards (also
+    after an error), and the PyTorch backend keeps its threads."""
+    import ReCoKDLib.infer as infer
+
+    image, geometry = volume
+    path = _save(tmp_path)
+    seen = []
+    real = infer.predict_logits
+
+    def recording(network, *args, **kwargs):
+        seen.append((type(network).__name__, torch.get_num_threads(), getattr(network, "threads", None)))
+        return real(network, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "predict_logits", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for backend in ("torch", "onnxruntime", "openvino"):
+            segment_volume(load_model(path), image, geometry, device="cpu", backend=backend, precision="fp32",
+                           window="patch")
+            assert torch.get_num_threads() == 2
+        assert seen[0][:2] == ("TorchNetwork", 2)
+        assert [s[:2] for s in seen[1:]] == [("GraphNetwork", 1)] * 2
+        assert [s[2] for s in seen[1:]] == [2, 2]  # the runtime keeps the threads it was built with
+        with pytest.raises(RuntimeError, match="boom"), infer.torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bf16_backends_keep_the_classes(tmp_path, volume):
     if not backends.cpu_supports_bf16():
         pytest.skip("no bf16 instructions on this CPU")
