@@ -28,7 +28,6 @@ per-volume statistics (z-score) do not depend on the box.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
@@ -44,6 +43,7 @@ from ReCoKDLib.data.boxes import Box
 from ReCoKDLib.data.io import Geometry, require_3d
 from ReCoKDLib.data.preprocess import PreprocessedCase, as_channels, preprocess_case, restore_to_original
 from ReCoKDLib.models.base import InferenceError, SegmentationResult, network_logits, resolve_device
+from ReCoKDLib.models.runtimes import aggregate_on_one_thread
 
 __all__ = [
     "InferenceError",
@@ -431,7 +431,7 @@ def segment_volume(
         sl = tuple(slice(a, b) for a, b in region)
         crop = torch.from_numpy(np.ascontiguousarray(pre.image[(slice(None),) + sl]))
         runner = prepare_runner(model, backend, precision, dev, probe=_probe_window(crop, win, cval), log=log)
-        with torch_threads(1) if runner.backend != "torch" else contextlib.nullcontext():
+        with aggregate_on_one_thread([runner.network]):
             logits = predict_logits(runner.network, crop, win, overlap, mirror_axes, runner.device, False,
                                     sw_batch_size, callback, cval=cval)
         if logits.shape[0] != k:
@@ -496,29 +496,6 @@ def segment_volume(
               "stage_seconds": {"preprocess": round(t_pre - t0, 4), "infer": round(t_infer - t_pre, 4),
                                 "restore": round(time.perf_counter() - t_infer, 4)}},
     )
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """PyTorch's intra-op threads set to ``count`` inside the block (process-wide), restored after.
-
-    Segmenting with ONNX Runtime or OpenVINO, the runtime computes the windows on its own threads
-    and PyTorch only aggregates them (MONAI's Gaussian weighting): there PyTorch runs on one thread.
-    With two, each aggregation is an OpenMP parallel region whose worker then spins, waiting for
-    more work, on a core the runtime's next window needs. Measured 2026-12-07 on a 2-core bf16 CPU,
-    the demo's HD-BET student (OpenVINO bf16) on pyradiomics brain2, three alternating pairs of
-    processes: inference stage 0.305 / 0.274 / 0.315 s before, 0.246 / 0.235 / 0.239 s with one
-    thread here (the whole segmentation 0.36 s -> 0.30 s). The runtime keeps the threads it was
-    compiled with (:class:`~ReCoKDLib.models.runtimes.GraphNetwork`)."""
-    before = torch.get_num_threads()
-    if count == before:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def softmax_(logits: Tensor, dim: int = 0) -> Tensor:

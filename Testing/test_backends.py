@@ -3,6 +3,7 @@ refusals and fallbacks; the window and the fast restore; the oneDNN convolution 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -102,10 +103,36 @@ def test_graph_backends_aggregate_windows_on_one_torch_thread(tmp_path, volume, 
         assert seen[0][:2] == ("TorchNetwork", 2)
         assert [s[:2] for s in seen[1:]] == [("GraphNetwork", 1)] * 2
         assert [s[2] for s in seen[1:]] == [2, 2]  # the runtime keeps the threads it was built with
-        with pytest.raises(RuntimeError, match="boom"), infer.torch_threads(1):
+        with pytest.raises(RuntimeError, match="boom"), runtimes.torch_threads(1):
             assert torch.get_num_threads() == 1
             raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_nnunet_sliding_window_with_graph_networks_aggregates_on_one_thread(tmp_path, monkeypatch):
+    """nnU-Net's own sliding window (``nnunet.predict``) does the same with a backend's graphs."""
+    from ReCoKDLib.nnunet import predict
+
+    network = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1)).eval()
+    graph = GraphNetwork(export_onnx(network, torch.zeros(1, 1, 8, 8, 8), tmp_path / "g.onnx", dynamic_axes=True),
+                         "onnxruntime", threads=2)
+    seen = []
+    real = predict._one_network
+    monkeypatch.setattr(predict, "_one_network", lambda net, *a, **k: (seen.append(torch.get_num_threads()),
+                                                                       real(net, *a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = torch.randn(1, 12, 10, 9)
+        with torch.no_grad():
+            expected = predict.sliding_window_logits(network, data, (8, 8, 8)).float()
+            got = predict.sliding_window_logits(graph, data, (8, 8, 8)).float()
+        assert seen == [2, 1] and torch.get_num_threads() == 2
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)  # fp16 sums, as nnU-Net's
+        assert isinstance(runtimes.aggregate_on_one_thread([graph, network]), contextlib.nullcontext)
+        assert isinstance(runtimes.aggregate_on_one_thread([]), contextlib.nullcontext)
     finally:
         torch.set_num_threads(before)
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ReCoKDLib.models.base import InferenceError, SegmentationResult, network_logits, resolve_device
+from ReCoKDLib.models.runtimes import aggregate_on_one_thread
 from ReCoKDLib.nnunet import NNUNetError
 
 __all__ = [
@@ -174,7 +175,7 @@ def sliding_window_logits(networks: nn.Module | Sequence[nn.Module], data: Tenso
     modes = [net.training for net in nets]
     result = None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), aggregate_on_one_thread(nets):
             for net in nets:
                 net.eval()
                 logits = _one_network(net, data, patch, tuple(mirror_axes), step_size, use_gaussian, device, callback)
