@@ -341,3 +341,21 @@ def test_efficacy_pool_workers_die_with_the_benchmark(tmp_path):
     for pid in left:
         os.kill(pid, 9)
     assert not left, f"workers {left} outlived the killed benchmark"
+
+
+def test_student_architecture_speed_smoke(tmp_path):
+    """benchmarks/student_architecture_speed.py on a tiny window: every variant timed, the strided-stem
+    student has no full-resolution stage and the ÷4 widths."""
+    import student_architecture_speed as bench
+
+    out = tmp_path / "arch.json"
+    assert bench.main(["--teacher", "preset", "--window", "8,32,32", "--reps", "2", "--engine", "onnxruntime",
+                       "--precision", "fp32", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert set(results) == {"teacher", "div4", "div4_batch", "div4_strided_stem"}
+    assert all(r["seconds"] > 0 and len(r["seconds_all"]) == 2 for r in results.values())
+    assert results["teacher"]["teacher_over_this"] == 1.0 and data["config"]["weights"] == "untrained"
+    stem = results["div4_strided_stem"]
+    assert stem["strided_stem"] and stem["filters"] == results["div4"]["filters"][1:]
+    assert results["div4_batch"]["norm"] == "batch" and results["div4"]["params"] < results["teacher"]["params"] / 10
