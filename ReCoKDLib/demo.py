@@ -103,8 +103,20 @@ def _finished_model(out_dir: Path, expected_config: dict[str, Any]) -> Path | No
         read_model_card(model)
     except (OSError, ValueError, CheckpointError):
         return None
-    same = _training_part(recorded.get("train_config") or {}) == _training_part(expected_config)
+    same = _training_part(_with_new_defaults(recorded.get("train_config") or {})) == _training_part(expected_config)
     return model if same else None
+
+
+def _with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded ``TrainConfig`` dict with the defaults of fields added since it was written (a
+    run finished before ``student_stem`` existed is the same run as one with ``"full"``)."""
+    import dataclasses
+
+    from ReCoKDLib.engine.config import TrainConfig
+
+    added = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+             if f.name not in recorded and f.default is not dataclasses.MISSING}
+    return {**added, **recorded}
 
 
 def run_or_reuse(name: str, out_dir: Path, train_config, start, reporter: Reporter) -> Path:

@@ -230,3 +230,23 @@ def test_format_table_lists_models_and_classes():
     record = {"dice": {"liver": 0.5, "spleen": None}, "mean_dice": 0.25, "params": 1000, "latency_s": 1.5}
     table = format_table({"teacher": record, "student": record})
     assert "liver" in table and "spleen" in table and "n/a" in table and "1,000" in table
+
+
+def test_a_run_finished_before_a_new_training_option_existed_is_reused(tmp_path):
+    """A DONE.json written before a ``TrainConfig`` field existed (here ``student_stem``) names the
+    same run as the field's default; another value is another run."""
+    from ReCoKDLib.checkpoint import ModelCard, save_model
+    from ReCoKDLib.demo import _finished_model
+    from ReCoKDLib.engine.config import TrainConfig
+    from ReCoKDLib.networks import build_unet, preset
+
+    config = preset("tiny", num_classes=2)
+    card = ModelCard({"kind": "dynunet", "config": config.to_dict()}, ["background", "a"], [1.0, 1.0, 1.0],
+                     {"scheme": "zscore"}, [16, 16, 16])
+    save_model(tmp_path / "model_last.pt", build_unet(config).state_dict(), card)
+    expected = TrainConfig(steps=3).to_dict()
+    older = {k: v for k, v in expected.items() if k != "student_stem"}
+    (tmp_path / "DONE.json").write_text(json.dumps({"train_config": older, "step": 3}))
+    assert _finished_model(tmp_path, expected) == tmp_path / "model_last.pt"
+    assert _finished_model(tmp_path, TrainConfig(steps=3, student_stem="strided").to_dict()) is None
+    assert _finished_model(tmp_path, TrainConfig(steps=4).to_dict()) is None
