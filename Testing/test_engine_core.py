@@ -351,3 +351,47 @@ def test_a_batch_norm_student_is_fully_convolutional_and_segments_in_a_large_win
                         .to_dict()), teacher_file, ct_cases, tmp_path / "explicit", _Events())
     with pytest.raises(TrainingError, match="student_norm must be"):
         _config(student_norm="layer")
+
+
+def test_a_strided_stem_student_drops_the_full_resolution_stage_and_taps_the_teacher_at_its_strides(ct_cases,
+                                                                                                    tmp_path):
+    """``student_stem="strided"`` (``recokd distill --student-stem strided``): the derived student has no
+    full-resolution stage, its KD taps pair each of its stages with the teacher's stage at the same
+    stride (the teacher's full-resolution tap left out), and it segments at the input's size."""
+    from ReCoKDLib.engine.pairing import cumulative_strides
+    from ReCoKDLib.infer import segment_volume
+    from ReCoKDLib.models.loading import load_model
+    from ReCoKDLib.data.io import Geometry
+    from ReCoKDLib.networks import NetworkConfigError, UNetConfig, derive_student_config
+
+    torch.manual_seed(0)
+    config = preset("tiny", num_classes=ct_cases.num_classes, filters=(8, 16, 16, 32),
+                    strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)), kernel_sizes=((1, 3, 3),) + ((3, 3, 3),) * 3,
+                    deep_supr_num=2)
+    card = ModelCard({"kind": "dynunet", "config": config.to_dict()}, ct_cases.class_names, [3.0, 3.0, 3.0],
+                     CT_NORMALIZATION, [16, 32, 32], tap_names=encoder_tap_names(config))
+    teacher = save_model(tmp_path / "teacher4.pt", build_unet(config).state_dict(), card)
+    result = distill(_config(steps=2, student_stem="strided", kd={"recokd": {"weight": 1.0}}), teacher, ct_cases,
+                     tmp_path / "stem", _Events())
+    student_card, _ = load_model_file(result.last_model)
+    student = UNetConfig.from_dict(student_card.architecture["config"])
+    assert student.strided_stem and student.strides[0] == (1, 2, 2) and student.filters == (8, 8, 16)
+    assert student.kernel_sizes[0] == (1, 3, 3) and student.num_stages == 3
+    kd = student_card.kd
+    assert kd["teacher_taps"] == ["downsamples.0", "downsamples.1"] and kd["student_taps"] == ["input_block", "downsamples.0"]
+    teacher_at = dict(zip(encoder_tap_names(config, drop_deepest=False), cumulative_strides(config)))
+    student_at = dict(zip(encoder_tap_names(student, drop_deepest=False), cumulative_strides(student)))
+    assert [teacher_at[t] for t in kd["teacher_taps"]] == [student_at[s] for s in kd["student_taps"]]
+    image = ct_cases.cases[0].image[0]
+    segmented = segment_volume(load_model(result.last_model), image, Geometry((3.0, 3.0, 3.0)), device="cpu",
+                               backend="torch", precision="fp32")
+    assert segmented.labels.shape == image.shape
+    with pytest.raises(NetworkConfigError, match="only 3 stages"):
+        derive_student_config(preset("tiny", num_classes=3), 2, stem="strided")
+    with pytest.raises(NetworkConfigError, match="stem must be"):
+        derive_student_config(config, 2, stem="pooled")
+    with pytest.raises(TrainingError, match="student_stem must be"):
+        _config(student_stem="pooled")
+    with pytest.raises(TrainingError, match="student_stem"):  # an explicit architecture carries its own strides
+        distill(_config(steps=1, student_stem="strided", student_config=preset("tiny", num_classes=ct_cases.num_classes)
+                        .to_dict()), teacher, ct_cases, tmp_path / "explicit", _Events())

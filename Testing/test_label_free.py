@@ -194,6 +194,10 @@ def test_cli_distill_from_images_only(teacher_file, tmp_path):
     assert card["role"] == "student" and sorted(card["provenance"]["cases"]) == ["c0", "c1"]
     assert card["architecture"]["config"]["norm"] == "batch"  # --student-norm: a fully convolutional student
     assert card["provenance"]["train_config"]["pseudo_label_weight"] == 0.5
+    assert card["provenance"]["train_config"]["student_stem"] == "full"
+    rc = main(["distill", str(teacher_file), "--images", str(folder), "--out", str(tmp_path / "stem"), "--steps", "1",
+               "--patch", "16,16,16", "--student-stem", "strided", "--progress", "none"])
+    assert rc == 2 and not (tmp_path / "stem" / "model_last.pt").exists()  # a 3-stage teacher has no stage to drop
     rc = main(["distill", str(teacher_file), "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"),
                "--progress", "none"])
     assert rc == 2  # bad input: no images there

@@ -10,9 +10,9 @@ script times, with the same engine, window and threads:
   default ``runs/demo-ct/teacher/model_last.pt``, which ``recokd demo --task ct`` writes);
 * ``div4``: its ÷4 student as ``recokd distill`` derives it (``networks.derive_student_config``);
 * ``div4_batch``: the same with batch norm (``--student-norm batch``);
-* ``div4_strided_stem``: a ÷4 student without the full-resolution stage: the teacher's later
-  stages (widths ÷4), the first of them strided, logits upsampled to the input
-  (``UNetConfig.strided_stem``, the HD-BET demo student's design).
+* ``div4_strided_stem``: a ÷4 student without the full-resolution stage (``recokd distill
+  --student-stem strided``): the teacher's later stages (widths ÷4), the first of them strided,
+  logits upsampled to the input (``UNetConfig.strided_stem``, the HD-BET demo student's design).
 
 Networks are untrained (speed does not depend on the weights). Each is exported to ONNX and run
 by ``--engine`` (``openvino`` or ``onnxruntime``, ``--precision``); after a warm-up round, ``--reps``
@@ -33,7 +33,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +59,7 @@ def variants(teacher) -> dict[str, Any]:
     from ReCoKDLib.networks import derive_student_config
 
     student = derive_student_config(teacher, 4)
-    # drop the full-resolution stage: the next one becomes the stem, strided by both strides
-    stem_stride = tuple(max(a, b) for a, b in zip(teacher.strides[0], teacher.strides[1]))
-    strided = replace(student, filters=student.filters[1:], strides=(stem_stride, *teacher.strides[2:]),
-                      kernel_sizes=(teacher.kernel_sizes[0], *teacher.kernel_sizes[2:]),
-                      deep_supr_num=max(1, min(student.deep_supr_num, len(teacher.strides) - 3)))
+    strided = derive_student_config(teacher, 4, stem="strided")  # recokd distill --student-stem strided
     return {"teacher": teacher, "div4": student, "div4_batch": derive_student_config(teacher, 4, norm="batch"),
             "div4_strided_stem": strided}
 

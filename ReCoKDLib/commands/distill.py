@@ -107,6 +107,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "U-Nets). batch: fixed statistics at inference, so Segment runs the student on the largest "
                         "window memory allows (a whole CT in one or a few windows) instead of overlapping "
                         "training-patch windows: much faster on a CPU. Built-in U-Net teachers only")
+    t.add_argument("--student-stem", choices=("full", "strided"), default="full",
+                   help="strided: the student drops the teacher's full-resolution first stage (its next stage "
+                        "becomes a strided stem, logits upsampled): a thin student's full-resolution layers are most "
+                        "of its CPU time (benchmarks/student_architecture_speed.py). KD taps: the teacher's at the "
+                        "student's strides. Built-in U-Net teachers only (default full)")
     t.add_argument("--student-json", metavar="JSON",
                    help="explicit student architecture (UNetConfig fields) as a file or a JSON object")
     t.add_argument("--teacher-taps", metavar="NAMES", help="comma-separated teacher module names to distil "
@@ -258,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig(
             kd=spec, kd_weight=args.kd_weight, kd_warmup_steps=args.kd_warmup, frozen_aux=args.frozen_aux,
             student_reduction=args.reduction, min_channels=args.min_channels, student_norm=args.student_norm,
+            student_stem=args.student_stem,
             student_config=_json_arg(args.student_json) if args.student_json else None,
             teacher_taps=args.teacher_taps.split(",") if args.teacher_taps else None,
             student_taps=args.student_taps.split(",") if args.student_taps else None,

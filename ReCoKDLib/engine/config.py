@@ -65,6 +65,9 @@ class TrainConfig:
         student_norm: the derived student's normalisation, ``"instance"`` or ``"batch"`` (``None``: the
             teacher's). ``"batch"`` makes the student fully convolutional at inference: it segments a
             scan in the largest window memory allows (``UNetConfig.norm``). Built-in U-Net teachers only.
+        student_stem: ``"full"`` (the teacher's stages) or ``"strided"``: the derived student without
+            the teacher's full-resolution stage (``networks.derive_student_config``); its KD taps are
+            the teacher's taps at the student's strides. Built-in U-Net teachers only.
         teacher_taps, student_taps: distilled module names (default: encoder stages).
         kd: ``{method: {"weight": w, **options}}`` (see ``losses.registry``).
         kd_weight: ``lambda`` after warm-up (ReCo-KD: 0.01).
@@ -114,6 +117,7 @@ class TrainConfig:
     min_channels: int = 8
     student_config: dict[str, Any] | None = None
     student_norm: str | None = None
+    student_stem: str = "full"
     teacher_taps: list[str] | None = None
     student_taps: list[str] | None = None
     kd: dict[str, dict[str, Any]] = field(default_factory=lambda: {"recokd": {"weight": 1.0}})
@@ -148,6 +152,8 @@ class TrainConfig:
             problems.append(f"teacher_outputs must be 'auto', 'cache' or 'live', got {self.teacher_outputs!r}")
         if self.student_norm not in (None, "instance", "batch"):
             problems.append(f"student_norm must be None, 'instance' or 'batch', got {self.student_norm!r}")
+        if self.student_stem not in ("full", "strided"):
+            problems.append(f"student_stem must be 'full' or 'strided', got {self.student_stem!r}")
         if self.num_val_cases < 0 or self.patience < 0:
             problems.append("num_val_cases and patience must be >= 0")
         if problems:

@@ -13,7 +13,7 @@ from ReCoKDLib import checkpoint as ckpt
 from ReCoKDLib.data.sampling import CaseSet
 from ReCoKDLib.engine.config import TrainConfig, TrainingError
 from ReCoKDLib.engine.state import state_sha256
-from ReCoKDLib.networks import UNetConfig, build_unet, derive_student_config, encoder_tap_names
+from ReCoKDLib.networks import NetworkConfigError, UNetConfig, build_unet, derive_student_config, encoder_tap_names
 
 
 def _dataset_spec(dataset: CaseSet) -> Any:
@@ -96,6 +96,10 @@ def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetCo
                                              or teacher_card.architecture.get("kind") != "dynunet"):
         raise TrainingError("student_norm (--student-norm) applies to a student derived from a built-in U-Net "
                             "teacher; with an explicit student architecture set its 'norm' there")
+    if config.student_stem != "full" and (config.student_config is not None
+                                          or teacher_card.architecture.get("kind") != "dynunet"):
+        raise TrainingError("student_stem (--student-stem) applies to a student derived from a built-in U-Net "
+                            "teacher; with an explicit student architecture set its 'strides' there")
     if is_nnunet_architecture(config.student_config):
         return NNUNetStudentConfig(config.student_config)  # type: ignore[return-value]
     if config.student_config is not None:
@@ -109,7 +113,11 @@ def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetCo
             "architecture (student_config / --student-json) and the taps of both networks"
         )
     teacher_config = UNetConfig.from_dict(teacher_card.architecture["config"])
-    return derive_student_config(teacher_config, config.student_reduction, config.min_channels, config.student_norm)
+    try:
+        return derive_student_config(teacher_config, config.student_reduction, config.min_channels,
+                                     config.student_norm, config.student_stem)
+    except NetworkConfigError as exc:
+        raise TrainingError(f"student_stem={config.student_stem!r}: {exc}") from None
 
 
 #: KD methods that read only the logits (all others read tapped features)
@@ -149,6 +157,9 @@ def _kd_taps(config: TrainConfig, teacher_card: ckpt.ModelCard, student_config: 
         else:
             raise TrainingError("give the teacher's tap names (teacher_taps / --teacher-taps) for this architecture")
     nnunet_student = hasattr(student_config, "build")  # nnunet.student.NNUNetStudentConfig
+    if (kind == "dynunet" and not config.teacher_taps and not config.student_taps and not nnunet_student
+            and student_config.strided_stem):
+        return _strided_stem_taps(teacher_card, teacher_taps, student_config)
     student_taps = list(config.student_taps or (student_config.tap_names() if nnunet_student
                                                 else _default_student_taps(teacher_card, teacher_taps, student_config)))
     if len(student_taps) != len(teacher_taps):
@@ -165,6 +176,31 @@ def _default_student_taps(teacher_card: ckpt.ModelCard, teacher_taps: Sequence[s
 
         return student_taps_for(strides, student_config)
     return encoder_tap_names(student_config)
+
+
+def cumulative_strides(config: UNetConfig) -> list[tuple[int, int, int]]:
+    """Each stage's stride relative to the input ``(D, H, W)``, stage 0 first."""
+    out, total = [], (1, 1, 1)
+    for stride in config.strides:
+        total = tuple(t * int(s) for t, s in zip(total, stride))
+        out.append(total)
+    return out  # type: ignore[return-value]
+
+
+def _strided_stem_taps(teacher_card: ckpt.ModelCard, teacher_taps: list[str],
+                       student_config: UNetConfig) -> tuple[list[str], list[str]]:
+    """A built-in teacher's default encoder taps paired with a strided-stem student's stages at the
+    same strides; the teacher's taps at strides the student has no stage for (its full-resolution
+    stage) are left out."""
+    teacher_config = UNetConfig.from_dict(teacher_card.architecture["config"])
+    names = encoder_tap_names(teacher_config, drop_deepest=False)
+    teacher_strides = dict(zip(names, cumulative_strides(teacher_config)))
+    student_names = encoder_tap_names(student_config, drop_deepest=False)
+    student_at = dict(zip(cumulative_strides(student_config), student_names))
+    pairs = [(t, student_at[teacher_strides[t]]) for t in teacher_taps if teacher_strides.get(t) in student_at]
+    if not pairs:
+        raise TrainingError("no teacher tap has a student stage at its stride; give --teacher-taps/--student-taps")
+    return [t for t, _ in pairs], [s for _, s in pairs]
 
 
 def teacher_size_step(teacher_card: ckpt.ModelCard, teacher_net: nn.Module,
