@@ -35,6 +35,7 @@ class Method:
     frozen_aux: bool = False
     description: str = ""
     student_norm: str | None = None  # None: the teacher's (instance); "batch": a fully convolutional student
+    student_stem: str = "full"  # "strided": no full-resolution stage (recokd distill --student-stem strided)
 
     @property
     def baseline(self) -> str:
@@ -48,7 +49,7 @@ class Method:
     def to_dict(self) -> dict[str, Any]:
         return {"kd": self.kd, "frozen_aux": self.frozen_aux, "description": self.description,
                 "candidates": [dataclasses.asdict(c) for c in self.candidates], "student_norm": self.student_norm,
-                "baseline": self.baseline}
+                "student_stem": self.student_stem, "baseline": self.baseline}
 
 
 def _decade(name: str, default: float, description: str, frozen: bool = False, student_norm: str | None = None) -> Method:
@@ -66,6 +67,8 @@ METHODS: dict[str, Method] = {
     "none_bn": Method(None, (), False, "plain student with batch norm (fully convolutional: segments in one large "
                                       "window)", "batch"),
     "recokd_bn": _decade("recokd", 0.01, "ReCo-KD, student with batch norm (fully convolutional)", student_norm="batch"),
+    "none_stem": Method(None, (), False, "plain student with a strided stem (no full-resolution stage: "
+                                        "recokd distill --student-stem strided)", student_stem="strided"),
     "ms_sard": _decade("ms_sard", 0.01, "MS-SARD only"),
     "ms_ca": _decade("ms_ca", 0.01, "MS-CA only"),
     "fitnet": _decade("fitnet", 1.0, "FitNet: adapter + MSE"),

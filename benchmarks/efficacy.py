@@ -371,7 +371,8 @@ def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[st
         teacher_net = UNetConfig.from_dict(dict(data.setup.network, in_channels=data.case_set.in_channels,
                                                 num_classes=data.case_set.num_classes))
         if spec.kd is None:
-            student_net = derive_student_config(teacher_net, budget.reduction, norm=spec.student_norm).to_dict()
+            student_net = derive_student_config(teacher_net, budget.reduction, norm=spec.student_norm,
+                                                stem=spec.student_stem).to_dict()
             cfg = train_config(budget, data.setup, budget.student_steps, job.seed, ctx.device, num_val, student=True,
                                network=student_net)
             start = lambda resume: train_teacher(cfg, data.case_set, out_dir, reporter, resume=resume,  # noqa: E731
@@ -382,6 +383,7 @@ def run_job(ctx: Context, job: Job, teacher_model: str | None = None) -> dict[st
             cfg = train_config(budget, data.setup, budget.student_steps, job.seed, ctx.device, num_val, student=True,
                                student_reduction=budget.reduction, kd=spec.kd_spec(candidate),
                                kd_weight=candidate.kd_weight, frozen_aux=spec.frozen_aux, student_norm=spec.student_norm,
+                               student_stem=spec.student_stem,
                                teacher_cache_dir=str(work / "teacher_outputs"))  # computed once, shared by all students
             start = lambda resume: distill(cfg, teacher_model, data.case_set, out_dir, reporter,  # noqa: E731
                                            resume=resume)
