@@ -368,6 +368,16 @@ def build_unet(config: UNetConfig) -> nn.Module:
     )))
 
 
+def cumulative_strides(config: UNetConfig) -> list[Triple]:
+    """Each stage's stride relative to the input ``(D, H, W)``, stage 0 first (the strides of
+    :func:`encoder_tap_names`' stages)."""
+    out, total = [], (1, 1, 1)
+    for stride in config.strides:
+        total = tuple(t * int(s) for t, s in zip(total, stride))
+        out.append(total)
+    return out  # type: ignore[return-value]
+
+
 def encoder_tap_names(config: UNetConfig, drop_deepest: bool = True) -> list[str]:
     """Module names of the encoder stage outputs of a ``DynUNet`` built from ``config``.
 

@@ -358,11 +358,10 @@ def test_a_strided_stem_student_drops_the_full_resolution_stage_and_taps_the_tea
     """``student_stem="strided"`` (``recokd distill --student-stem strided``): the derived student has no
     full-resolution stage, its KD taps pair each of its stages with the teacher's stage at the same
     stride (the teacher's full-resolution tap left out), and it segments at the input's size."""
-    from ReCoKDLib.engine.pairing import cumulative_strides
     from ReCoKDLib.infer import segment_volume
     from ReCoKDLib.models.loading import load_model
     from ReCoKDLib.data.io import Geometry
-    from ReCoKDLib.networks import NetworkConfigError, UNetConfig, derive_student_config
+    from ReCoKDLib.networks import NetworkConfigError, UNetConfig, cumulative_strides, derive_student_config
 
     torch.manual_seed(0)
     config = preset("tiny", num_classes=ct_cases.num_classes, filters=(8, 16, 16, 32),

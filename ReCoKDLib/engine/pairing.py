@@ -13,7 +13,8 @@ from ReCoKDLib import checkpoint as ckpt
 from ReCoKDLib.data.sampling import CaseSet
 from ReCoKDLib.engine.config import TrainConfig, TrainingError
 from ReCoKDLib.engine.state import state_sha256
-from ReCoKDLib.networks import NetworkConfigError, UNetConfig, build_unet, derive_student_config, encoder_tap_names
+from ReCoKDLib.networks import (NetworkConfigError, UNetConfig, build_unet, cumulative_strides, derive_student_config,
+                                encoder_tap_names)
 
 
 def _dataset_spec(dataset: CaseSet) -> Any:
@@ -176,15 +177,6 @@ def _default_student_taps(teacher_card: ckpt.ModelCard, teacher_taps: Sequence[s
 
         return student_taps_for(strides, student_config)
     return encoder_tap_names(student_config)
-
-
-def cumulative_strides(config: UNetConfig) -> list[tuple[int, int, int]]:
-    """Each stage's stride relative to the input ``(D, H, W)``, stage 0 first."""
-    out, total = [], (1, 1, 1)
-    for stride in config.strides:
-        total = tuple(t * int(s) for t, s in zip(total, stride))
-        out.append(total)
-    return out  # type: ignore[return-value]
 
 
 def _strided_stem_taps(teacher_card: ckpt.ModelCard, teacher_taps: list[str],

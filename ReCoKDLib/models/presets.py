@@ -517,13 +517,10 @@ def student_taps_for(strides: Sequence[Sequence[int]], student_config) -> list[s
     Raises:
         TeacherPresetError: a stride no student stage has (say which strides the student offers).
     """
-    from ReCoKDLib.networks import encoder_tap_names
+    from ReCoKDLib.networks import cumulative_strides, encoder_tap_names
 
     names = encoder_tap_names(student_config, drop_deepest=False)
-    cumulative, total = [], [1, 1, 1]
-    for stride in student_config.strides:
-        total = [t * int(s) for t, s in zip(total, stride)]
-        cumulative.append(tuple(total))
+    cumulative = cumulative_strides(student_config)
     chosen = []
     for stride in strides:
         stride = tuple(int(s) for s in stride)
