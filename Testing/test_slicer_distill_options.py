@@ -63,6 +63,43 @@ def test_student_norms_offered_are_the_clis(code, stubs):
     assert any("Student norm must be one of teacher, instance, batch" in p for p in wrong)
 
 
+def test_student_stems_offered_are_the_clis(code, stubs):
+    """The panel's stems are ``recokd distill --student-stem``'s choices, its default first and the
+    parameter node's default; ``"full"`` adds no option. ``QComboBoxToStringableConnector`` offers
+    ``str(c)`` of each choice and its ``write`` raises ``ValueError`` for a stored value that is not
+    among them (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, Slicer 583e9b37d5)."""
+    import typing
+
+    from ReCoKDLib import cli
+
+    action = _distill_action("student_stem")
+    stems = code.commandLines.STUDENT_STEMS
+    assert tuple(stems) == tuple(action.choices) and stems[0] == action.default == "full"
+    annotation = typing.get_type_hints(code.parameters.ReCoKDParameterNode, include_extras=True)["studentStem"]
+    choice = next(a for a in annotation.__metadata__ if isinstance(a, stubs["slicer.parameterNodeWrapper"].Choice))
+    assert tuple(choice.choices) == tuple(stems) and code.parameters.ReCoKDParameterNode.studentStem == "full"
+    for stem in stems:
+        options = code.commandLines.DistillOptions("t.pt", "data", "out", studentStem=stem)
+        args, _env = code.commandLines.distillArguments(options)
+        assert ("--student-stem" in args) == (stem != "full")
+        assert cli.build_parser("distill").parse_args(args[2:]).student_stem == stem
+    wrong = code.commandLines.DistillOptions("preset:hd-bet", "data", "out", studentStem="pooled").validate()
+    assert any("Student stem must be one of full, strided" in p for p in wrong)
+
+
+def test_a_strided_stem_student_of_an_nnunet_folder_is_refused_before_it_starts(code, tmp_path):
+    """The engine refuses ``--student-stem strided`` for a teacher that is not a built-in U-Net
+    (``engine.pairing``); the panel says so before a child process starts."""
+    folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir()
+    data = tmp_path / "Dataset001"
+    data.mkdir()
+    options = code.commandLines.DistillOptions(str(folder), str(data), str(tmp_path / "out"), studentStem="strided")
+    assert any("keeps the teacher's stages" in p for p in options.validate())
+    options.studentStem = "full"
+    assert options.validate() == []
+
+
 def test_a_batch_norm_student_of_an_nnunet_folder_is_refused_before_it_starts(code, tmp_path):
     """The engine refuses ``--student-norm`` for a teacher that is not a built-in U-Net
     (``engine.pairing``); the panel says so before a child process starts."""

@@ -495,6 +495,34 @@ def test_teacher_outputs_and_labels_are_bound_and_reach_the_command_line(harness
     assert ui["dataSummaryLabel"].text.startswith("2 images without labels")
 
 
+def test_student_norm_and_stem_are_bound_and_reach_the_command_line(harness, tmp_path, monkeypatch):
+    """The combo boxes hold the connector's choices (``addItem(str(c))``, guiConnectors.py, Slicer
+    583e9b37d5); what the user picks reaches ``recokd distill``; the defaults add no option."""
+    teacher = _model(tmp_path / "teacher.pt", ["background", "liver"])
+    panel = harness.make_panel()
+    ui, p = harness.ui, panel._parameterNode
+    monkeypatch.setattr(panel, "_showPlot", lambda: None)
+    norm, stem = ui["studentNormComboBox"], ui["studentStemComboBox"]
+    assert [i["text"] for i in stem.items] == ["full", "strided"] and stem.currentIndex == 0
+    assert [i["text"] for i in norm.items] == ["teacher", "instance", "batch"]
+    data = tmp_path / "data"
+    data.mkdir()
+    p.teacherPath, p.dataFolder, p.outputFolder = teacher, data, tmp_path / "out"
+    ui["startButton"].emit("clicked", True)
+    arguments = harness.runners[-1].calls[0][2]
+    assert "--student-stem" not in arguments and "--student-norm" not in arguments
+    parsed = _parsed(arguments)
+    assert (parsed.student_stem, parsed.student_norm) == ("full", None)
+    harness.runners[-1].finish([])
+    stem.setCurrentIndex(1)  # the user picks "strided"
+    norm.setCurrentIndex(2)  # and "batch"
+    assert (p.studentStem, p.studentNorm) == ("strided", "batch")
+    ui["startButton"].emit("clicked", True)
+    parsed = _parsed(harness.runners[-1].calls[0][2])
+    assert (parsed.student_stem, parsed.student_norm) == ("strided", "batch")
+    assert harness.errors == []
+
+
 def test_without_labels_a_scene_volume_alone_is_the_training_data(harness, tmp_path, monkeypatch):
     """No segmentation: the volume is written as one image and passed with ``--images``; the
     labelled routes (Distill with labels, Train a teacher) still ask for a segmentation."""

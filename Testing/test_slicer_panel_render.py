@@ -70,7 +70,8 @@ def test_parameter_bindings_survive_loading(rendered):
     assert bindings["withoutLabelsCheckBox"] == "withoutLabels"
     assert "modelComboBox" not in bindings and "methodComboBox" not in bindings  # synced by the panel
     assert bindings["studentNormComboBox"] == "studentNorm"
-    assert len(bindings) == 18
+    assert bindings["studentStemComboBox"] == "studentStem"
+    assert len(bindings) == 19
 
 
 def test_screenshot_is_written_and_the_committed_one_is_current(rendered):

@@ -164,7 +164,7 @@ def test_every_bound_widget_gets_the_connector_slicer_creates(ui, fields, stubs)
     assert made["studentReduction"] == "QComboBoxToStringableConnector"
     assert made["overlayOpacity"] == "QDoubleSpinBoxCtkSliderWidgetToFloatIntConnector"
     assert made["teacherPath"] == "ctkPathLineEditToPathConnector"
-    assert made["teacherOutputs"] == made["studentNorm"] == "QComboBoxToStringableConnector"
+    assert made["teacherOutputs"] == made["studentNorm"] == made["studentStem"] == "QComboBoxToStringableConnector"
     assert made["withoutLabels"] == made["resume"] == "QCheckBoxToBoolConnector"
 
 
@@ -330,6 +330,11 @@ def test_distill_section_offers_teacher_outputs_and_distillation_without_labels(
     tip = norm.findtext("property[@name='toolTip']/string").splitlines()
     assert "--student-norm" in tip[0] and [line.split(":")[0] for line in tip[1:]] == ["teacher", "batch", "instance"]
     assert "largest window" in tip[2]
+    stem = widgets["studentStemComboBox"]
+    assert "studentStemComboBox" in inside and not stem.findall("item")
+    tip = stem.findtext("property[@name='toolTip']/string").splitlines()
+    assert "--student-stem" in tip[0] and [line.split(":")[0] for line in tip[1:]] == ["full", "strided"]
+    assert "no full-resolution stage" in tip[2] and "segment_speed_stem.json" in tip[2]
     box = widgets["withoutLabelsCheckBox"]
     assert box.findtext("property[@name='text']/string").startswith("Without labels")
     assert "--no-labels" in box.findtext("property[@name='toolTip']/string")

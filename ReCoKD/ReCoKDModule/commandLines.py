@@ -31,6 +31,9 @@ TEACHER_OUTPUTS = ("auto", "cache", "live")
 #: the student's normalisation: ``"teacher"`` (the default: no option, the teacher's own) or
 #: ``recokd distill --student-norm`` ``instance`` | ``batch`` (``TrainConfig.student_norm``)
 STUDENT_NORMS = ("teacher", "instance", "batch")
+#: ``recokd distill --student-stem`` (``TrainConfig.student_stem``), the default first: ``"strided"``
+#: drops the teacher's full-resolution stage from the derived student
+STUDENT_STEMS = ("full", "strided")
 
 
 class ReCoKDInputError(ValueError):
@@ -83,7 +86,7 @@ class DistillOptions:
     from the teacher's predictions only) also a folder of images or one image file
     (:func:`dataArguments`). ``teacherOutputs`` is one of :data:`TEACHER_OUTPUTS`
     (``--teacher-outputs``), ``studentNorm`` one of :data:`STUDENT_NORMS` (``--student-norm``
-    unless ``"teacher"``).
+    unless ``"teacher"``), ``studentStem`` one of :data:`STUDENT_STEMS` (``--student-stem``).
     """
 
     teacher: str
@@ -97,6 +100,7 @@ class DistillOptions:
     teacherOutputs: str = "auto"
     withoutLabels: bool = False
     studentNorm: str = "teacher"
+    studentStem: str = "full"
 
     def validate(self) -> list:
         """Human-readable problems; empty when the options can run."""
@@ -124,6 +128,12 @@ class DistillOptions:
             problems.append(_("Student norm {value!r} applies to a student of a built-in U-Net teacher; the student "
                               "of an nnU-Net model folder keeps the teacher's normalisation (choose 'teacher').").format(
                 value=self.studentNorm))
+        if str(self.studentStem) not in STUDENT_STEMS:
+            problems.append(_("Student stem must be one of {choices}, not {value!r}.").format(
+                choices=", ".join(STUDENT_STEMS), value=self.studentStem))
+        elif str(self.studentStem) != "full" and teacher and pathlib.Path(teacher).is_dir():
+            problems.append(_("A strided student stem applies to a student of a built-in U-Net teacher; the student "
+                              "of an nnU-Net model folder keeps the teacher's stages (choose 'full')."))
         if not chosenPath(self.outputFolder):
             problems.append(_("Select an output folder for the student and its checkpoints."))
         if int(self.reduction) not in (2, 4, 8):
@@ -199,6 +209,8 @@ def distillArguments(options: DistillOptions, trustedEntryPoints=()) -> tuple:
             "--progress", "json"]
     if str(options.studentNorm) != "teacher":
         args += ["--student-norm", str(options.studentNorm)]
+    if str(options.studentStem) != "full":
+        args += ["--student-stem", str(options.studentStem)]
     if options.resume:
         args.append("--resume")
     return args + trustArguments(trustedEntryPoints), env

@@ -325,7 +325,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
     def distill(self, teacherPath, dataset, outputFolder, method="recokd", reduction=4, steps=1000, device="auto",
                 resume=False, callback=None, finished=None, teacherOutputs="auto", withoutLabels=False,
-                studentNorm="teacher") -> ChildJob:
+                studentNorm="teacher", studentStem="full") -> ChildJob:
         """Start ``recokd distill`` in a child process; returns the ``ChildJob`` at once.
 
         ``dataset`` is an nnU-Net raw folder. ``withoutLabels=True`` distils from the teacher's
@@ -338,7 +338,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         on every patch, ``"auto"`` (default) caches when every case fits one exact whole-volume pass.
         ``studentNorm`` (``--student-norm``): ``"teacher"`` (default) keeps the teacher's normalisation;
         ``"batch"`` gives a student that Segment runs on the largest window memory allows (built-in
-        U-Net teachers only); ``"instance"``.
+        U-Net teachers only); ``"instance"``. ``studentStem`` (``--student-stem``): ``"full"`` (default)
+        keeps the teacher's stages; ``"strided"`` drops its full-resolution stage, which holds most of a
+        thin student's CPU time (built-in U-Net teachers with 4 or more stages only).
 
         ``callback(progress, record)`` runs for every output line, ``finished(job)`` once at the end
         (``job.progress.resultPath`` is the student file). The teacher may run the code of
@@ -347,7 +349,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """
         options = DistillOptions(str(teacherPath or ""), str(dataset or ""), str(outputFolder or ""),
                                  method, int(reduction), int(steps), device, bool(resume), str(teacherOutputs),
-                                 bool(withoutLabels), str(studentNorm))
+                                 bool(withoutLabels), str(studentNorm), str(studentStem))
         problems = options.validate()
         if problems:
             raise ReCoKDInputError("\n".join(problems))

@@ -493,7 +493,7 @@ class ReCoKDPanel(VTKObservationMixin):
                                chosenPath(p.outputFolder), p.method, int(p.studentReduction), p.steps, p.device,
                                p.resume, callback=self._onJobOutput, finished=self._onDistillFinished,
                                teacherOutputs=p.teacherOutputs, withoutLabels=p.withoutLabels,
-                               studentNorm=p.studentNorm)
+                               studentNorm=p.studentNorm, studentStem=p.studentStem)
             self._showPlot()
         self.updateButtons()
 

@@ -22,7 +22,7 @@ from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmen
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
 from ReCoKDLib.choices import KD_METHODS
-from ReCoKDModule.commandLines import STUDENT_NORMS, TEACHER_OUTPUTS
+from ReCoKDModule.commandLines import STUDENT_NORMS, STUDENT_STEMS, TEACHER_OUTPUTS
 
 STUDENT_REDUCTIONS = (2, 4, 8)
 MAP_CHOICES = ("teacher attention", "student attention", "teacher affinity", "student affinity",
@@ -57,6 +57,7 @@ class ReCoKDParameterNode:
     method: Annotated[str, Choice([m.name for m in KD_METHODS])] = "recokd"
     studentReduction: Annotated[int, Choice(list(STUDENT_REDUCTIONS))] = 4
     studentNorm: Annotated[str, Choice(list(STUDENT_NORMS))] = "teacher"  # --student-norm unless "teacher"
+    studentStem: Annotated[str, Choice(list(STUDENT_STEMS))] = "full"  # --student-stem
     steps: Annotated[int, WithinRange(1, 1000000)] = 1000
     teacherOutputs: Annotated[str, Choice(list(TEACHER_OUTPUTS))] = "auto"  # --teacher-outputs
     withoutLabels: bool = False  # --no-labels (or --images): learn from the teacher's predictions only
