@@ -156,7 +156,7 @@ def predict_logits(
         done[0] += 1
         if progress_callback is not None:
             progress_callback(done[0], total)
-        return out / len(flips)
+        return out if len(flips) == 1 else out.div_(len(flips))  # no second (B, K, *window) map
 
     try:
         with torch.no_grad():

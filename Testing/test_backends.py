@@ -345,6 +345,59 @@ def test_strided_stem_network_gives_full_resolution_logits_on_every_backend(tmp_
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_graph_networks_logits_are_its_own_after_the_next_call(tmp_path, runtime):
+    """OpenVINO hands out its output buffer without a copy (``share_outputs=True``) and reuses it
+    on the next call; GraphNetwork copies out of it once, so earlier logits stay as they were."""
+    network = build_unet(preset("tiny", num_classes=3)).eval()
+    graph = export_onnx(network, torch.zeros(1, 1, 16, 16, 16), tmp_path / "g.onnx", dynamic_axes=True)
+    runner = GraphNetwork(graph, runtime, "fp32")
+    first_input, second_input = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 1, 16, 16, 16)
+    first = runner(first_input)
+    kept = first.clone()
+    second = runner(second_input)
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    with torch.no_grad():
+        np.testing.assert_allclose(first.numpy(), network(first_input).numpy(), atol=1e-3)
+
+
+def test_one_window_gives_the_networks_logits_without_dividing_them():
+    """One pass (no mirroring) over a one-window volume: the network's own logits come back, equal to
+    MONAI's sliding window (no ``out / 1`` copy of a whole-volume map); mirrored passes are averaged."""
+    from monai.inferers import sliding_window_inference
+
+    from ReCoKDLib.infer import predict_logits
+    from ReCoKDLib.models.base import network_logits
+
+    torch.manual_seed(0)
+    unet = build_unet(preset("tiny", num_classes=3)).eval()
+
+    def network(x):
+        return network_logits(unet(x))
+    image = torch.randn(1, 16, 16, 16)
+    made = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = unet
+
+        def forward(self, x):
+            made.append(network_logits(self.inner(x)))
+            return made[-1]
+
+    logits = predict_logits(Recording(), image, (16, 16, 16), 0.5)
+    assert len(made) == 1 and logits.data_ptr() == made[0].data_ptr()  # the network's tensor, not a copy
+    with torch.no_grad():
+        reference = sliding_window_inference(image[None], roi_size=(16, 16, 16), sw_batch_size=1,
+                                             predictor=network, overlap=0.5, mode="gaussian")[0]
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    mirrored = predict_logits(unet, image, (16, 16, 16), 0.5, mirror_axes=(2,))
+    with torch.no_grad():
+        expected = (network(image[None]) + network(image[None].flip(4)).flip(4))[0] / 2
+    torch.testing.assert_close(mirrored, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_export_keeps_the_exporters_output_off_the_terminal(tmp_path, capfd):
     """What the exporters write, from Python or C++ (the TorchScript exporter dumps its IR graph on
     failure: 70 kB for HD-BET), does not reach the user's stdout or stderr; the graph is still written."""

@@ -267,7 +267,11 @@ class GraphNetwork(nn.Module):
             if self.runtime == "onnxruntime":
                 return self._session.run(None, {self._input.name: x})[0]
             with keep_signal_stack():
-                return np.array(self._request.infer({0: x})[0], copy=True)
+                # OpenVINO reads the input where it is (the default copies it first) and its output
+                # buffer is reused by the next call: one copy out of it (the default, share_outputs=False,
+                # copies it once more: a third (B, K, D, H, W) map at the peak of a whole-scan window)
+                result = self._request.infer({0: x}, share_inputs=True, share_outputs=True)
+                return np.array(result[0], copy=True)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5:
