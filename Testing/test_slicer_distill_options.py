@@ -24,17 +24,22 @@ def _distill_action(dest):
     return next(a for a in parser._actions if a.dest == dest)
 
 
+def _panel_choices(code, stubs, field):
+    """The ``Choice`` of a ``ReCoKDParameterNode`` field: what ``QComboBoxToStringableConnector`` offers."""
+    import typing
+
+    annotation = typing.get_type_hints(code.parameters.ReCoKDParameterNode, include_extras=True)[field]
+    choice = next(a for a in annotation.__metadata__ if isinstance(a, stubs["slicer.parameterNodeWrapper"].Choice))
+    return tuple(choice.choices)
+
+
 def test_teacher_outputs_offered_are_the_clis(code, stubs):
     """The panel's choices (and default) are ``recokd distill --teacher-outputs``'s, so no stored value
     is one the CLI refuses (``QComboBoxToStringableConnector.write`` raises for a value not among them)."""
     action = _distill_action("teacher_outputs")
     assert code.commandLines.TEACHER_OUTPUTS == tuple(action.choices) and action.default == "auto"
     assert code.commandLines.TEACHER_OUTPUTS[0] == action.default
-    import typing
-
-    annotation = typing.get_type_hints(code.parameters.ReCoKDParameterNode, include_extras=True)["teacherOutputs"]
-    choice = next(a for a in annotation.__metadata__ if isinstance(a, stubs["slicer.parameterNodeWrapper"].Choice))
-    assert tuple(choice.choices) == tuple(action.choices)
+    assert _panel_choices(code, stubs, "teacherOutputs") == tuple(action.choices)
     assert code.parameters.ReCoKDParameterNode.teacherOutputs == "auto"
     assert code.parameters.ReCoKDParameterNode.withoutLabels is False
 
@@ -44,16 +49,13 @@ def test_student_norms_offered_are_the_clis(code, stubs):
     others are ``recokd distill --student-norm``'s choices. Slicer's ``QComboBoxToStringableConnector``
     fills the combo box with ``str(choice)`` of the ``Choice`` annotation (Base/Python/slicer/
     parameterNodeWrapper/guiConnectors.py, ``addItem(str(c))``, Slicer 583e9b3)."""
-    import typing
-
     from ReCoKDLib import cli
 
     action = _distill_action("student_norm")
     norms = code.commandLines.STUDENT_NORMS
     assert norms[0] == "teacher" and tuple(norms[1:]) == tuple(action.choices) and action.default is None
-    annotation = typing.get_type_hints(code.parameters.ReCoKDParameterNode, include_extras=True)["studentNorm"]
-    choice = next(a for a in annotation.__metadata__ if isinstance(a, stubs["slicer.parameterNodeWrapper"].Choice))
-    assert tuple(choice.choices) == tuple(norms) and code.parameters.ReCoKDParameterNode.studentNorm == "teacher"
+    assert _panel_choices(code, stubs, "studentNorm") == tuple(norms)
+    assert code.parameters.ReCoKDParameterNode.studentNorm == "teacher"
     for norm in norms:
         options = code.commandLines.DistillOptions("t.pt", "data", "out", studentNorm=norm)
         args, _env = code.commandLines.distillArguments(options)
@@ -68,16 +70,13 @@ def test_student_stems_offered_are_the_clis(code, stubs):
     parameter node's default; ``"full"`` adds no option. ``QComboBoxToStringableConnector`` offers
     ``str(c)`` of each choice and its ``write`` raises ``ValueError`` for a stored value that is not
     among them (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, Slicer 583e9b37d5)."""
-    import typing
-
     from ReCoKDLib import cli
 
     action = _distill_action("student_stem")
     stems = code.commandLines.STUDENT_STEMS
     assert tuple(stems) == tuple(action.choices) and stems[0] == action.default == "full"
-    annotation = typing.get_type_hints(code.parameters.ReCoKDParameterNode, include_extras=True)["studentStem"]
-    choice = next(a for a in annotation.__metadata__ if isinstance(a, stubs["slicer.parameterNodeWrapper"].Choice))
-    assert tuple(choice.choices) == tuple(stems) and code.parameters.ReCoKDParameterNode.studentStem == "full"
+    assert _panel_choices(code, stubs, "studentStem") == tuple(stems)
+    assert code.parameters.ReCoKDParameterNode.studentStem == "full"
     for stem in stems:
         options = code.commandLines.DistillOptions("t.pt", "data", "out", studentStem=stem)
         args, _env = code.commandLines.distillArguments(options)
@@ -87,29 +86,21 @@ def test_student_stems_offered_are_the_clis(code, stubs):
     assert any("Student stem must be one of full, strided" in p for p in wrong)
 
 
-def test_a_strided_stem_student_of_an_nnunet_folder_is_refused_before_it_starts(code, tmp_path):
-    """The engine refuses ``--student-stem strided`` for a teacher that is not a built-in U-Net
-    (``engine.pairing``); the panel says so before a child process starts."""
+@pytest.mark.parametrize("field,value,default,message", [
+    ("studentNorm", "batch", "teacher", "keeps the teacher's normalisation"),
+    ("studentStem", "strided", "full", "keeps the teacher's stages"),
+])
+def test_a_derived_student_option_with_an_nnunet_folder_is_refused_before_it_starts(code, tmp_path, field, value,
+                                                                                     default, message):
+    """The engine refuses ``--student-norm`` and ``--student-stem strided`` for a teacher that is not a
+    built-in U-Net (``engine.pairing``); the panel says so before a child process starts."""
     folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     folder.mkdir()
     data = tmp_path / "Dataset001"
     data.mkdir()
-    options = code.commandLines.DistillOptions(str(folder), str(data), str(tmp_path / "out"), studentStem="strided")
-    assert any("keeps the teacher's stages" in p for p in options.validate())
-    options.studentStem = "full"
-    assert options.validate() == []
-
-
-def test_a_batch_norm_student_of_an_nnunet_folder_is_refused_before_it_starts(code, tmp_path):
-    """The engine refuses ``--student-norm`` for a teacher that is not a built-in U-Net
-    (``engine.pairing``); the panel says so before a child process starts."""
-    folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    folder.mkdir()
-    data = tmp_path / "Dataset001"
-    data.mkdir()
-    options = code.commandLines.DistillOptions(str(folder), str(data), str(tmp_path / "out"), studentNorm="batch")
-    assert any("keeps the teacher's normalisation" in p for p in options.validate())
-    options.studentNorm = "teacher"
+    options = code.commandLines.DistillOptions(str(folder), str(data), str(tmp_path / "out"), **{field: value})
+    assert any(message in p for p in options.validate())
+    setattr(options, field, default)
     assert options.validate() == []
 
 
