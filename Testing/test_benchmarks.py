@@ -58,6 +58,12 @@ def test_summarize_per_seed_and_of_means():
 def test_a_batch_norm_kd_student_is_compared_with_the_batch_norm_plain_student():
     assert efficacy.METHODS["recokd_bn"].baseline == "none_bn"
     assert efficacy.METHODS["none_bn"].baseline == efficacy.METHODS["recokd"].baseline == "none"
+    # the strided stem likewise: each KD student against the plain student of its own architecture
+    assert efficacy.METHODS["recokd_stem"].baseline == "none_stem"
+    assert efficacy.METHODS["recokd_bn_stem"].baseline == "none_bn_stem"
+    assert efficacy.METHODS["none_stem"].baseline == efficacy.METHODS["none_bn_stem"].baseline == "none"
+    stem = efficacy.METHODS["none_bn_stem"]
+    assert (stem.student_norm, stem.student_stem, stem.kd) == ("batch", "strided", None)
     runs = [_run("none", 0, 0.2), _run("none_bn", 0, 0.4), _run("recokd", 0, 0.5), _run("recokd_bn", 0, 0.6)]
     baselines = {m: efficacy.METHODS[m].baseline for m in ("none", "none_bn", "recokd", "recokd_bn")}
     s = efficacy.summarize(runs, 0.8, list(baselines), baselines)

@@ -39,9 +39,11 @@ class Method:
 
     @property
     def baseline(self) -> str:
-        """The plain student a KD run is compared with: the one of the same normalisation
-        (``none_bn`` for a batch-norm KD student; ``none`` otherwise, ``none_bn`` included)."""
-        return "none_bn" if self.kd is not None and self.student_norm == "batch" else "none"
+        """The plain student a KD run is compared with: the one of the same architecture (``none``,
+        ``none_bn``, ``none_stem`` or ``none_bn_stem``); every plain student is compared with ``none``."""
+        if self.kd is None:
+            return "none"
+        return "none" + ("_bn" if self.student_norm == "batch" else "") + ("_stem" if self.student_stem == "strided" else "")
 
     def kd_spec(self, candidate: Candidate) -> dict[str, dict[str, Any]]:
         return {self.kd: {"weight": 1.0, **candidate.options}}
@@ -52,8 +54,10 @@ class Method:
                 "student_stem": self.student_stem, "baseline": self.baseline}
 
 
-def _decade(name: str, default: float, description: str, frozen: bool = False, student_norm: str | None = None) -> Method:
-    return Method(name, tuple(Candidate(default * f) for f in (0.1, 1.0, 10.0)), frozen, description, student_norm)
+def _decade(name: str, default: float, description: str, frozen: bool = False, student_norm: str | None = None,
+            student_stem: str = "full") -> Method:
+    return Method(name, tuple(Candidate(default * f) for f in (0.1, 1.0, 10.0)), frozen, description, student_norm,
+                  student_stem)
 
 
 METHODS: dict[str, Method] = {
@@ -69,6 +73,11 @@ METHODS: dict[str, Method] = {
     "recokd_bn": _decade("recokd", 0.01, "ReCo-KD, student with batch norm (fully convolutional)", student_norm="batch"),
     "none_stem": Method(None, (), False, "plain student with a strided stem (no full-resolution stage: "
                                         "recokd distill --student-stem strided)", student_stem="strided"),
+    "recokd_stem": _decade("recokd", 0.01, "ReCo-KD, student with a strided stem", student_stem="strided"),
+    "none_bn_stem": Method(None, (), False, "plain student with batch norm and a strided stem (the fastest on a CPU: "
+                                           "one large window, no full-resolution stage)", "batch", "strided"),
+    "recokd_bn_stem": _decade("recokd", 0.01, "ReCo-KD, student with batch norm and a strided stem",
+                              student_norm="batch", student_stem="strided"),
     "ms_sard": _decade("ms_sard", 0.01, "MS-SARD only"),
     "ms_ca": _decade("ms_ca", 0.01, "MS-CA only"),
     "fitnet": _decade("fitnet", 1.0, "FitNet: adapter + MSE"),
