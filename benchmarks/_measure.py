@@ -121,6 +121,16 @@ def provenance(threads: int | None = None, argv: Sequence[str] | None = None) ->
     }
 
 
+def speed_provenance(script: str, threads: int | None, argv: Sequence[str] | None,
+                     load_before: Sequence[float]) -> dict[str, Any]:
+    """:func:`provenance` of a speed benchmark run as ``python script *argv`` (``argv``: its
+    arguments, default ``sys.argv[1:]``), with ``load_average`` before it started and now: another
+    process on the cores skews every ratio it reports."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    return {**provenance(threads, [script, *arguments]),
+            "load_average": {"before": list(load_before), "now": list(os.getloadavg())}}
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON atomically (a reader sees the old or the new file, never half)."""
     from ReCoKDLib.checkpoint import atomic_write_text

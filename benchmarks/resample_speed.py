@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {
         "benchmark": "resample_speed",
-        **_measure.provenance(args.threads, ["benchmarks/resample_speed.py",
-                                             *(argv if argv is not None else sys.argv[1:])]),
-        "load_average": {"before": list(load_before), "now": list(os.getloadavg())},
+        **_measure.speed_provenance("benchmarks/resample_speed.py", args.threads, argv, load_before),
         "config": {"threads": args.threads, "reps": args.reps, "shape": list(shape), "spacing_mm": [1.0, 1.5],
                    "simpleitk": sitk.Version.VersionString()},
         "headline": {f"{name}_speedup": r["speedup"] for name, r in results.items()},

@@ -517,10 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                 merged.setdefault(key.split("@")[0], {}).update(per_case)
             data = {
                 "benchmark": "segment_speed",
-                **_measure.provenance(args.threads, ["benchmarks/segment_speed.py",
-                                                     *(argv if argv is not None else sys.argv[1:])]),
+                **_measure.speed_provenance("benchmarks/segment_speed.py", args.threads, argv, load_before),
                 "complete": done,
-                "load_average": {"before": list(load_before), "now": list(os.getloadavg())},
                 "config": {"threads": args.threads, "reps": args.reps, "settings": {s: SETTINGS[s] for s in settings},
                            "cases": {k: Path(v).name for k, v in cases.items()},
                            "models": {k: dict(v) for k, v in models.items()}, "main_case": main_case,

@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         r["flop_ratio"] = results["teacher"]["gflops"] / r["gflops"]
     data = {
         "benchmark": "student_architecture_speed",
-        **_measure.provenance(args.threads, ["benchmarks/student_architecture_speed.py",
-                                             *(argv if argv is not None else sys.argv[1:])]),
-        "load_average": {"before": list(load_before), "now": list(os.getloadavg())},
+        **_measure.speed_provenance("benchmarks/student_architecture_speed.py", args.threads, argv, load_before),
         "config": {"teacher": args.teacher, "window": list(window), "engine": args.engine, "precision": precision,
                    "threads": args.threads, "reps": args.reps, "weights": "untrained"},
         "headline": {f"{name}_speedup_per_window": r["teacher_over_this"] for name, r in results.items()
