@@ -391,6 +391,14 @@ def test_a_strided_stem_student_drops_the_full_resolution_stage_and_taps_the_tea
         derive_student_config(config, 2, stem="pooled")
     with pytest.raises(TrainingError, match="student_stem must be"):
         _config(student_stem="pooled")
+    tiny = preset("tiny", num_classes=ct_cases.num_classes)
+    shallow = save_model(tmp_path / "teacher3.pt", build_unet(tiny).state_dict(),
+                         ModelCard({"kind": "dynunet", "config": tiny.to_dict()}, ct_cases.class_names,
+                                   [3.0, 3.0, 3.0], CT_NORMALIZATION, [16, 32, 32], tap_names=encoder_tap_names(tiny)))
+    with pytest.raises(TrainingError, match="cannot be derived from this teacher: .*only 3 stages"):
+        distill(_config(steps=1, student_stem="strided"), shallow, ct_cases, tmp_path / "shallow", _Events())
+    with pytest.raises(TrainingError, match="cannot be derived from this teacher: reduction must be a power of two"):
+        distill(_config(steps=1, student_reduction=3), teacher, ct_cases, tmp_path / "odd", _Events())
     with pytest.raises(TrainingError, match="student_stem"):  # an explicit architecture carries its own strides
         distill(_config(steps=1, student_stem="strided", student_config=preset("tiny", num_classes=ct_cases.num_classes)
                         .to_dict()), teacher, ct_cases, tmp_path / "explicit", _Events())

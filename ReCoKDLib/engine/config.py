@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from ReCoKDLib.data.sampling import AugmentationConfig
+from ReCoKDLib.networks import STEMS
 
 TRAIN_STATE_FORMAT = "recokd-train-state"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -152,8 +153,8 @@ class TrainConfig:
             problems.append(f"teacher_outputs must be 'auto', 'cache' or 'live', got {self.teacher_outputs!r}")
         if self.student_norm not in (None, "instance", "batch"):
             problems.append(f"student_norm must be None, 'instance' or 'batch', got {self.student_norm!r}")
-        if self.student_stem not in ("full", "strided"):
-            problems.append(f"student_stem must be 'full' or 'strided', got {self.student_stem!r}")
+        if self.student_stem not in STEMS:
+            problems.append(f"student_stem must be one of {', '.join(STEMS)}, got {self.student_stem!r}")
         if self.num_val_cases < 0 or self.patience < 0:
             problems.append("num_val_cases and patience must be >= 0")
         if problems:

@@ -117,8 +117,8 @@ def _student_config(config: TrainConfig, teacher_card: ckpt.ModelCard) -> UNetCo
     try:
         return derive_student_config(teacher_config, config.student_reduction, config.min_channels,
                                      config.student_norm, config.student_stem)
-    except NetworkConfigError as exc:
-        raise TrainingError(f"student_stem={config.student_stem!r}: {exc}") from None
+    except NetworkConfigError as exc:  # the reduction, min_channels or stem does not fit this teacher
+        raise TrainingError(f"the student cannot be derived from this teacher: {exc}") from None
 
 
 #: KD methods that read only the logits (all others read tapped features)
