@@ -44,6 +44,10 @@ class DemoConfig:
         batch_size: patches per step.
         spacing: target spacing ``(D, H, W)`` in mm.
         reduction: the student's width divisor (2**t).
+        student_norm: the students' normalisation (``None``: the teacher's instance norm; ``"batch"``:
+            fixed statistics, so ``recokd segment`` runs them in one window over the whole scan).
+        student_stem: ``"full"`` (the teacher's stages) or ``"strided"`` (no full-resolution stage;
+            :func:`~ReCoKDLib.networks.derive_student_config`).
         kd: the KD method(s) of the distilled student (``losses.registry`` spec).
         kd_weight: lambda of the KD term after warm-up.
         lr: AdamW learning rate (poly decay).
@@ -58,6 +62,8 @@ class DemoConfig:
     batch_size: int = 2
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     reduction: int = 4
+    student_norm: str | None = None
+    student_stem: str = "full"
     kd: str = "recokd"
     kd_weight: float = 0.01
     lr: float = 2e-3
@@ -119,6 +125,33 @@ def _with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     return {**added, **recorded}
 
 
+#: TrainConfig fields a resumed run may change (the engine takes them from the caller, the rest from the checkpoint)
+RESUMABLE_FIELDS = ("steps", "device", "log_every")
+
+
+def _checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The ``TrainConfig`` dict a training checkpoint was written with, or ``None`` when unreadable."""
+    from ReCoKDLib.checkpoint import CheckpointError, safe_torch_load
+
+    try:
+        state = safe_torch_load(path)
+        return json.loads(state["config"]) if isinstance(state, dict) and "config" in state else None
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return None
+
+
+def _same_run(stored: dict[str, Any] | None, expected: dict[str, Any]) -> bool:
+    """A checkpoint's configuration names the run ``expected`` describes (up to :data:`RESUMABLE_FIELDS`,
+    :data:`LOCATION_FIELDS` and fields added since it was written)."""
+    if stored is None:
+        return False
+
+    def part(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in _training_part(config).items() if k not in RESUMABLE_FIELDS}
+
+    return part(_with_new_defaults(stored)) == part(expected)
+
+
 def run_or_reuse(name: str, out_dir: Path, train_config, start, reporter: Reporter) -> Path:
     """Reuse a finished run with the same configuration, resume an interrupted one, or start it."""
     from ReCoKDLib.checkpoint import atomic_write_text
@@ -128,21 +161,20 @@ def run_or_reuse(name: str, out_dir: Path, train_config, start, reporter: Report
     if reused is not None:
         reporter.log(STAGE, f"{name}: reusing the finished run in {out_dir}")
         return reused
-    resume = (out_dir / "checkpoint.pt").is_file()
+    checkpoint = out_dir / "checkpoint.pt"
+    resume = checkpoint.is_file()
+    if resume and not _same_run(_checkpoint_config(checkpoint), expected):
+        # The engine resumes a checkpoint's own configuration: one of another configuration (a run
+        # with other options, finished or not) would be continued instead of the run asked for.
+        reporter.warning(STAGE, f"{name}: the checkpoint in {out_dir} is from another configuration; starting afresh")
+        checkpoint.unlink()
+        (out_dir / "DONE.json").unlink(missing_ok=True)
+        resume = False
     if resume:
         reporter.log(STAGE, f"{name}: resuming the interrupted run in {out_dir}")
     else:
         reporter.log(STAGE, f"{name}: training ({train_config.steps} steps)")
-    try:
-        result = start(resume)
-    except Exception as exc:
-        if resume and "configuration" in str(exc).lower():
-            # A checkpoint of another configuration: start afresh instead of mixing runs.
-            reporter.warning(STAGE, f"{name}: the checkpoint in {out_dir} is from another configuration; starting afresh")
-            (out_dir / "checkpoint.pt").unlink()
-            result = start(False)
-        else:
-            raise
+    result = start(resume)
     if result.cancelled:
         raise KeyboardInterrupt(f"{name} was cancelled; run the same command again to resume")
     atomic_write_text(out_dir / "DONE.json", json.dumps({"train_config": expected, "step": result.step}, indent=2))
@@ -235,7 +267,8 @@ def run_ct_demo(
     reporter.progress(STAGE, 2, 5, message=f"teacher: {teacher}")
 
     # 3. Plain student: the teacher's architecture, widths / reduction, no distillation ---------
-    student_net = derive_student_config(preset("ct_demo", num_classes=raw.num_classes), config.reduction).to_dict()
+    student_net = derive_student_config(preset("ct_demo", num_classes=raw.num_classes), config.reduction,
+                                        norm=config.student_norm, stem=config.student_stem).to_dict()
     student_cfg = _train_config(config, config.student_steps, device, network=student_net)
     student = run_or_reuse("student", out / "student", student_cfg,
                             lambda resume: train_teacher(student_cfg, case_set, out / "student", reporter, resume=resume,
@@ -247,6 +280,7 @@ def run_ct_demo(
     from ReCoKDLib.losses.registry import parse_kd_spec
 
     distill_cfg = _train_config(config, config.student_steps, device, student_reduction=config.reduction,
+                                student_norm=config.student_norm, student_stem=config.student_stem,
                                 kd=parse_kd_spec(config.kd), kd_weight=config.kd_weight)
     distilled = run_or_reuse("distilled", out / "distilled", distill_cfg,
                               lambda resume: distill(distill_cfg, teacher, case_set, out / "distilled", reporter, resume=resume),

@@ -171,6 +171,13 @@ def test_heads_demo_says_what_is_missing(tmp_path, capsys):
     assert "--task ct" in capsys.readouterr().err
     assert main(["demo", "--task", "ct", "--teacher", "x.json", "--out", str(tmp_path / "o"), "--progress", "json"]) != 0
     assert "--task heads" in capsys.readouterr().err
+    assert main(["demo", "--student-stem", "strided", "--out", str(tmp_path / "o"), "--progress", "json"]) != 0
+    assert "--task ct" in capsys.readouterr().err
+    from ReCoKDLib.commands.demo import ct_config
+
+    chosen = ct_config(build_parser("demo").parse_args(["demo", "--task", "ct", "--student-norm", "batch",
+                                                        "--student-stem", "strided"]))
+    assert (chosen.student_norm, chosen.student_stem) == ("batch", "strided")
 
 
 def test_dice_and_table():
@@ -225,6 +232,30 @@ def test_ct_demo_end_to_end_then_reuses_finished_runs(tmp_path, data_root, ct_da
     assert sum("reusing" in (e.get("message") or "") for e in events) == 3
     assert {n: r["mean_dice"] for n, r in again.items()} == {n: r["mean_dice"] for n, r in metrics.items()}
 
+    # The students' normalisation and stem (DemoConfig.student_norm / student_stem) are both students'
+    # network; the other choice trains both students again and reuses the teacher.
+    assert _student_networks(out) == _expected_students(config)
+    other = replace(config, student_norm=None if config.student_norm == "batch" else "batch",
+                    student_stem="full" if config.student_stem == "strided" else "strided")
+    events.clear()
+    run_ct_demo(out, data_dir=data_root, config=other, device="cpu", reporter=Reporter(events.append))
+    assert sum("reusing" in (e.get("message") or "") for e in events) == 1  # the teacher only
+    assert _student_networks(out) == _expected_students(other)
+
+
+def _student_networks(out):
+    """(normalisation, has a strided stem) of the CT demo's two students."""
+    from ReCoKDLib.networks import UNetConfig
+
+    networks = {name: UNetConfig.from_dict(read_model_card(out / name / "model_last.pt").architecture["config"])
+                for name in ("student", "distilled")}
+    return {name: (n.norm, n.strided_stem) for name, n in networks.items()}
+
+
+def _expected_students(config):
+    chosen = (config.student_norm or "instance", config.student_stem == "strided")
+    return {"student": chosen, "distilled": chosen}
+
 
 def test_format_table_lists_models_and_classes():
     record = {"dice": {"liver": 0.5, "spleen": None}, "mean_dice": 0.25, "params": 1000, "latency_s": 1.5}
@@ -250,3 +281,39 @@ def test_a_run_finished_before_a_new_training_option_existed_is_reused(tmp_path)
     assert _finished_model(tmp_path, expected) == tmp_path / "model_last.pt"
     assert _finished_model(tmp_path, TrainConfig(steps=3, student_stem="strided").to_dict()) is None
     assert _finished_model(tmp_path, TrainConfig(steps=4).to_dict()) is None
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
+    """The engine resumes a checkpoint with the configuration stored in it, so the demo resumes only
+    a checkpoint of the run it asks for (a new budget is the same run); another one starts afresh."""
+    from types import SimpleNamespace
+
+    from ReCoKDLib.demo import run_or_reuse
+    from ReCoKDLib.engine.config import TrainConfig
+
+    calls = []
+
+    def starter(config):
+        def start(resume):
+            calls.append(resume)
+            torch.save({"config": json.dumps(config.to_dict()), "step": config.steps}, tmp_path / "checkpoint.pt")
+            (tmp_path / "model_last.pt").write_bytes(b"")
+            return SimpleNamespace(cancelled=False, step=config.steps, last_model=tmp_path / "model_last.pt")
+        return start
+
+    events = []
+    reporter = Reporter(events.append)
+    first = TrainConfig(steps=3)
+    run_or_reuse("student", tmp_path, first, starter(first), reporter)
+    (tmp_path / "DONE.json").unlink()  # as if interrupted before the end
+    longer = first.replace(steps=5)  # a new budget for the same run: resumed
+    run_or_reuse("student", tmp_path, longer, starter(longer), reporter)
+    other = first.replace(student_stem="strided")  # another run: afresh, with a warning
+    run_or_reuse("student", tmp_path, other, starter(other), reporter)
+    assert calls == [False, True, False]
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and "another configuration" in warnings[0]
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")  # unreadable: afresh too
+    (tmp_path / "DONE.json").unlink()
+    run_or_reuse("student", tmp_path, other, starter(other), reporter)
+    assert calls[-1] is False

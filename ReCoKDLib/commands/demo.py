@@ -29,9 +29,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-entry-point", action="append", default=[], metavar="MODULE:CALLABLE",
                         help="--task heads: an entry point the teacher preset may import (repeatable)")
     parser.add_argument("--student-norm", choices=("instance", "batch"), default=None,
-                        help="--task heads: the student's normalisation (default instance, HD-BET's own: "
+                        help="the student's normalisation (--task heads: default instance, HD-BET's own: "
                              "recokd segment runs it in its 64^3 training patches; batch: fixed statistics, run in "
-                             "one window on the whole head, faster but less close to the teacher)")
+                             "one window on the whole head, faster but less close to the teacher. --task ct: "
+                             "default instance, the teacher's; batch: segmented in one window over the whole scan)")
+    parser.add_argument("--student-stem", choices=("full", "strided"), default=None,
+                        help="--task ct: full (default: the teacher's stages) or strided (no full-resolution stage, "
+                             "faster on a CPU)")
     parser.add_argument("--overlap", default=None, metavar="auto|FRACTION", type=_overlap,
                         help="--task heads: the sliding-window overlap written to the student's card (what recokd "
                              "segment uses): auto (default: the fewest windows within 0.005 mean Dice of the best "
@@ -67,8 +71,9 @@ def heads_config(args: argparse.Namespace):
     from ReCoKDLib.demo_heads import HeadsDemoConfig
     from ReCoKDLib.losses.registry import parse_kd_spec
 
-    if args.full or args.teacher_steps is not None:
-        raise ValueError("--full and --teacher-steps apply to --task ct (the heads demo's teacher is pretrained)")
+    if args.full or args.teacher_steps is not None or args.student_stem is not None:
+        raise ValueError("--full, --teacher-steps and --student-stem apply to --task ct (the heads demo's teacher is "
+                         "pretrained; its student's stem is the preset's)")
     config = HeadsDemoConfig(trust_entry_points=tuple(args.trust_entry_point))
     overrides = {"teacher": args.teacher, "steps": args.student_steps, "kd_weight": args.kd_weight, "seed": args.seed,
                  "kd": parse_kd_spec(args.kd) if args.kd else None, "student_norm": args.student_norm,
@@ -81,13 +86,14 @@ def ct_config(args: argparse.Namespace):
     """:class:`~ReCoKDLib.demo.DemoConfig` from the command line (``--task ct``)."""
     from ReCoKDLib.demo import FULL, DemoConfig
 
-    if args.teacher or args.trust_entry_point or args.student_norm or args.overlap is not None:
-        raise ValueError("--teacher, --trust-entry-point, --student-norm and --overlap apply to --task heads "
+    if args.teacher or args.trust_entry_point or args.overlap is not None:
+        raise ValueError("--teacher, --trust-entry-point and --overlap apply to --task heads "
                          "(--task ct trains its teacher)")
     config = FULL if args.full else DemoConfig()
     overrides = {
         "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "kd": args.kd,
-        "kd_weight": args.kd_weight, "seed": args.seed,
+        "kd_weight": args.kd_weight, "seed": args.seed, "student_norm": args.student_norm,
+        "student_stem": args.student_stem,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     return replace(config, bf16=False) if args.no_bf16 else config
