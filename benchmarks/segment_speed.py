@@ -23,7 +23,10 @@ resident memory during one more call (``VmHWM``), above the process before the m
 the process after the warm-up (``peak_extra_bytes``: the call alone), with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed arrays leave the resident set; that setting makes
 every large allocation a fresh mapping, which slowed restoring a head 3x: it is kept out of the
-timings). Then the mean Dice of the labels against the model's ``before`` labels.
+timings). Then the mean Dice of the labels against the model's ``before`` labels
+(``dice_vs_fp32_pytorch``), against its ``fp32`` labels (``dice_vs_fp32_same_window``: what the backend
+and precision alone change, same window and restore) and against the scan's reference labels where it
+has some (``dice_vs_reference``: S1's organs, on which the CT teacher trained; Colin27's brain mask).
 
 The headline ratios (end to end, ``best`` unless said): ``ct_div4_vs_teacher``,
 ``fp32_div4_vs_teacher`` (both ``fp32``), ``hdbet_student_vs_teacher``,
@@ -33,11 +36,13 @@ per family; ``max_call_peak_memory_vs_teacher`` the same for ``peak_extra_bytes`
 
 Models (``--models FILE`` JSON ``{"name": {"path": ..., "family": "ct"|"hdbet", "role":
 "teacher"|"student", "cases": [...]}}``) default to what ``recokd demo --task ct`` writes
-(``runs/demo-ct/teacher`` and its /4 ReCo-KD student ``runs/demo-ct/distilled``),
-``runs/segment_speed/student_div{2,8}`` and ``student_div4_bn`` (``recokd distill`` from that teacher
-with the demo's student budget; the last with ``--student-norm batch``: fully convolutional), ``preset:hd-bet`` and the student of ``recokd demo`` (``runs/demo/student.pt``;
-else the same architecture untrained, for its cost); see ``config.models`` in the JSON. ``--prepare``
-trains the missing CT models first (:func:`prepare_models`).
+(``runs/demo-ct/teacher`` and its /4 ReCo-KD student ``runs/demo-ct/distilled``, with the demo's
+student options), ``runs/segment_speed/student_div{2,8}``, ``student_div4_instance`` (the /4 student
+as derived: instance norm, full-resolution stage) and ``student_div4_bn_stem`` (batch norm, strided
+stem), each ``recokd distill`` from that teacher with the demo's student budget,
+``preset:hd-bet`` and the student of ``recokd demo`` (``runs/demo/student.pt``; else the same
+architecture untrained, for its cost); see ``config.models`` in the JSON. ``--prepare`` trains the
+missing CT models first, and the demo's students again when its options changed (:func:`prepare_models`).
 
 Usage::
 
@@ -197,6 +202,19 @@ def _run_worker(spec: dict[str, Any], in_process: bool) -> dict[str, Any]:
 # Cases, models, Dice
 
 
+def _references(cases: dict[str, str]) -> dict[str, str]:
+    """The reference label map of each case that has one (S1: TotalSegmentator's organs, the CT
+    teacher's training scan; Colin27: its brain mask), by case name."""
+    paths = {}
+    for case, image in cases.items():
+        image = Path(image)
+        if case == "s1_ct":
+            paths[case] = image.parent.parent / "labelsTr" / "totalseg_s1.nii.gz"
+        elif case == "t1_head":
+            paths[case] = image.parent.parent / "labelsTs" / image.name.replace("_0000", "")
+    return {case: str(path) for case, path in paths.items() if path.is_file()}
+
+
 def _cases(smoke: bool, tmp: Path) -> dict[str, str]:
     from ReCoKDLib.data.fetch import fetch_datasets
 
@@ -234,11 +252,17 @@ def default_models() -> dict[str, dict[str, Any]]:
                            "role": "student", "note": "make_hdbet_student(): untrained weights, speed only"})
                          | {"cases": ["t1_head"], "settings": ["fp32", "best"]},
         "ct_div4": {"path": runs / "demo-ct/distilled/model_last.pt", "family": "ct", "role": "student",
-                    "reduction": 4, "cases": ["s1_ct"]},
-        "ct_div4_bn": {"path": runs / "segment_speed/student_div4_bn/model_last.pt", "family": "ct", "role": "student",
-                       "reduction": 4, "norm": "batch", "cases": ["s1_ct"],
-                       "note": "the /4 student with batch norm (recokd distill --student-norm batch): fully "
-                               "convolutional, segments in the largest window memory allows"},
+                    "reduction": 4, "cases": ["s1_ct"],
+                    "note": "the /4 ReCo-KD student of recokd demo --task ct, with the demo's student options "
+                            "(demo.DemoConfig.student_norm / student_stem)"},
+        "ct_div4_instance": {"path": runs / "segment_speed/student_div4_instance/model_last.pt", "family": "ct",
+                             "role": "student", "reduction": 4, "norm": "instance", "stem": "full", "cases": ["s1_ct"],
+                             "note": "the /4 student as derived from the teacher (instance norm, full-resolution "
+                                     "stage): segments in overlapping training-patch windows"},
+        "ct_div4_bn_stem": {"path": runs / "segment_speed/student_div4_bn_stem/model_last.pt", "family": "ct",
+                            "role": "student", "reduction": 4, "norm": "batch", "stem": "strided", "cases": ["s1_ct"],
+                            "note": "the /4 student with batch norm and a strided stem (recokd distill --student-norm "
+                                    "batch --student-stem strided): one window, no full-resolution stage"},
         "ct_div2": {"path": runs / "segment_speed/student_div2/model_last.pt", "family": "ct", "role": "student",
                     "reduction": 2, "cases": ["s1_ct"], "settings": ["fp32", "best"]},
         "ct_div8": {"path": runs / "segment_speed/student_div8/model_last.pt", "family": "ct", "role": "student",
@@ -264,11 +288,14 @@ def prepare_models(models: dict[str, dict[str, Any]], threads: int) -> list[str]
     recokd = [sys.executable, "-m", "ReCoKDLib"]
     commands: list[list[str]] = []
     teacher = Path(models["ct_teacher"]["path"])
-    if not teacher.is_file() or not Path(models["ct_div4"]["path"]).is_file():
-        commands.append(recokd + ["demo", "--task", "ct", "--out", str(teacher.parent.parent), "--progress", "none"])
     demo = DemoConfig()
+    if not teacher.is_file() or not _is_demo_student(Path(models["ct_div4"]["path"]), demo):
+        # the demo reuses its finished teacher and trains students with its current options
+        commands.append(recokd + ["demo", "--task", "ct", "--out", str(teacher.parent.parent), "--progress", "none"])
     data = Path(fetch_datasets(None, only="ct")["Dataset901_CTAbdomenOrgans"])
-    for name in ("ct_div4_bn", "ct_div2", "ct_div8"):
+    for name in ("ct_div4_instance", "ct_div4_bn_stem", "ct_div2", "ct_div8"):
+        if name not in models:
+            continue
         out = Path(models[name]["path"]).parent
         if not (out / "model_last.pt").is_file():
             commands.append(recokd + [
@@ -278,11 +305,24 @@ def prepare_models(models: dict[str, dict[str, Any]], threads: int) -> list[str]
                 "--lr", str(demo.lr), "--weight-decay", "1e-4", "--ema-decay", "0", "--val-cases", "0",
                 "--seed", str(demo.seed), "--bf16", "--progress", "none"]
                 + (["--student-norm", models[name]["norm"]] if models[name].get("norm") else [])
+                + (["--student-stem", models[name]["stem"]] if models[name].get("stem") else [])
                 + (["--resume"] if (out / "checkpoint.pt").is_file() else []))
     for command in commands:
         print(f"[segment_speed] prepare: {' '.join(command[1:])}", file=sys.stderr, flush=True)
         subprocess.run(command, env=env, cwd=_measure.REPO, check=True)
     return [" ".join(["recokd", *c[3:]]) for c in commands]
+
+
+def _is_demo_student(path: Path, demo) -> bool:
+    """``path`` is a student with the options of ``demo`` (a :class:`~ReCoKDLib.demo.DemoConfig`)."""
+    from ReCoKDLib.checkpoint import CheckpointError, read_model_card
+    from ReCoKDLib.networks import UNetConfig
+
+    try:
+        network = UNetConfig.from_dict(dict(read_model_card(path).architecture["config"]))
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return False
+    return network.norm == (demo.student_norm or "instance") and network.strided_stem == (demo.student_stem == "strided")
 
 
 def make_hdbet_student(path: Path) -> Path:
@@ -363,7 +403,8 @@ def headline(results: dict[str, Any], main_case: dict[str, str]) -> dict[str, An
         "hdbet_student_vs_teacher": _ratio(seconds("hdbet_teacher", "best"), seconds("hdbet_student", "best")),
         "nnunet_student_vs_predictor": _ratio(seconds("nnunet_teacher", "predictor"),
                                               seconds("nnunet_student", "best")),
-        "ct_div4_bn_vs_teacher": _ratio(seconds("ct_teacher", "best"), seconds("ct_div4_bn", "best")),
+        "ct_div4_instance_vs_teacher": _ratio(seconds("ct_teacher", "best"), seconds("ct_div4_instance", "best")),
+        "ct_div4_bn_stem_vs_teacher": _ratio(seconds("ct_teacher", "best"), seconds("ct_div4_bn_stem", "best")),
         "before_div4_vs_teacher": _ratio(seconds("ct_teacher", "before"), seconds("ct_div4", "before")),
         "ct_div4_best_vs_before": _ratio(seconds("ct_div4", "before"), seconds("ct_div4", "best")),
     }
@@ -394,8 +435,8 @@ def markdown_table(data: dict[str, Any]) -> str:
         return "" if value is None else f"{value:.{digits}f}"
 
     rows = ["| model | scan | setting | engine | window | s (median) | first call s | peak MB with model | "
-            "peak MB of a call | Dice vs fp32 PyTorch |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "peak MB of a call | Dice vs fp32 PyTorch | Dice vs reference |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, per_case in data["results"].items():
         for case, per_setting in per_case.items():
             for setting, record in per_setting.items():
@@ -408,7 +449,8 @@ def markdown_table(data: dict[str, Any]) -> str:
                             f"{number(record.get('first_seconds'), 1)} | "
                             f"{number(with_model / 1e6 if with_model else None, 0)} | "
                             f"{number(peak / 1e6 if peak else None, 0)} | "
-                            f"{number(record.get('dice_vs_fp32_pytorch'), 4)} |")
+                            f"{number(record.get('dice_vs_fp32_pytorch'), 4)} | "
+                            f"{number(record.get('dice_vs_reference'), 3)} |")
     return "\n".join(rows)
 
 
@@ -507,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.nnunet_student:
                 models["nnunet_student"] = {"path": args.nnunet_student, "family": "nnunet", "role": "student",
                                             "cases": ["nnunet_case"]}
+        references = _references(cases)
         results: dict[str, Any] = {}
         skipped: dict[str, str] = {}
         main_case = {"ct": "s1_ct", "hdbet": "t1_head", "nnunet": "nnunet_case"}
@@ -556,10 +599,17 @@ def main(argv: list[str] | None = None) -> int:
                         per[setting].update(memory if "error" not in memory else {"memory_error": memory["error"]})
                     per[setting]["_out"] = str(out)
                 reference = (per.get("before") or per.get("fp32") or {}).get("_out")  # the fp32 PyTorch result
+                same_window = (per.get("fp32") or {}).get("_out")  # PyTorch fp32 with this path's window and restore
                 for setting, record in per.items():
                     out = record.pop("_out")
-                    if reference and Path(reference).is_file() and Path(out).is_file():
+                    if not Path(out).is_file():
+                        continue
+                    if reference and Path(reference).is_file():
                         record["dice_vs_fp32_pytorch"] = mean_dice(out, reference)
+                    if same_window and Path(same_window).is_file() and setting != "fp32":
+                        record["dice_vs_fp32_same_window"] = mean_dice(out, same_window)
+                    if case in references:
+                        record["dice_vs_reference"] = mean_dice(out, references[case])
                 results[name][case] = per
             write(False)
         data = write(True)

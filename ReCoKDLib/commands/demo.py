@@ -31,11 +31,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-norm", choices=("instance", "batch"), default=None,
                         help="the student's normalisation (--task heads: default instance, HD-BET's own: "
                              "recokd segment runs it in its 64^3 training patches; batch: fixed statistics, run in "
-                             "one window on the whole head, faster but less close to the teacher. --task ct: "
-                             "default instance, the teacher's; batch: segmented in one window over the whole scan)")
+                             "one window on the whole head, faster but less close to the teacher. --task ct: default batch, "
+                             "segmented in one window over the whole scan; instance: the teacher's)")
     parser.add_argument("--student-stem", choices=("full", "strided"), default=None,
-                        help="--task ct: full (default: the teacher's stages) or strided (no full-resolution stage, "
-                             "faster on a CPU)")
+                        help="--task ct: full (default: the teacher's stages) or strided (no full-resolution "
+                             "stage, faster on a CPU)")
     parser.add_argument("--overlap", default=None, metavar="auto|FRACTION", type=_overlap,
                         help="--task heads: the sliding-window overlap written to the student's card (what recokd "
                              "segment uses): auto (default: the fewest windows within 0.005 mean Dice of the best "
