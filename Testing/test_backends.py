@@ -185,7 +185,7 @@ def test_the_probe_counts_the_fastest_of_several_calls(tmp_path):
                 time.sleep(0.3)
             return x
 
-    _, seconds = backends._time_once(Jittery(), torch.zeros(1, 1, 2, 2, 2))
+    _, seconds = backends._time_probe(Jittery(), torch.zeros(1, 1, 2, 2, 2))
     assert len(calls) == 1 + backends.PROBE_REPEATS and seconds < 0.1
     path = _save(tmp_path)
     backends.prepare_runner(load_model(path))
@@ -206,7 +206,7 @@ def test_pytorch_fp32_asked_for_runs_no_probe(tmp_path, volume, monkeypatch):
     def no_probe(*_args, **_kwargs):
         raise AssertionError("the probe ran")
 
-    monkeypatch.setattr(backends, "_time_once", no_probe)
+    monkeypatch.setattr(backends, "_time_probe", no_probe)
     image, geometry = volume
     path = _save(tmp_path)
     runner = backends.prepare_runner(load_model(path), backend="torch", precision="fp32")

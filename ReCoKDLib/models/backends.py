@@ -382,7 +382,7 @@ PROBE_SECONDS = 1.0
 PROBE_TIMING = f"fastest of up to {PROBE_REPEATS} calls within {PROBE_SECONDS:g} s"
 
 
-def _time_once(network: nn.Module, probe: Tensor) -> tuple[Tensor, float]:
+def _time_probe(network: nn.Module, probe: Tensor) -> tuple[Tensor, float]:
     """The network's output on ``probe`` and its fastest time over up to :data:`PROBE_REPEATS` calls
     after a warm-up. One call is at the mercy of whatever else the machine does: on 2 cores the demo's CT
     teacher once timed torch bf16 0.058 s against OpenVINO bf16 0.064 s per window, so torch was chosen
@@ -493,7 +493,7 @@ def prepare_runner(model: LoadedModel, backend: str = "auto", precision: str = "
         runners[key] = runner
         say(f"backend: {runner.reason}")
         return runner
-    reference, reference_seconds = _time_once(reference_nets[0], probe)
+    reference, reference_seconds = _time_probe(reference_nets[0], probe)
 
     checks: list[dict[str, Any]] = []
     chosen: tuple[_Candidate, list[nn.Module], float] | None = None
@@ -502,7 +502,7 @@ def prepare_runner(model: LoadedModel, backend: str = "auto", precision: str = "
         try:
             networks = reference_nets if candidate == reference_candidate else _build(model, candidate, device, graphs)
             output, seconds = (reference, reference_seconds) if candidate == reference_candidate else \
-                _time_once(networks[0], probe)
+                _time_probe(networks[0], probe)
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run this graph is refused, not fatal
             if backend != "auto" or len(candidates) == 1:
                 raise InferenceError(f"backend {candidate.name} cannot run this model: {type(exc).__name__}: "
