@@ -131,10 +131,6 @@ def _with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     return {**added, **recorded}
 
 
-#: TrainConfig fields a resumed run may change (the engine takes them from the caller, the rest from the checkpoint)
-RESUMABLE_FIELDS = ("steps", "device", "log_every")
-
-
 def _checkpoint_config(path: Path) -> dict[str, Any] | None:
     """The ``TrainConfig`` dict a training checkpoint was written with, or ``None`` when unreadable."""
     from ReCoKDLib.checkpoint import CheckpointError, safe_torch_load
@@ -147,13 +143,16 @@ def _checkpoint_config(path: Path) -> dict[str, Any] | None:
 
 
 def _same_run(stored: dict[str, Any] | None, expected: dict[str, Any]) -> bool:
-    """A checkpoint's configuration names the run ``expected`` describes (up to :data:`RESUMABLE_FIELDS`,
-    :data:`LOCATION_FIELDS` and fields added since it was written)."""
+    """A checkpoint's configuration names the run ``expected`` describes (up to what a resumed run
+    may change, :data:`~ReCoKDLib.engine.loop.RESUME_OVERRIDES`, :data:`LOCATION_FIELDS` and fields
+    added since it was written)."""
+    from ReCoKDLib.engine.loop import RESUME_OVERRIDES
+
     if stored is None:
         return False
 
     def part(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in _training_part(config).items() if k not in RESUMABLE_FIELDS}
+        return {k: v for k, v in _training_part(config).items() if k not in RESUME_OVERRIDES}
 
     return part(_with_new_defaults(stored)) == part(expected)
 

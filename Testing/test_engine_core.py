@@ -272,8 +272,16 @@ def test_stop_file_cancels_cleanly_and_resume_finishes(ct_cases, teacher_file, t
     with pytest.raises(TrainingError, match="pass resume"):
         distill(_config(steps=8), teacher_file, ct_cases, out)
     _patch_kd(monkeypatch, _NaNInjector(()))
-    resumed = distill(_config(steps=8), teacher_file, ct_cases, out, _Events(), resume=True)
+    # A resumed run is the checkpoint's run: an option that differs from it is named and ignored.
+    events = _Events()
+    resumed = distill(_config(steps=8, lr=1e-2), teacher_file, ct_cases, out, events, resume=True)
     assert not resumed.cancelled and resumed.step == 8
+    (warning,) = [e["message"] for e in events.of("warning") if "resuming" in e["message"]]
+    assert "lr differ" in warning and "ignored" in warning
+    assert json.loads(safe_torch_load(out / "checkpoint.pt")["config"])["lr"] == 3e-3  # the checkpoint's own
+    events = _Events()  # a new budget is the same run: nothing to warn about
+    assert distill(_config(steps=10), teacher_file, ct_cases, out, events, resume=True).step == 10
+    assert not [e for e in events.of("warning") if "resuming" in e["message"]]
 
 
 def test_patch_not_multiple_of_strides_is_refused(ct_cases, teacher_file, tmp_path):

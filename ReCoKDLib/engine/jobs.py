@@ -10,7 +10,7 @@ from ReCoKDLib import checkpoint as ckpt
 from ReCoKDLib.data.sampling import CaseSet
 from ReCoKDLib.engine.config import TrainConfig, TrainingError, TrainResult
 from ReCoKDLib.engine.distributed import _barrier, _Dist
-from ReCoKDLib.engine.loop import _Job, _check_patch, _prepare_run, _run, _run_scope
+from ReCoKDLib.engine.loop import _Job, _check_patch, _prepare_run, _run, _run_scope, options_ignored_on_resume
 from ReCoKDLib.engine.modules import _DistillModule, _SegModule, build_kd_module
 from ReCoKDLib.engine.pairing import (OUTPUT_LEVEL_METHODS, teacher_size_step, _check_output_only_teacher, _check_teacher_labels, _dataset_spec, _kd_num_classes,
                                      _kd_taps, _label_spec_record, _output_channels, _student_config, _teacher_parts)
@@ -18,6 +18,17 @@ from ReCoKDLib.engine.parts import flush_denormals
 from ReCoKDLib.engine.state import _versions
 from ReCoKDLib.networks import UNetConfig, build_unet, encoder_tap_names
 from ReCoKDLib.progress import Reporter
+
+
+def _prepare_and_warn(config: TrainConfig, resume: bool, out_dir: Path, stage: str, reporter: Reporter):
+    """:func:`~ReCoKDLib.engine.loop._prepare_run`, with a warning naming the options a resumed run
+    ignores (a resumed run is the checkpoint's run: only its budget, device and logging may change)."""
+    prepared = _prepare_run(config, resume, out_dir)
+    ignored = options_ignored_on_resume(config, prepared[0]) if resume else []
+    if ignored and prepared[1].main:
+        reporter.warning(stage, f"resuming the run in {out_dir} with its own configuration: "
+                                f"{', '.join(ignored)} differ from it and are ignored (a new --out starts a new run)")
+    return prepared
 
 
 def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathLike, reporter: Reporter | None = None,
@@ -38,7 +49,7 @@ def train_teacher(config: TrainConfig, dataset: CaseSet, out_dir: str | os.PathL
     """
     out_dir = Path(out_dir)
     reporter = reporter or Reporter()
-    config, dist_ctx, device = _prepare_run(config, resume, out_dir)
+    config, dist_ctx, device = _prepare_and_warn(config, resume, out_dir, "train-teacher", reporter)
     with _run_scope("train-teacher", reporter, dist_ctx):
         if dataset.unlabelled_cases:
             raise TrainingError(f"training a network needs labels; cases {dataset.unlabelled_cases[:5]} have none "
@@ -86,7 +97,7 @@ def distill(config: TrainConfig, teacher: Any, dataset: CaseSet, out_dir: str | 
 
     out_dir = Path(out_dir)
     reporter = reporter or Reporter()
-    config, dist_ctx, device = _prepare_run(config, resume, out_dir)
+    config, dist_ctx, device = _prepare_and_warn(config, resume, out_dir, "distill", reporter)
     with _run_scope("distill", reporter, dist_ctx):
         teacher_net, teacher_card, teacher_sha = _teacher_parts(teacher)
         _check_teacher_labels(teacher_card, dataset)

@@ -375,6 +375,17 @@ def _run(job: _Job, config: TrainConfig, train_set: CaseSet, val_set: CaseSet | 
                        raw, averaged, history)
 
 
+#: what a resumed run takes from the caller; everything else comes from the checkpoint
+RESUME_OVERRIDES = ("steps", "device", "log_every")
+
+
+def options_ignored_on_resume(asked: TrainConfig, resumed: TrainConfig) -> list[str]:
+    """The fields of ``asked`` that a resumed run does not take (they differ from the checkpoint's
+    configuration ``resumed``, and are not :data:`RESUME_OVERRIDES`)."""
+    a, r = asked.to_dict(), resumed.to_dict()
+    return [k for k in a if k not in RESUME_OVERRIDES and json.dumps(a[k], sort_keys=True) != json.dumps(r.get(k), sort_keys=True)]
+
+
 def _prepare_run(config: TrainConfig, resume: bool, out_dir: Path) -> tuple[TrainConfig, _Dist, torch.device]:
     """Stored configuration on resume, process group, device, seeds and determinism."""
     stored = out_dir / CHECKPOINT_NAME
@@ -385,7 +396,7 @@ def _prepare_run(config: TrainConfig, resume: bool, out_dir: Path) -> tuple[Trai
             stored_config.setdefault("teacher_outputs", "live")  # written before the teacher cache existed
             saved = TrainConfig.from_dict(stored_config)
             # the budget and the device may change on resume; everything else is the stored run's
-            config = saved.replace(steps=config.steps, device=config.device, log_every=config.log_every)
+            config = saved.replace(**{k: getattr(config, k) for k in RESUME_OVERRIDES})
     dist_ctx = _init_distributed(config.device)
     device = resolve_device(config.device, dist_ctx.local_rank if dist_ctx.active else None)
     if device.type == "cuda":
