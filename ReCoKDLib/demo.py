@@ -115,8 +115,7 @@ def _finished_model(out_dir: Path, expected_config: dict[str, Any]) -> Path | No
         read_model_card(model)
     except (OSError, ValueError, CheckpointError):
         return None
-    same = _training_part(_with_new_defaults(recorded.get("train_config") or {})) == _training_part(expected_config)
-    return model if same else None
+    return model if _same_run(recorded.get("train_config") or {}, expected_config) else None
 
 
 def _with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -142,24 +141,22 @@ def _checkpoint_config(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _same_run(stored: dict[str, Any] | None, expected: dict[str, Any]) -> bool:
-    """A checkpoint's configuration names the run ``expected`` describes (up to what a resumed run
-    may change, :data:`~ReCoKDLib.engine.loop.RESUME_OVERRIDES`, :data:`LOCATION_FIELDS` and fields
-    added since it was written)."""
-    from ReCoKDLib.engine.loop import RESUME_OVERRIDES
-
-    if stored is None:
+def _same_run(recorded: dict[str, Any] | None, expected: dict[str, Any], ignoring: tuple[str, ...] = ()) -> bool:
+    """A recorded configuration (``DONE.json``'s or a checkpoint's) names the run ``expected``
+    describes, up to ``ignoring``, :data:`LOCATION_FIELDS` and fields added since it was written."""
+    if recorded is None:
         return False
 
     def part(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in _training_part(config).items() if k not in RESUME_OVERRIDES}
+        return {k: v for k, v in _training_part(config).items() if k not in ignoring}
 
-    return part(_with_new_defaults(stored)) == part(expected)
+    return part(_with_new_defaults(recorded)) == part(expected)
 
 
 def run_or_reuse(name: str, out_dir: Path, train_config, start, reporter: Reporter) -> Path:
     """Reuse a finished run with the same configuration, resume an interrupted one, or start it."""
     from ReCoKDLib.checkpoint import atomic_write_text
+    from ReCoKDLib.engine.loop import RESUME_OVERRIDES
 
     expected = train_config.to_dict()
     reused = _finished_model(out_dir, expected)
@@ -168,7 +165,7 @@ def run_or_reuse(name: str, out_dir: Path, train_config, start, reporter: Report
         return reused
     checkpoint = out_dir / "checkpoint.pt"
     resume = checkpoint.is_file()
-    if resume and not _same_run(_checkpoint_config(checkpoint), expected):
+    if resume and not _same_run(_checkpoint_config(checkpoint), expected, ignoring=RESUME_OVERRIDES):
         # The engine resumes a checkpoint's own configuration: one of another configuration (a run
         # with other options, finished or not) would be continued instead of the run asked for.
         reporter.warning(STAGE, f"{name}: the checkpoint in {out_dir} is from another configuration; starting afresh")
